@@ -1,0 +1,35 @@
+"""The exceptions and warnings modeswap raises.
+
+Every error derives from :class:`ModeswapError`; the leaves also derive from the
+builtin a caller would catch anyway, as ``attrs`` does with its own exceptions.
+"""
+
+from __future__ import annotations
+
+
+class ModeswapError(Exception):
+    """Root of every error modeswap raises."""
+
+
+class NotExportedError(ModeswapError, TypeError):
+    """The input is not a graph captured by ``torch.export``."""
+
+
+class UnknownModeError(ModeswapError, ValueError):
+    """A mode is neither a :class:`modeswap.Mode` nor one of its names."""
+
+
+class UnsupportedGraphError(ModeswapError, ValueError):
+    """The graph has a site whose other mode no rewrite can express exactly."""
+
+
+class ModeswapWarning(UserWarning):
+    """Root of every warning modeswap emits."""
+
+
+class UnknownTrainingValueWarning(ModeswapWarning):
+    """A swap to train mode met a value the eval graph no longer records."""
+
+
+class InvalidOptionError(ModeswapError, ValueError):
+    """A keyword option has a value modeswap cannot use."""

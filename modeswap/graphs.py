@@ -1,0 +1,136 @@
+"""Reading, writing and copying ``torch.fx`` graphs the way ``torch.export`` writes them."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+Tensors = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def _argument(op: torch._ops.OpOverload, name: str) -> tuple[int, Any]:
+    for index, argument in enumerate(op._schema.arguments):
+        if argument.name == name:
+            return index, argument
+    msg = f"{op} has no argument named {name!r}"
+    raise KeyError(msg)
+
+
+def get_argument(node: Node, name: str) -> Any:
+    """Return argument ``name`` of a call to an ATen op, or its schema default when left out."""
+    index, argument = _argument(node.target, name)
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if not argument.kwarg_only and index < len(node.args):
+        return node.args[index]
+    return argument.default_value if argument.has_default_value() else None
+
+
+def set_argument(node: Node, name: str, value: Any) -> None:
+    """Set argument ``name`` of a call to an ATen op, written as ``torch.export`` writes calls.
+
+    Export leaves out trailing positional arguments that equal their schema
+    defaults (an eval ``rrelu`` is ``rrelu(x)``); writing calls the same way is
+    what makes ``to_train(to_eval(g))`` give back ``g`` argument for argument.
+    """
+    op: torch._ops.OpOverload = node.target  # type: ignore[assignment]
+    index, argument = _argument(op, name)
+    if argument.kwarg_only or name in node.kwargs:
+        node.kwargs = {**node.kwargs, name: value}
+        return
+    schema = op._schema.arguments
+    args = list(node.args)
+    args.extend(schema[i].default_value for i in range(len(args), index + 1))
+    args[index] = value
+    while args and _is_default(schema[len(args) - 1], args[-1]):
+        args.pop()
+    node.args = tuple(args)
+
+
+def _is_default(argument: Any, value: Any) -> bool:
+    if not argument.has_default_value() or isinstance(value, Node):
+        return False
+    default = argument.default_value
+    return type(value) is type(default) and value == default
+
+
+def graph_modules(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
+    """Yield ``gm`` and every ``GraphModule`` below it (the subgraphs of higher-order ops)."""
+    for path, module in gm.named_modules(remove_duplicate=True):
+        if isinstance(module, GraphModule):
+            yield path, module
+
+
+def qualified_name(path: str, node: Node) -> str:
+    """Name ``node`` uniquely in a module tree: ``submod_1.dropout`` inside a subgraph."""
+    return f"{path}.{node.name}" if path else node.name
+
+
+def copy_graph(graph: Graph) -> Graph:
+    """Return a copy of ``graph``: the same node names, node meta copied shallowly."""
+    new = Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    output: Any = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = copy.deepcopy(graph._codegen)
+    if output is not None:
+        value, old_output = output
+        new_output = new.output(value, type_expr=old_output.type)
+        new_output.meta = copy.copy(old_output.meta)
+    return new
+
+
+def copy_module(gm: GraphModule, *, share_weights: bool = False) -> GraphModule:
+    """Return a copy of ``gm`` whose graph can be edited without touching ``gm``.
+
+    Every submodule, parameter, buffer and tensor constant is there under its
+    old name, whether the graph reads it or not. Tensors are copied (aliasing
+    between them kept) unless ``share_weights``, when the copy uses ``gm``'s own.
+    The copy's code is not generated: call ``recompile`` on it before use.
+    """
+    memo: dict[int, Any] = {}
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        return t if share_weights else copy.deepcopy(t, memo)
+
+    new = _copy_tree(gm, tensor)
+    assert isinstance(new, GraphModule)
+    return new
+
+
+def recompile_all(gm: GraphModule) -> None:
+    """Generate the code of ``gm`` and of every subgraph below it."""
+    for _, module in graph_modules(gm):
+        module.recompile()
+
+
+def _copy_tree(module: torch.nn.Module, tensor: Tensors) -> torch.nn.Module:
+    # GraphModule.__new__ makes a fresh class per instance, so the code that
+    # recompile installs on the copy's class never reaches the original's.
+    new = GraphModule.__new__(type(module)) if isinstance(module, GraphModule) else object.__new__(type(module))
+    state = {key: _copy_attribute(value, module, new, tensor) for key, value in vars(module).items()}
+    state["_parameters"] = {k: None if v is None else tensor(v) for k, v in module._parameters.items()}
+    state["_buffers"] = {k: None if v is None else tensor(v) for k, v in module._buffers.items()}
+    state["_modules"] = {k: None if v is None else _copy_tree(v, tensor) for k, v in module._modules.items()}
+    if isinstance(module, GraphModule):
+        state["_graph"] = copy_graph(module.graph)
+        state["_graph"].owning_module = new
+    vars(new).update(state)
+    return new
+
+
+def _copy_attribute(value: Any, old: torch.nn.Module, new: torch.nn.Module, tensor: Tensors) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tensor(value)
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        # ExportedProgram.module() patches train/eval onto the instance; rebind
+        # them so the copy holds no reference back to the original.
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, dict | list | set):
+        return copy.copy(value)
+    return value

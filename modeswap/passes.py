@@ -1,0 +1,374 @@
+"""Pure passes over exported ``GraphModule``s, and ``pipeline`` to run several on one copy.
+
+A :class:`Pass` is called like a function, ``GraphModule -> GraphModule``: it
+returns a rewritten copy and leaves its input alone. Inside, it is an in-place
+*kernel* run on a copy the pass owns; ``pipeline`` copies once and runs all its
+passes' kernels on that copy, so four passes cost one copy and one recompile::
+
+    to_eval = pipeline(eliminate_dead_code, swap_dropout("eval"), swap_batchnorm("eval"), recompile)
+    evaluated = to_eval(gm)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import toolz
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from modeswap.errors import UnknownTrainingValueWarning, UnsupportedGraphError
+from modeswap.exported import require_exported
+from modeswap.graphs import (
+    copy_module,
+    get_argument,
+    graph_modules,
+    qualified_name,
+    recompile_all,
+    set_argument,
+)
+from modeswap.modes import Change, Kind, Memo, Mode
+from modeswap.report import sites
+from modeswap.rules import PerNode, Rule, memo_of, rule_for, set_memo
+
+#: An in-place kernel: edits a module the caller owns and returns the changes it made.
+Kernel = Callable[[GraphModule], Iterable[Change]]
+
+#: The field a :class:`Change` names when a batch norm starts or stops counting batches.
+COUNTER_FIELD = "num_batches_tracked.add_(1)"
+
+aten = torch.ops.aten
+
+
+@attrs.frozen
+class Pass:
+    """A pure ``GraphModule -> GraphModule`` rewrite.
+
+    ``kernel`` does the work in place on a copy the pass owns; ``compiles`` says
+    whether the kernel leaves the generated code up to date (only ``recompile``
+    does), so that running a pass generates code exactly once.
+    """
+
+    name: str
+    kernel: Kernel = attrs.field(repr=False)
+    compiles: bool = False
+
+    def __call__(self, gm: GraphModule) -> GraphModule:
+        """Return a rewritten copy of ``gm``; ``gm`` is not modified."""
+        module, _ = self.rewrite(gm)
+        return module
+
+    def rewrite(self, gm: GraphModule, *, share_weights: bool = False) -> tuple[GraphModule, tuple[Change, ...]]:
+        """Return a rewritten copy of ``gm`` and the changes made to reach it.
+
+        With ``share_weights`` the copy aliases ``gm``'s parameters and buffers
+        instead of cloning them.
+        """
+        new = copy_module(require_exported(gm), share_weights=share_weights)
+        changes = tuple(self.kernel(new))
+        if not self.compiles:
+            recompile_all(new)
+        return new, changes
+
+
+def pipeline(*passes: Pass) -> Pass:
+    """Return one pass that runs ``passes`` in order on a single copy.
+
+    ``pipeline()`` is the identity: it returns a fresh copy. A pipeline is a
+    pass, so pipelines nest.
+    """
+    for p in passes:
+        if not isinstance(p, Pass):
+            msg = (
+                f"pipeline() takes modeswap passes, got {p!r}; compose other "
+                "GraphModule -> GraphModule functions with toolz.compose_left instead"
+            )
+            raise TypeError(msg)
+    run_all = toolz.juxt(*(p.kernel for p in passes))
+
+    def kernel(gm: GraphModule) -> tuple[Change, ...]:
+        return tuple(toolz.concat(run_all(gm)))
+
+    names = ", ".join(p.name for p in passes)
+    return Pass(f"pipeline({names})", kernel, compiles=bool(passes) and passes[-1].compiles)
+
+
+def for_pass_manager(p: Pass) -> Callable[[GraphModule], PassResult]:
+    """Adapt ``p`` to ``torch.fx.passes.infra.pass_manager.PassManager``.
+
+    The adapted pass returns a ``PassResult`` holding the new module; the module
+    the manager hands in is not modified.
+    """
+
+    def run(gm: GraphModule) -> PassResult:
+        module, changes = p.rewrite(gm)
+        return PassResult(module, bool(changes))
+
+    run.__name__ = p.name
+    return run
+
+
+def _no_edits(gm: GraphModule) -> tuple[Change, ...]:
+    return ()
+
+
+def _eliminate_dead_code(gm: GraphModule) -> tuple[Change, ...]:
+    for _, module in graph_modules(gm):
+        module.graph.eliminate_dead_code()
+    return ()
+
+
+def _recompile(gm: GraphModule) -> tuple[Change, ...]:
+    recompile_all(gm)
+    return ()
+
+
+copy = Pass("copy", _no_edits)
+eliminate_dead_code = Pass("eliminate_dead_code", _eliminate_dead_code)
+recompile = Pass("recompile", _recompile, compiles=True)
+
+
+def swap_kind(kind: Kind, mode: Mode | str, *, default: float | None = None) -> Pass:
+    """Return the pass that puts every site of ``kind`` in ``mode``, as its rule says.
+
+    ``default`` is the training value for sites whose rule remembers it per node
+    (attention ``dropout_p``) when the graph does not record one.
+    """
+    target = Mode.parse(mode)
+
+    def kernel(gm: GraphModule) -> list[Change]:
+        return _swap_in_place(gm, kind, target, default)
+
+    return Pass(f"swap_{kind}({target.value})", kernel)
+
+
+def swap_dropout(mode: Mode | str) -> Pass:
+    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``."""
+    return swap_kind("dropout", mode)
+
+
+def swap_batchnorm(mode: Mode | str) -> Pass:
+    """Return the pass that swaps batch norms with running stats, and their batch counters."""
+    return swap_kind("batch_norm", mode)
+
+
+def swap_instance_norm(mode: Mode | str) -> Pass:
+    """Return the pass that sets ``use_input_stats`` of instance norms with running stats."""
+    return swap_kind("instance_norm", mode)
+
+
+def swap_rrelu(mode: Mode | str) -> Pass:
+    """Return the pass that sets ``training`` of every ``rrelu``."""
+    return swap_kind("rrelu", mode)
+
+
+def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
+    """Return the pass that sets ``dropout_p`` of every ``scaled_dot_product_attention``.
+
+    Eval sets it to 0.0 and remembers the training value in the node's meta;
+    train restores it, or uses ``dropout`` where nothing was remembered.
+    """
+    return swap_kind("attention", mode, default=dropout)
+
+
+def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:
+    """Return the pass that swaps every site of a graph to ``mode``.
+
+    Attention goes first: whether a ``dropout_p`` of 0.0 is a training value is
+    read off the other sites, before they are swapped.
+    """
+    return pipeline(
+        eliminate_dead_code,
+        swap_attention(mode, dropout=attention_dropout),
+        swap_dropout(mode),
+        swap_batchnorm(mode),
+        swap_instance_norm(mode),
+        swap_rrelu(mode),
+        recompile,
+    )
+
+
+@attrs.frozen
+class _Target:
+    """One node to swap and what the rest of the graph says about it."""
+
+    node: Node
+    name: str
+    rule: Rule
+    module: GraphModule
+    graph_trains: bool  # the other sites say the graph was captured in train mode
+
+
+def _swap_in_place(gm: GraphModule, kind: Kind, mode: Mode, default: float | None) -> list[Change]:
+    targets = [
+        _Target(node, qualified_name(path, node), rule, module, graph_trains=False)
+        for path, module in graph_modules(gm)
+        for node in module.graph.nodes
+        if (rule := rule_for(node)) is not None and rule.kind == kind and rule.applies(node)
+    ]
+    if any(t.rule.train is PerNode.VALUE for t in targets):
+        trains = _captured_in_train(gm)
+        targets = [attrs.evolve(t, graph_trains=trains) for t in targets]
+    changes: list[Change] = []
+    unknown: list[str] = []
+    for target in targets:
+        if mode is Mode.EVAL:
+            changes += _to_eval(target)
+        else:
+            changes += _to_train(target, default, unknown)
+    if unknown:
+        _warn_unknown(unknown, kind)
+    return changes
+
+
+def _captured_in_train(gm: GraphModule) -> bool:
+    modes = {site.mode for site in sites(gm) if site.kind != "attention"}
+    return modes == {Mode.TRAIN}
+
+
+def _to_eval(t: _Target) -> list[Change]:
+    rule, node = t.rule, t.node
+    value = _literal_flag(t)
+    if value == rule.eval:
+        if rule.train is PerNode.VALUE and t.graph_trains and memo_of(node) is None:
+            set_memo(node, Memo({rule.flag: value}))
+        return []
+    memo = Memo({rule.flag: value})
+    changes = [Change(t.name, str(node.target), rule.flag, value, rule.eval)]
+    set_argument(node, rule.flag, rule.eval)
+    if rule.counts_batches and (counter := _counter_before(t)) is not None:
+        memo = attrs.evolve(memo, counter=str(counter.args[0]))
+        t.module.graph.erase_node(counter)
+        changes.append(Change(t.name, str(node.target), COUNTER_FIELD, True, False))
+    set_memo(node, memo)
+    return changes
+
+
+def _to_train(t: _Target, default: float | None, unknown: list[str]) -> list[Change]:
+    rule, node = t.rule, t.node
+    value = _literal_flag(t)
+    memo = memo_of(node)
+    if memo is not None and rule.flag in memo.values:
+        train = memo.values[rule.flag]
+    elif rule.train is not PerNode.VALUE:
+        train = rule.train
+    elif value != rule.eval or t.graph_trains:
+        return []  # the node holds its training value already
+    elif default is None:
+        unknown.append(t.name)
+        return []
+    else:
+        train = default
+    if memo is None and value == train:
+        return []
+    if memo is None:
+        _refuse_untrainable(t)
+    set_memo(node, None)
+    if value == train:
+        return []
+    set_argument(node, rule.flag, train)
+    changes = [Change(t.name, str(node.target), rule.flag, value, train)]
+    if rule.counts_batches and (counted := _counted_buffer(t, memo)) is not None:
+        with t.module.graph.inserting_before(node):
+            counter = t.module.graph.call_function(aten.add_.Tensor, (counted, 1))
+        counter.meta.update(_meta_like(node, val=counted.meta.get("val")))
+        changes.append(Change(t.name, str(node.target), COUNTER_FIELD, False, True))
+    return changes
+
+
+def _literal_flag(t: _Target) -> Any:
+    value = get_argument(t.node, t.rule.flag)
+    if isinstance(value, Node):
+        msg = (
+            f"node {t.name} ({t.node.target}) computes {t.rule.flag} in the graph "
+            f"({value.name}) instead of passing a literal, so modeswap cannot set it"
+        )
+        raise UnsupportedGraphError(msg)
+    return value
+
+
+def _refuse_untrainable(t: _Target) -> None:
+    for case in t.rule.untrainable:
+        if get_argument(t.node, case.argument) == case.value:
+            msg = f"cannot swap {t.name} ({t.node.target}) to train mode: {case.argument}={case.value!r}. {case.why}"
+            raise UnsupportedGraphError(msg)
+
+
+def _counter_before(t: _Target) -> Node | None:
+    """The ``add_(num_batches_tracked, 1)`` that a train graph runs right before a batch norm."""
+    prev: Node = t.node.prev
+    if not (prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1] == 1):
+        return None
+    if prev.users:
+        msg = f"the batch counter {prev.name} before {t.name} is read by {list(prev.users)}; cannot remove it"
+        raise UnsupportedGraphError(msg)
+    return prev
+
+
+def _counted_buffer(t: _Target, memo: Memo | None) -> Node | None:
+    """The node holding ``num_batches_tracked`` for the batch norm ``t``, or ``None`` if eager counts nothing.
+
+    ``nn.BatchNorm`` registers ``num_batches_tracked`` beside ``running_mean``,
+    so it is found through the attribute the graph reads ``running_mean`` from.
+    Inside a subgraph that attribute is a placeholder, and only a memo left by
+    an earlier eval swap names the counter.
+    """
+    graph: Graph = t.module.graph
+    running_mean: Node = get_argument(t.node, "running_mean")
+    if running_mean.op == "get_attr":
+        owner, _, _ = str(running_mean.target).rpartition(".")
+        path = f"{owner}.num_batches_tracked" if owner else "num_batches_tracked"
+        buffer = _buffer(t.module, path)
+        if buffer is None:
+            return None  # F.batch_norm on plain buffers: eager counts nothing
+        found: list[Node] = graph.find_nodes(op="get_attr", target=path)
+        if found:
+            return found[0]
+        with graph.inserting_before(t.node):
+            node = graph.get_attr(path)
+        node.meta.update(_meta_like(t.node, val=_fake_like(graph, buffer)))
+        return node
+    if memo is not None and memo.counter is not None:
+        placeholders: list[Node] = graph.find_nodes(op="placeholder")
+        for node in placeholders:
+            if node.name == memo.counter:
+                return node
+    msg = (
+        f"cannot swap {t.name} to train mode: its running stats come into a subgraph "
+        f"({running_mean.name}), so the num_batches_tracked it must increment is out of reach. "
+        "Export the model in train mode instead."
+    )
+    raise UnsupportedGraphError(msg)
+
+
+def _buffer(module: torch.nn.Module, path: str) -> torch.Tensor | None:
+    owner, _, name = path.rpartition(".")
+    try:
+        return module.get_submodule(owner)._buffers.get(name)
+    except AttributeError:
+        return None
+
+
+def _fake_like(graph: Graph, tensor: torch.Tensor) -> Any:
+    fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+    return None if fake_mode is None else fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+def _meta_like(node: Node, *, val: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta}
+    if val is not None:
+        meta["val"] = val
+    return meta
+
+
+def _warn_unknown(names: list[str], kind: Kind) -> None:
+    msg = (
+        f"{len(names)} {kind} node(s) ({', '.join(names)}) have dropout_p=0.0 and no recorded "
+        "training value, so they keep 0.0 in train mode. If the model uses attention dropout "
+        "in training, pass it: modeswap.to_train(gm, attention_dropout=p)."
+    )
+    warnings.warn(msg, UnknownTrainingValueWarning, stacklevel=2)

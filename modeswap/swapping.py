@@ -1,0 +1,80 @@
+"""The top level: swap an exported graph to a mode, or read the mode it is in."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch.fx import GraphModule
+
+from modeswap.errors import InvalidOptionError, ModeswapError
+from modeswap.exported import require_exported
+from modeswap.modes import Mode, ModeReport, Swap
+from modeswap.passes import swap_pipeline
+from modeswap.report import report
+
+Exported = TypeVar("Exported", GraphModule, torch.export.ExportedProgram)
+
+
+def swap(
+    module: Exported,
+    mode: Mode | str,
+    *,
+    share_weights: bool = False,
+    attention_dropout: float | None = None,
+) -> Swap[Exported]:
+    """Return a :class:`Swap`: a copy of ``module`` that behaves as eager does in ``mode``, and its changes.
+
+    ``module`` is not modified. Its parameters and buffers are cloned, unless
+    ``share_weights``, when the new module aliases them. ``attention_dropout``
+    is the ``dropout_p`` that train mode gives attention nodes whose training
+    value the graph does not record.
+
+    >>> swapped = modeswap.swap(gm, "eval")
+    >>> evaluated = swapped.module
+    """
+    target = Mode.parse(mode)
+    _check_attention_dropout(attention_dropout, target)
+    if isinstance(module, torch.export.ExportedProgram):
+        msg = "ExportedProgram input is not supported yet; swap ep.module() instead"
+        raise ModeswapError(msg)
+    gm = require_exported(module)
+    rewrite = swap_pipeline(target, attention_dropout=attention_dropout)
+    new, changes = rewrite.rewrite(gm, share_weights=share_weights)
+    for submodule in new.modules():
+        submodule.training = target is Mode.TRAIN
+    return Swap(new, target, changes)
+
+
+def to_eval(module: Exported, *, share_weights: bool = False) -> Exported:
+    """Return a copy of ``module`` that behaves as eager does after ``model.eval()``.
+
+    >>> evaluated = modeswap.to_eval(gm)
+    """
+    return swap(module, Mode.EVAL, share_weights=share_weights).module
+
+
+def to_train(module: Exported, *, share_weights: bool = False, attention_dropout: float | None = None) -> Exported:
+    """Return a copy of ``module`` that behaves as eager does after ``model.train()``.
+
+    >>> trainable = modeswap.to_train(gm, attention_dropout=0.1)
+    """
+    return swap(module, Mode.TRAIN, share_weights=share_weights, attention_dropout=attention_dropout).module
+
+
+def mode_of(module: GraphModule | torch.export.ExportedProgram) -> ModeReport:
+    """Return the :class:`ModeReport` of ``module``, read off its graph; ``module`` is not modified."""
+    if isinstance(module, torch.export.ExportedProgram):
+        return report(module.graph_module)
+    return report(require_exported(module))
+
+
+def _check_attention_dropout(p: float | None, mode: Mode) -> None:
+    if p is None:
+        return
+    if mode is not Mode.TRAIN:
+        msg = f"attention_dropout={p!r} only applies when swapping to train mode"
+        raise InvalidOptionError(msg)
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+        msg = f"attention_dropout must be a probability in [0, 1), got {p!r}"
+        raise InvalidOptionError(msg)

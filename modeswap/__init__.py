@@ -21,6 +21,17 @@ from modeswap.swapping import mode_of, swap, to_eval, to_train
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # modeswap.testing needs hypothesis for its strategies; import it on first use only.
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("modeswap.testing")
+    msg = f"module 'modeswap' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
 __all__ = [
     "Change",
     "InvalidOptionError",
@@ -42,6 +53,7 @@ __all__ = [
     "passes",
     "pipeline",
     "swap",
+    "testing",
     "to_eval",
     "to_train",
 ]

@@ -77,7 +77,9 @@ def copy_graph(graph: Graph) -> Graph:
     """Return a copy of ``graph``: the same node names, node meta copied shallowly."""
     new = Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
     output: Any = new.graph_copy(graph, {}, return_output_node=True)
-    new._codegen = copy.deepcopy(graph._codegen)
+    # The codegen holds the immutable pytree specs; deep-copying them only costs
+    # time (and a torch FutureWarning about LeafSpec).
+    new._codegen = copy.copy(graph._codegen)
     if output is not None:
         value, old_output = output
         new_output = new.output(value, type_expr=old_output.type)

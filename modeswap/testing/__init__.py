@@ -1,0 +1,23 @@
+"""Tools to verify modeswap, and code that uses it, against eager PyTorch.
+
+``assert_mode_equivalent`` needs only torch; the hypothesis strategies
+(``cases``, ``layers``, ``build``, ``Case``, ``Layer``) need hypothesis installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from modeswap.testing.oracle import Snapshot, assert_mode_equivalent, assert_same_run, run_forward_backward
+
+_STRATEGIES = ("Case", "Layer", "LAYERS", "build", "cases", "layers")
+
+__all__ = ["Snapshot", "assert_mode_equivalent", "assert_same_run", "run_forward_backward", *_STRATEGIES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STRATEGIES:
+        return getattr(importlib.import_module("modeswap.testing.strategies"), name)
+    msg = f"module 'modeswap.testing' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,149 @@
+"""Eager PyTorch as the oracle: check a swapped graph against the eager model it came from."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+import modeswap
+from modeswap.modes import Mode
+
+
+@attrs.frozen
+class Snapshot:
+    """Everything a pure rewrite must leave as it was: code, node meta, tensors and their storage."""
+
+    code: str
+    nodes: tuple[tuple[str, str, str, str], ...]
+    meta: tuple[tuple[str, str], ...]
+    tensors: tuple[tuple[str, int, bytes], ...]
+
+    @classmethod
+    def of(cls, gm: GraphModule) -> Snapshot:
+        """Record ``gm`` as it is now."""
+        nodes = tuple(
+            (f"{path}.{n.name}", n.op, str(n.target), repr((n.args, n.kwargs)))
+            for path, module in modeswap.graphs.graph_modules(gm)
+            for n in module.graph.nodes
+        )
+        meta = tuple(
+            (f"{path}.{n.name}", _meta_repr(n.meta))
+            for path, module in modeswap.graphs.graph_modules(gm)
+            for n in module.graph.nodes
+        )
+        tensors = tuple(
+            (name, t.data_ptr(), t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            for name, t in _all_tensors(gm)
+        )
+        return cls(gm.code, nodes, meta, tensors)
+
+
+def _meta_repr(meta: dict[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in meta.items() if k not in ("val", "tensor_meta")))
+
+
+def _all_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    for path, sub in module.named_modules():
+        for key, value in vars(sub).items():
+            if isinstance(value, torch.Tensor):
+                named[f"{path}.{key}" if path else key] = value
+    return sorted(named.items())
+
+
+def run_forward_backward(module: Callable[..., Any], args: tuple[Any, ...], *, seed: int) -> dict[str, Any]:
+    """Run ``module`` on copies of ``args`` under ``seed``, then backward through a fixed loss.
+
+    Returns the outputs, the input gradients, and (for an ``nn.Module``) the
+    buffers after the forward and the parameter gradients, keyed by name.
+    """
+    leaves = [_fresh_leaf(a) for a in args]
+    torch.manual_seed(seed)
+    # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
+    outputs = module(*(a.clone() if isinstance(a, torch.Tensor) else a for a in leaves))
+    flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
+    result: dict[str, Any] = {"outputs": [o.detach().clone() for o in flat]}
+    assert isinstance(module, torch.nn.Module)
+    result["buffers"] = {k: v.detach().clone() for k, v in module.named_buffers()}
+    differentiable = [o for o in flat if o.requires_grad]
+    if differentiable:
+        weights = torch.Generator().manual_seed(seed + 1)
+        loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum() for o in differentiable)
+        loss.backward()  # type: ignore[union-attr]
+    result["grads"] = {k: None if p.grad is None else p.grad.clone() for k, p in module.named_parameters()}
+    result["input_grads"] = [_grad(a) for a in leaves]
+    return result
+
+
+def _grad(a: Any) -> torch.Tensor | None:
+    return a.grad.clone() if isinstance(a, torch.Tensor) and a.grad is not None else None
+
+
+def _fresh_leaf(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        leaf = a.detach().clone()
+        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
+    return a
+
+
+def assert_same_run(expected: dict[str, Any], actual: dict[str, Any], *, atol: float, rtol: float) -> None:
+    """Assert two ``run_forward_backward`` results agree: outputs, buffers, gradients."""
+    for key in ("outputs", "input_grads"):
+        assert len(expected[key]) == len(actual[key]), f"{key}: {len(expected[key])} != {len(actual[key])}"
+        for i, (e, a) in enumerate(zip(expected[key], actual[key], strict=True)):
+            _close(e, a, f"{key}[{i}]", atol, rtol)
+    for key in ("buffers", "grads"):
+        names, actual_names = sorted(expected[key]), sorted(actual[key])
+        assert names == actual_names, f"{key} names differ: {names} vs {actual_names}"
+        for name in expected[key]:
+            _close(expected[key][name], actual[key][name], f"{key}[{name!r}]", atol, rtol)
+
+
+def _close(expected: Any, actual: Any, what: str, atol: float, rtol: float) -> None:
+    if expected is None or actual is None:
+        assert expected is actual, f"{what}: one side is None ({expected!r} vs {actual!r})"
+        return
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_mode_equivalent(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    mode: Mode | str,
+    *,
+    exported_in: Mode | str | None = None,
+    attention_dropout: float | None = None,
+    seed: int = 0,
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+) -> modeswap.Swap[GraphModule]:
+    """Assert that swapping an export of ``model`` to ``mode`` behaves as eager ``model`` in ``mode``.
+
+    The model is exported in ``exported_in`` (by default the other mode),
+    swapped to ``mode``, and both are run under ``seed``: outputs, buffers after
+    the forward, and parameter and input gradients after a backward must agree.
+    ``model`` itself is not modified. Returns the :class:`modeswap.Swap`.
+
+    >>> swapped = assert_mode_equivalent(model, (x,), "eval")
+    """
+    target = Mode.parse(mode)
+    source = Mode.parse(exported_in) if exported_in is not None else _other(target)
+    captured = copy.deepcopy(model).train(source is Mode.TRAIN)
+    gm = torch.export.export(captured, args).module()
+    swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout)
+    eager = copy.deepcopy(model).train(target is Mode.TRAIN)
+    expected = run_forward_backward(eager, args, seed=seed)
+    actual = run_forward_backward(swapped.module, args, seed=seed)
+    assert_same_run(expected, actual, atol=atol, rtol=rtol)
+    return swapped
+
+
+def _other(mode: Mode) -> Mode:
+    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN

@@ -49,7 +49,7 @@ def _meta_repr(meta: dict[str, Any]) -> str:
 
 
 def _all_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    named = dict(module.named_parameters(remove_duplicate=False))
+    named: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     named.update(module.named_buffers(remove_duplicate=False))
     for path, sub in module.named_modules():
         for key, value in vars(sub).items():

@@ -9,11 +9,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from modeswap.testing.oracle import Snapshot, assert_mode_equivalent, assert_same_run, run_forward_backward
+from modeswap.testing.oracle import (
+    Snapshot,
+    assert_mode_equivalent,
+    assert_same_run,
+    call_signature,
+    run_forward_backward,
+)
 
 _STRATEGIES = ("Case", "Layer", "LAYERS", "build", "cases", "layers")
 
-__all__ = ["Snapshot", "assert_mode_equivalent", "assert_same_run", "run_forward_backward", *_STRATEGIES]
+__all__ = [
+    "Snapshot",
+    "assert_mode_equivalent",
+    "assert_same_run",
+    "call_signature",
+    "run_forward_backward",
+    *_STRATEGIES,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,33 +15,62 @@ import modeswap
 from modeswap.modes import Mode
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class Snapshot:
-    """Everything a pure rewrite must leave as it was: code, node meta, tensors and their storage."""
+    """Everything a pure rewrite must leave as it was: code, nodes, node meta, tensors and their storage.
+
+    Two snapshots are equal when all of it is bit for bit the same.
+    """
 
     code: str
     nodes: tuple[tuple[str, str, str, str], ...]
     meta: tuple[tuple[str, str], ...]
-    tensors: tuple[tuple[str, int, bytes], ...]
+    tensors: tuple[tuple[str, int, torch.Tensor], ...]  # name, data_ptr, a copy of the bytes
 
     @classmethod
     def of(cls, gm: GraphModule) -> Snapshot:
         """Record ``gm`` as it is now."""
+        graphs = list(modeswap.graphs.graph_modules(gm))
         nodes = tuple(
             (f"{path}.{n.name}", n.op, str(n.target), repr((n.args, n.kwargs)))
-            for path, module in modeswap.graphs.graph_modules(gm)
-            for n in module.graph.nodes
+            for path, m in graphs
+            for n in m.graph.nodes
         )
-        meta = tuple(
-            (f"{path}.{n.name}", _meta_repr(n.meta))
-            for path, module in modeswap.graphs.graph_modules(gm)
-            for n in module.graph.nodes
-        )
-        tensors = tuple(
-            (name, t.data_ptr(), t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            for name, t in _all_tensors(gm)
-        )
+        meta = tuple((f"{path}.{n.name}", _meta_repr(n.meta)) for path, m in graphs for n in m.graph.nodes)
+        tensors = tuple((name, t.data_ptr(), _raw(t)) for name, t in _all_tensors(gm))
         return cls(gm.code, nodes, meta, tensors)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        same_tensors = len(self.tensors) == len(other.tensors) and all(
+            a[:2] == b[:2] and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
+            for a, b in zip(self.tensors, other.tensors, strict=True)
+        )
+        return (self.code, self.nodes, self.meta) == (other.code, other.nodes, other.meta) and same_tensors
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def call_signature(gm: GraphModule) -> list[tuple[str, Any, Any]]:
+    """The ``call_function`` nodes of ``gm`` in order, with their arguments, independent of node names.
+
+    A node argument is written as what it stands for: ``("attr", target)`` for a
+    ``get_attr``, ``("input", target)`` for a placeholder, ``("call", i)`` for the
+    i-th call. Two graphs with equal signatures compute the same thing.
+    """
+    order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "call_function")}
+
+    def name(node: torch.fx.Node) -> tuple[str, Any]:
+        if node.op == "call_function":
+            return ("call", order[node])
+        return ("attr" if node.op == "get_attr" else node.op, node.target)
+
+    return [(str(n.target), torch.fx.node.map_arg(n.args, name), torch.fx.node.map_arg(n.kwargs, name)) for n in order]
 
 
 def _meta_repr(meta: dict[str, Any]) -> str:

@@ -38,7 +38,9 @@ def _not_exported_message(module: object) -> str:
             f"as torch.fx.symbolic_trace makes; modeswap rewrites ATen graphs: {_EXPORT_IT}"
         )
     if isinstance(module, torch.nn.Module):
-        return f"got nn.{type(module).__name__}, an eager module; {_EXPORT_IT}"
+        cls = type(module)
+        name = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"{cls.__module__}.{cls.__qualname__}"
+        return f"got {name}, an eager module; {_EXPORT_IT}"
     if isinstance(module, str | os.PathLike):
         return f"got the path {os.fspath(module)!r}; load it first with torch.export.load(path)"
     return f"got {type(module).__name__} {module!r:.80}; modeswap takes an exported GraphModule: {_EXPORT_IT}"

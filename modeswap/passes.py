@@ -132,7 +132,7 @@ eliminate_dead_code = Pass("eliminate_dead_code", _eliminate_dead_code)
 recompile = Pass("recompile", _recompile, compiles=True)
 
 
-def swap_kind(kind: Kind, mode: Mode | str, *, default: float | None = None) -> Pass:
+def swap_kind(kind: Kind, mode: Mode | str, *, default: float | None = None, name: str | None = None) -> Pass:
     """Return the pass that puts every site of ``kind`` in ``mode``, as its rule says.
 
     ``default`` is the training value for sites whose rule remembers it per node
@@ -143,7 +143,7 @@ def swap_kind(kind: Kind, mode: Mode | str, *, default: float | None = None) -> 
     def kernel(gm: GraphModule) -> list[Change]:
         return _swap_in_place(gm, kind, target, default)
 
-    return Pass(f"swap_{kind}({target.value})", kernel)
+    return Pass(f"{name or f'swap_{kind}'}({target.value})", kernel)
 
 
 def swap_dropout(mode: Mode | str) -> Pass:
@@ -153,7 +153,7 @@ def swap_dropout(mode: Mode | str) -> Pass:
 
 def swap_batchnorm(mode: Mode | str) -> Pass:
     """Return the pass that swaps batch norms with running stats, and their batch counters."""
-    return swap_kind("batch_norm", mode)
+    return swap_kind("batch_norm", mode, name="swap_batchnorm")
 
 
 def swap_instance_norm(mode: Mode | str) -> Pass:

@@ -74,9 +74,10 @@ def _overloads(*names: str) -> tuple[torch._ops.OpOverload, ...]:
 _MOMENTUM_NONE = Untrainable(
     "momentum",
     0.0,
-    "BatchNorm(momentum=None) keeps a cumulative average, which an exported train graph "
-    "cannot express, and its eval graph records momentum as 0.0. Give the BatchNorm a "
-    "numeric momentum before torch.export.export, or export it in train mode.",
+    "An eval graph records BatchNorm(momentum=None) as momentum=0.0, so the two cannot be told "
+    "apart, and the cumulative average of momentum=None has no train graph. Give the BatchNorm a "
+    "numeric momentum before torch.export.export. A model that really uses momentum=0.0 can be "
+    "exported in train mode: its to_eval graph remembers the momentum for the way back.",
 )
 
 RULES: tuple[Rule, ...] = (

@@ -67,6 +67,13 @@ class Attention(nn.Module):
         return out.reshape(x.shape)
 
 
+class Fresh(nn.Module):
+    """Copies its input, so an in-place layer after it never overwrites a tensor autograd saved."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
 class PinnedMode(nn.Module):
     """Keeps its child in one mode whatever ``train()``/``eval()`` is called with (for mixed graphs)."""
 
@@ -179,7 +186,8 @@ def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Modul
             norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
             return norm(channels, o["eps"], o["momentum"], o["affine"], o["track"]), channels
         case "dropout":
-            return getattr(nn, o["cls"])(o["p"], inplace=o["inplace"]), channels
+            dropout = getattr(nn, o["cls"])(o["p"], inplace=o["inplace"])
+            return (nn.Sequential(Fresh(), dropout) if o["inplace"] else dropout), channels
         case "rrelu":
             return nn.RReLU(o["lower"], o["upper"]), channels
         case "attention":

@@ -1,0 +1,125 @@
+"""Properties of swaps on random conv / norm / dropout / rrelu / attention models, with eager PyTorch as the oracle.
+
+Each example exports its model once and checks what it can on that export.
+``MODESWAP_PROFILE=ci`` runs the full counts (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import modeswap
+from modeswap import Mode
+from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, run_forward_backward
+
+#: The equivalence property runs four times as many examples as the others (200 in ci).
+EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)
+
+modes = st.sampled_from(Mode)
+
+
+def other(mode: Mode) -> Mode:
+    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
+
+
+def export(case: Case, mode: Mode) -> torch.fx.GraphModule:
+    model = copy.deepcopy(case.model).train(mode is Mode.TRAIN)
+    return torch.export.export(model, case.args).module()
+
+
+def eager(case: Case, mode: Mode) -> torch.nn.Module:
+    return copy.deepcopy(case.model).train(mode is Mode.TRAIN)
+
+
+def attention_dropout(case: Case, target: Mode) -> float | None:
+    return case.attention_dropout if target is Mode.TRAIN else None
+
+
+@EQUIVALENCE
+@given(case=cases(), target=modes, seed=st.integers(0, 1000))
+def test_swap_behaves_as_eager_in_the_target_mode(case: Case, target: Mode, seed: int) -> None:
+    gm = export(case, other(target))
+    before = Snapshot.of(gm)
+    swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout(case, target))
+    expected = run_forward_backward(eager(case, target), case.args, seed=seed)
+    actual = run_forward_backward(swapped.module, case.args, seed=seed)
+    assert_same_run(expected, actual, atol=1e-6, rtol=1e-5)
+    assert Snapshot.of(gm) == before
+
+
+@given(case=cases(), target=modes, share_weights=st.booleans())
+def test_swap_never_touches_its_input(case: Case, target: Mode, share_weights: bool) -> None:
+    gm = export(case, other(target))
+    before = Snapshot.of(gm)
+    swapped = modeswap.swap(gm, target, share_weights=share_weights, attention_dropout=attention_dropout(case, target))
+    if not share_weights:
+        run_forward_backward(swapped.module, case.args, seed=0)  # running the copy must not reach the input either
+        assert Snapshot.of(gm) == before
+    else:
+        assert Snapshot.of(gm).nodes == before.nodes
+        assert Snapshot.of(gm).meta == before.meta
+    old = {name: t.data_ptr() for name, t in gm.state_dict(keep_vars=True).items()}
+    new = {name: t.data_ptr() for name, t in swapped.module.state_dict(keep_vars=True).items()}
+    assert old.keys() == new.keys()
+    if share_weights:
+        assert old == new
+    else:
+        assert not set(old.values()) & set(new.values())
+
+
+@given(case=cases(), source=modes)
+def test_round_trip_gives_back_the_exported_graph(case: Case, source: Mode) -> None:
+    gm = export(case, source)
+    away = modeswap.swap(gm, other(source), attention_dropout=attention_dropout(case, other(source))).module
+    back = modeswap.swap(away, source, attention_dropout=attention_dropout(case, source)).module
+    assert call_signature(back) == call_signature(gm)
+    expected = run_forward_backward(eager(case, source), case.args, seed=7)
+    assert_same_run(expected, run_forward_backward(back, case.args, seed=7), atol=1e-6, rtol=1e-5)
+
+
+@given(case=cases(), source=modes)
+def test_swapping_to_the_mode_a_graph_is_in_changes_nothing(case: Case, source: Mode) -> None:
+    gm = export(case, source)
+    again = modeswap.swap(gm, source, attention_dropout=attention_dropout(case, source))
+    assert again.changes == ()
+    assert call_signature(again.module) == call_signature(gm)
+    once = modeswap.swap(gm, other(source), attention_dropout=attention_dropout(case, other(source))).module
+    twice = modeswap.swap(once, other(source))
+    assert twice.changes == ()
+    assert call_signature(twice.module) == call_signature(once)
+
+
+@given(case=cases(mixed=True), source=modes)
+def test_mode_of_agrees_with_the_eager_modules(case: Case, source: Mode) -> None:
+    model = eager(case, source)
+    gm = torch.export.export(model, case.args).module()
+    report = modeswap.mode_of(gm)
+    for site in report.sites:
+        module = model.get_submodule(site.module_path)
+        assert site.mode is (Mode.TRAIN if module.training else Mode.EVAL), site
+    expected_sites = [
+        name
+        for name, module in model.named_modules()
+        if _is_site(module) and not (isinstance(module, modeswap.testing.strategies.Attention) and not module.training)
+    ]
+    assert sorted(s.module_path for s in report.sites) == sorted(expected_sites)
+    modes_seen = {s.mode for s in report.sites}
+    assert report.mixed is (len(modes_seen) > 1)
+    assert report.mode is (next(iter(modes_seen)) if len(modes_seen) == 1 else None)
+    assert report.stochastic == ()
+    evaluated = modeswap.to_eval(gm)
+    assert {s.mode for s in modeswap.mode_of(evaluated).sites} <= {Mode.EVAL}
+    assert modeswap.mode_of(evaluated).stochastic == ()
+
+
+def _is_site(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm | torch.nn.modules.instancenorm._InstanceNorm):
+        return module.track_running_stats
+    return isinstance(
+        module,
+        torch.nn.modules.dropout._DropoutNd | torch.nn.RReLU | modeswap.testing.strategies.Attention,
+    )

@@ -25,8 +25,11 @@ Kind = Literal["dropout", "batch_norm", "instance_norm", "rrelu", "attention"]
 M = TypeVar("M")
 
 
-class Mode(enum.Enum):
-    """The behaviour of ``nn.Module.train()`` or ``nn.Module.eval()``."""
+class Mode(enum.StrEnum):
+    """The behaviour of ``nn.Module.train()`` or ``nn.Module.eval()``.
+
+    A ``str`` enum, so a record holding one goes to JSON as ``"train"`` / ``"eval"``.
+    """
 
     TRAIN = "train"
     EVAL = "eval"

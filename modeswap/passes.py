@@ -241,7 +241,11 @@ def _to_eval(t: _Target) -> list[Change]:
     changes = [Change(t.name, str(node.target), rule.flag, value, rule.eval)]
     set_argument(node, rule.flag, rule.eval)
     if rule.counts_batches and (counter := _counter_before(t)) is not None:
-        memo = attrs.evolve(memo, counter=str(counter.args[0]))
+        counted = counter.args[0]
+        # add_ returns its input: a later read of the counter (a second call of a
+        # shared BatchNorm increments add_'s result) reads the buffer itself instead.
+        counter.replace_all_uses_with(counted)  # type: ignore[arg-type]
+        memo = attrs.evolve(memo, counter=str(counted))
         t.module.graph.erase_node(counter)
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, True, False))
     set_memo(node, memo)
@@ -273,6 +277,7 @@ def _to_train(t: _Target, default: float | None, unknown: list[str]) -> list[Cha
     set_argument(node, rule.flag, train)
     changes = [Change(t.name, str(node.target), rule.flag, value, train)]
     if rule.counts_batches and (counted := _counted_buffer(t, memo)) is not None:
+        counted = _last_increment(counted)
         with t.module.graph.inserting_before(node):
             counter = t.module.graph.call_function(aten.add_.Tensor, (counted, 1))
         counter.meta.update(_meta_like(node, val=counted.meta.get("val")))
@@ -301,12 +306,17 @@ def _refuse_untrainable(t: _Target) -> None:
 def _counter_before(t: _Target) -> Node | None:
     """The ``add_(num_batches_tracked, 1)`` that a train graph runs right before a batch norm."""
     prev: Node = t.node.prev
-    if not (prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1] == 1):
-        return None
-    if prev.users:
-        msg = f"the batch counter {prev.name} before {t.name} is read by {list(prev.users)}; cannot remove it"
-        raise UnsupportedGraphError(msg)
-    return prev
+    is_counter = prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1] == 1
+    return prev if is_counter else None
+
+
+def _last_increment(counted: Node) -> Node:
+    """The last ``add_(..., 1)`` chained on ``counted`` so far, as export writes a BatchNorm called twice."""
+    while True:
+        later = [u for u in counted.users if u.target is aten.add_.Tensor and u.args == (counted, 1)]
+        if not later:
+            return counted
+        counted = later[0]
 
 
 def _counted_buffer(t: _Target, memo: Memo | None) -> Node | None:

@@ -208,9 +208,16 @@ def test_batch_counter_over_several_forwards(mode: str) -> None:
 
 
 @pytest.mark.parametrize("exported_in", MODES)
-def test_batchnorm_without_running_stats_is_untouched(exported_in: str) -> None:
-    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3, momentum=0.3, eps=1e-3, track_running_stats=False))
-    args = (_randn(2, 3, 2, 2),)
+@pytest.mark.parametrize(
+    ("norm", "shape"),
+    [
+        pytest.param(nn.BatchNorm2d(3, momentum=0.3, eps=1e-3, track_running_stats=False), (2, 3, 2, 2), id="batch"),
+        pytest.param(nn.InstanceNorm2d(3, affine=True), (2, 3, 2, 3), id="instance"),
+    ],
+)
+def test_norm_without_running_stats_is_untouched(norm: nn.Module, shape: tuple[int, ...], exported_in: str) -> None:
+    model = nn.Sequential(nn.ReLU(), norm)
+    args = (_randn(*shape),)
     gm = _export(model, args, exported_in)
     swapped = modeswap.swap(gm, _other(exported_in))
     assert swapped.changes == ()
@@ -263,18 +270,6 @@ def test_instance_norm_with_running_stats(cls: type, shape: tuple[int, ...], mod
     (node,) = _nodes(swapped.module, aten.instance_norm.default)
     assert (_arg(node, "use_input_stats"), _arg(node, "momentum"), _arg(node, "eps")) == (mode == "train", 0.3, 1e-3)
     assert _nodes(swapped.module, aten.add_.Tensor) == []  # eager InstanceNorm never counts batches
-
-
-@pytest.mark.parametrize("exported_in", MODES)
-def test_instance_norm_without_running_stats_is_untouched(exported_in: str) -> None:
-    model = nn.Sequential(nn.ReLU(), nn.InstanceNorm2d(3, affine=True))
-    args = (_randn(2, 3, 2, 3),)
-    gm = _export(model, args, exported_in)
-    swapped = modeswap.swap(gm, _other(exported_in))
-    assert swapped.changes == ()
-    assert _calls(swapped.module) == _calls(gm)
-    for mode in MODES:
-        assert_mode_equivalent(model, args, mode, exported_in=exported_in)
 
 
 # --- rrelu -------------------------------------------------------------------

@@ -5,8 +5,8 @@ returns a rewritten copy and leaves its input alone. Inside, it is an in-place
 *kernel* run on a copy the pass owns; ``pipeline`` copies once and runs all its
 passes' kernels on that copy, so four passes cost one copy and one recompile::
 
-    to_eval = pipeline(eliminate_dead_code, swap_dropout("eval"), swap_batchnorm("eval"), recompile)
-    evaluated = to_eval(gm)
+    dropout_and_bn = pipeline(swap_dropout("eval"), swap_batchnorm("eval"), eliminate_dead_code, recompile)
+    rewritten = dropout_and_bn(gm)
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from modeswap.graphs import (
     set_argument,
 )
 from modeswap.modes import Change, Kind, Memo, Mode
-from modeswap.report import sites
-from modeswap.rules import PerNode, Rule, memo_of, rule_for, set_memo
+from modeswap.rules import DECOMPOSED, PerNode, Rule, memo_of, rule_for, set_memo
 
 #: An in-place kernel: edits a module the caller owns and returns the changes it made.
 Kernel = Callable[[GraphModule], Iterable[Change]]
@@ -88,10 +87,11 @@ def pipeline(*passes: Pass) -> Pass:
                 "GraphModule -> GraphModule functions with toolz.compose_left instead"
             )
             raise TypeError(msg)
-    run_all = toolz.juxt(*(p.kernel for p in passes))
+    kernels = tuple(p.kernel for p in passes)
 
     def kernel(gm: GraphModule) -> tuple[Change, ...]:
-        return tuple(toolz.concat(run_all(gm)))
+        # tuple() runs each kernel to the end before the next starts, even a generator.
+        return tuple(toolz.concat(tuple(k(gm)) for k in kernels))
 
     names = ", ".join(p.name for p in passes)
     return Pass(f"pipeline({names})", kernel, compiles=bool(passes) and passes[-1].compiles)
@@ -179,15 +179,16 @@ def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -
     """Return the pass that swaps every site of a graph to ``mode``.
 
     Attention goes first: whether a ``dropout_p`` of 0.0 is a training value is
-    read off the other sites, before they are swapped.
+    read off the other sites, before they are swapped. Dead code goes last, with
+    the attribute reads the swaps left unused (an eval batch norm's counter).
     """
     return pipeline(
-        eliminate_dead_code,
         swap_attention(mode, dropout=attention_dropout),
         swap_dropout(mode),
         swap_batchnorm(mode),
         swap_instance_norm(mode),
         swap_rrelu(mode),
+        eliminate_dead_code,
         recompile,
     )
 
@@ -200,33 +201,45 @@ class _Target:
     name: str
     rule: Rule
     module: GraphModule
-    graph_trains: bool  # the other sites say the graph was captured in train mode
+    graph_trains: bool  # the sites with a fixed training value say the graph was captured in train mode
+
+
+#: The training value of a node that neither the node nor the graph records.
+_UNKNOWN = object()
 
 
 def _swap_in_place(gm: GraphModule, kind: Kind, mode: Mode, default: float | None) -> list[Change]:
-    targets = [
-        _Target(node, qualified_name(path, node), rule, module, graph_trains=False)
-        for path, module in graph_modules(gm)
-        for node in module.graph.nodes
-        if (rule := rule_for(node)) is not None and rule.kind == kind and rule.applies(node)
-    ]
+    targets = []
+    for path, module in graph_modules(gm):
+        for node in module.graph.nodes:
+            if DECOMPOSED.get(node.target) == kind:
+                _refuse_decomposed(qualified_name(path, node), node)
+            rule = rule_for(node)
+            if rule is not None and rule.kind == kind and rule.applies(node):
+                targets.append(_Target(node, qualified_name(path, node), rule, module, graph_trains=False))
     if any(t.rule.train is PerNode.VALUE for t in targets):
         trains = _captured_in_train(gm)
         targets = [attrs.evolve(t, graph_trains=trains) for t in targets]
     changes: list[Change] = []
-    unknown: list[str] = []
+    unknown: list[_Target] = []
     for target in targets:
         if mode is Mode.EVAL:
             changes += _to_eval(target)
         else:
             changes += _to_train(target, default, unknown)
     if unknown:
-        _warn_unknown(unknown, kind)
+        _warn_unknown(unknown)
     return changes
 
 
 def _captured_in_train(gm: GraphModule) -> bool:
-    modes = {site.mode for site in sites(gm) if site.kind != "attention"}
+    """Whether every site whose training value is fixed (not remembered per node) is in train mode."""
+    modes = {
+        rule.mode(node)
+        for _, module in graph_modules(gm)
+        for node in module.graph.nodes
+        if (rule := rule_for(node)) is not None and rule.train is not PerNode.VALUE and rule.applies(node)
+    }
     return modes == {Mode.TRAIN}
 
 
@@ -235,41 +248,34 @@ def _to_eval(t: _Target) -> list[Change]:
     value = _literal_flag(t)
     if value == rule.eval:
         if rule.train is PerNode.VALUE and t.graph_trains and memo_of(node) is None:
-            set_memo(node, Memo({rule.flag: value}))
+            set_memo(node, Memo({rule.flag: value}))  # 0.0 is this node's training value: keep it known
         return []
     memo = Memo({rule.flag: value})
-    changes = [Change(t.name, str(node.target), rule.flag, value, rule.eval)]
     set_argument(node, rule.flag, rule.eval)
+    changes = [Change(t.name, str(node.target), rule.flag, value, rule.eval)]
     if rule.counts_batches and (counter := _counter_before(t)) is not None:
-        counted = counter.args[0]
-        # add_ returns its input: a later read of the counter (a second call of a
-        # shared BatchNorm increments add_'s result) reads the buffer itself instead.
-        counter.replace_all_uses_with(counted)  # type: ignore[arg-type]
-        memo = attrs.evolve(memo, counter=str(counted))
+        counted: Node = counter.args[0]  # type: ignore[assignment]
+        # add_ returns its input: a later read of the counter (a BatchNorm called
+        # twice increments add_'s result) reads the counted tensor itself instead.
+        counter.replace_all_uses_with(counted)
         t.module.graph.erase_node(counter)
+        memo = attrs.evolve(memo, counter=_counter_name(_increment_root(counted)))
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, True, False))
     set_memo(node, memo)
     return changes
 
 
-def _to_train(t: _Target, default: float | None, unknown: list[str]) -> list[Change]:
+def _to_train(t: _Target, default: float | None, unknown: list[_Target]) -> list[Change]:
     rule, node = t.rule, t.node
     value = _literal_flag(t)
     memo = memo_of(node)
-    if memo is not None and rule.flag in memo.values:
-        train = memo.values[rule.flag]
-    elif rule.train is not PerNode.VALUE:
-        train = rule.train
-    elif value != rule.eval or t.graph_trains:
-        return []  # the node holds its training value already
-    elif default is None:
-        unknown.append(t.name)
-        return []
-    else:
-        train = default
-    if memo is None and value == train:
+    train = _training_value(t, value, memo, default)
+    if train is _UNKNOWN:
+        unknown.append(t)
         return []
     if memo is None:
+        if value == train:
+            return []  # in train mode already
         _refuse_untrainable(t)
     set_memo(node, None)
     if value == train:
@@ -277,12 +283,24 @@ def _to_train(t: _Target, default: float | None, unknown: list[str]) -> list[Cha
     set_argument(node, rule.flag, train)
     changes = [Change(t.name, str(node.target), rule.flag, value, train)]
     if rule.counts_batches and (counted := _counted_buffer(t, memo)) is not None:
-        counted = _last_increment(counted)
         with t.module.graph.inserting_before(node):
-            counter = t.module.graph.call_function(aten.add_.Tensor, (counted, 1))
+            counter = t.module.graph.call_function(aten.add_.Tensor, (_last_increment(counted), 1))
         counter.meta.update(_meta_like(node, val=counted.meta.get("val")))
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, False, True))
     return changes
+
+
+def _training_value(t: _Target, value: Any, memo: Memo | None, default: float | None) -> Any:
+    """What ``t``'s flag holds in train mode: remembered, fixed by its rule, or taken from the graph."""
+    if memo is not None and t.rule.flag in memo.values:
+        return memo.values[t.rule.flag]
+    if t.rule.train is not PerNode.VALUE:
+        return t.rule.train
+    if value != t.rule.eval:
+        return value  # it holds a training value already
+    if default is not None:
+        return default
+    return value if t.graph_trains else _UNKNOWN
 
 
 def _literal_flag(t: _Target) -> Any:
@@ -303,55 +321,105 @@ def _refuse_untrainable(t: _Target) -> None:
             raise UnsupportedGraphError(msg)
 
 
+def _refuse_decomposed(name: str, node: Node) -> None:
+    msg = (
+        f"{name} ({node.target}) is what ExportedProgram.run_decompositions() makes of a "
+        f"train/eval-sensitive op; its mode cannot be swapped there. Swap before run_decompositions()."
+    )
+    raise UnsupportedGraphError(msg)
+
+
 def _counter_before(t: _Target) -> Node | None:
-    """The ``add_(num_batches_tracked, 1)`` that a train graph runs right before a batch norm."""
+    """The ``add_(num_batches_tracked, 1)`` that a train graph runs right before batch norm ``t``."""
     prev: Node = t.node.prev
-    is_counter = prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1] == 1
+    if not (prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1:] == (1,)):
+        return None
+    root = _increment_root(prev.args[0])  # type: ignore[arg-type]
+    running_mean: Node = get_argument(t.node, "running_mean")
+    if running_mean.op == "get_attr":
+        is_counter = root.op == "get_attr" and root.target == _sibling(running_mean, "num_batches_tracked")
+    else:  # inside a subgraph, buffers are placeholders without names to check
+        val = root.meta.get("val")
+        is_counter = root.op == "placeholder" and isinstance(val, torch.Tensor) and val.dtype == torch.int64
     return prev if is_counter else None
+
+
+def _increment_root(node: Node) -> Node:
+    """The tensor a chain of ``add_(..., 1)`` increments."""
+    while node.op == "call_function" and node.target is aten.add_.Tensor:
+        node = node.args[0]  # type: ignore[assignment]
+    return node
 
 
 def _last_increment(counted: Node) -> Node:
     """The last ``add_(..., 1)`` chained on ``counted`` so far, as export writes a BatchNorm called twice."""
-    while True:
-        later = [u for u in counted.users if u.target is aten.add_.Tensor and u.args == (counted, 1)]
-        if not later:
-            return counted
+    while later := [u for u in counted.users if u.target is aten.add_.Tensor and u.args == (counted, 1)]:
         counted = later[0]
+    return counted
+
+
+def _counter_name(node: Node) -> str:
+    """How a memo names a counter: the attribute a ``get_attr`` reads, or a subgraph placeholder's name."""
+    return str(node.target) if node.op == "get_attr" else node.name
+
+
+def _sibling(node: Node, name: str) -> str:
+    owner, _, _ = str(node.target).rpartition(".")
+    return f"{owner}.{name}" if owner else name
 
 
 def _counted_buffer(t: _Target, memo: Memo | None) -> Node | None:
-    """The node holding ``num_batches_tracked`` for the batch norm ``t``, or ``None`` if eager counts nothing.
+    """The node holding the ``num_batches_tracked`` batch norm ``t`` increments, or ``None`` if none.
 
-    ``nn.BatchNorm`` registers ``num_batches_tracked`` beside ``running_mean``,
-    so it is found through the attribute the graph reads ``running_mean`` from.
-    Inside a subgraph that attribute is a placeholder, and only a memo left by
-    an earlier eval swap names the counter.
+    A memo from the eval swap says which counter, if any, the train graph had.
+    Without one: ``nn.BatchNorm`` increments the ``num_batches_tracked`` it
+    registers beside ``running_mean``, in its own forward. So the counter is the
+    sibling of the attribute ``running_mean`` is read from, when the node ran in
+    the forward of the module owning it; ``F.batch_norm`` elsewhere counts nothing.
     """
     graph: Graph = t.module.graph
-    running_mean: Node = get_argument(t.node, "running_mean")
-    if running_mean.op == "get_attr":
-        owner, _, _ = str(running_mean.target).rpartition(".")
-        path = f"{owner}.num_batches_tracked" if owner else "num_batches_tracked"
-        buffer = _buffer(t.module, path)
-        if buffer is None:
-            return None  # F.batch_norm on plain buffers: eager counts nothing
-        found: list[Node] = graph.find_nodes(op="get_attr", target=path)
+    if memo is not None:
+        if memo.counter is None:
+            return None
+        name = memo.counter
+    else:
+        running_mean: Node = get_argument(t.node, "running_mean")
+        if running_mean.op != "get_attr":
+            msg = (
+                f"cannot swap {t.name} to train mode: its running stats come into a subgraph "
+                f"({running_mean.name}), so the num_batches_tracked it must increment is out of reach. "
+                "Export the model in train mode instead."
+            )
+            raise UnsupportedGraphError(msg)
+        name = _sibling(running_mean, "num_batches_tracked")
+        owner = str(running_mean.target).rpartition(".")[0]
+        stack = t.node.meta.get("nn_module_stack")
+        path, module_type = list(stack.values())[-1] if stack else (owner, "")
+        if str(path) != owner:
+            return None
+        if _buffer(t.module, name) is None:
+            if str(module_type).startswith("torch.nn.modules.batchnorm."):
+                msg = (
+                    f"cannot swap {t.name} to train mode: the graph module has no {name} for its "
+                    f"{module_type.rpartition('.')[2]} to count batches in (torch.export.export(..., "
+                    "strict=True) drops buffers an eval graph does not read). Export with strict=False, "
+                    "or in train mode."
+                )
+                raise UnsupportedGraphError(msg)
+            return None
+    if (buffer := _buffer(t.module, name)) is not None:
+        found: list[Node] = graph.find_nodes(op="get_attr", target=name)
         if found:
             return found[0]
         with graph.inserting_before(t.node):
-            node = graph.get_attr(path)
+            node = graph.get_attr(name)
         node.meta.update(_meta_like(t.node, val=_fake_like(graph, buffer)))
         return node
-    if memo is not None and memo.counter is not None:
-        placeholders: list[Node] = graph.find_nodes(op="placeholder")
-        for node in placeholders:
-            if node.name == memo.counter:
-                return node
-    msg = (
-        f"cannot swap {t.name} to train mode: its running stats come into a subgraph "
-        f"({running_mean.name}), so the num_batches_tracked it must increment is out of reach. "
-        "Export the model in train mode instead."
-    )
+    placeholders: list[Node] = graph.find_nodes(op="placeholder")
+    for node in placeholders:
+        if node.name == name:
+            return node
+    msg = f"cannot swap {t.name} to train mode: the batch counter {name!r} its eval swap recorded is gone"
     raise UnsupportedGraphError(msg)
 
 
@@ -375,10 +443,12 @@ def _meta_like(node: Node, *, val: Any) -> dict[str, Any]:
     return meta
 
 
-def _warn_unknown(names: list[str], kind: Kind) -> None:
+def _warn_unknown(targets: list[_Target]) -> None:
+    flag, value = targets[0].rule.flag, targets[0].rule.eval
+    names = ", ".join(t.name for t in targets)
     msg = (
-        f"{len(names)} {kind} node(s) ({', '.join(names)}) have dropout_p=0.0 and no recorded "
-        "training value, so they keep 0.0 in train mode. If the model uses attention dropout "
-        "in training, pass it: modeswap.to_train(gm, attention_dropout=p)."
+        f"{len(targets)} node(s) ({names}) have {flag}={value} and no recorded training value, so they "
+        f"keep {value} in train mode. If the model uses attention dropout in training, pass it: "
+        "modeswap.to_train(gm, attention_dropout=p)."
     )
     warnings.warn(msg, UnknownTrainingValueWarning, stacklevel=2)

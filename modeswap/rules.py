@@ -20,7 +20,7 @@ aten = torch.ops.aten
 
 #: The key under ``node.meta["custom"]`` where a rewrite keeps its :class:`Memo`.
 #: ``torch.export.save`` keeps only ``meta["custom"]`` of a node's meta, as JSON,
-#: so the memo is stored there as a plain dict.
+#: so the memo is stored there, as a plain dict, to survive a save and load.
 MEMO_KEY = "modeswap"
 
 
@@ -137,6 +137,22 @@ RULES: tuple[Rule, ...] = (
 )
 
 RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
+
+#: What ``ExportedProgram.run_decompositions()`` turns a rule's op into. The mode
+#: then hides in shapes no rule reads (an eval dropout is gone altogether), so a
+#: swap refuses these graphs rather than leave them in the wrong mode.
+DECOMPOSED: dict[torch._ops.OpOverload, Kind] = {
+    aten.native_dropout.default: "dropout",
+    aten._native_batch_norm_legit_functional.default: "batch_norm",
+    aten._native_batch_norm_legit.default: "batch_norm",
+    aten._native_batch_norm_legit_no_training.default: "batch_norm",
+    aten.native_batch_norm.default: "batch_norm",
+    aten._batch_norm_with_update.default: "batch_norm",
+    aten._batch_norm_with_update_functional.default: "batch_norm",
+    aten._batch_norm_no_update.default: "batch_norm",
+    aten.rrelu_with_noise.default: "rrelu",
+    aten.rrelu_with_noise_functional.default: "rrelu",
+}
 KINDS: tuple[Kind, ...] = tuple(rule.kind for rule in RULES)
 
 

@@ -431,3 +431,86 @@ def test_swap_leaves_its_input_alone(exported_in: str) -> None:
     before = Snapshot.of(gm)
     _to(_other(exported_in))(gm)
     assert Snapshot.of(gm) == before
+
+
+# --- regressions from review ---------------------------------------------------
+
+
+class FunctionalNormAfterUserIncrement(nn.Module):
+    """A user's own add_(t, 1) right before a functional batch norm: not a batch counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rm", torch.zeros(3))
+        self.register_buffer("rv", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        x.add_(1)
+        return F.batch_norm(x, self.rm, self.rv, training=self.training)
+
+
+class FunctionalNormOnModuleBuffers(nn.Module):
+    """F.batch_norm on a BatchNorm's buffers: eager never touches num_batches_tracked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.bn.running_mean, self.bn.running_var, training=self.training)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_user_add_before_a_functional_batch_norm_is_kept(mode: str) -> None:
+    swapped = assert_mode_equivalent(FunctionalNormAfterUserIncrement(), (_randn(4, 3),), mode)
+    assert len(_nodes(swapped.module, aten.add_.Tensor)) == 1
+    assert all(change.field != "num_batches_tracked.add_(1)" for change in swapped.changes)
+
+
+def test_a_functional_batch_norm_on_module_buffers_never_counts() -> None:
+    args = (_randn(4, 3),)
+    swapped = assert_mode_equivalent(FunctionalNormOnModuleBuffers(), args, "train")
+    assert _nodes(swapped.module, aten.add_.Tensor) == []
+    gm = _export(FunctionalNormOnModuleBuffers(), args, "train")
+    assert call_signature(modeswap.to_train(modeswap.to_eval(gm))) == call_signature(gm)
+
+
+def test_attention_dropout_applies_to_a_graph_already_swapped_without_it() -> None:
+    model = nn.Sequential(nn.Dropout(0.1), Attention(0.3))
+    args = (_randn(2, 3, 4),)
+    with pytest.warns(UnknownTrainingValueWarning):
+        guessed = modeswap.to_train(_export(model, args, "eval"))
+    fixed = modeswap.swap(guessed, "train", attention_dropout=0.3)
+    assert [(c.field, c.before, c.after) for c in fixed.changes] == [("dropout_p", 0.0, 0.3)]
+    assert_same_run(
+        run_forward_backward(copy.deepcopy(model).train(), args, seed=4),
+        run_forward_backward(fixed.module, args, seed=4),
+        atol=1e-6,
+        rtol=1e-5,
+    )
+
+
+# run_decompositions() deep-copies a pytree LeafSpec, which torch deprecates.
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("exported_in", MODES)
+@pytest.mark.parametrize("target", MODES)
+def test_decomposed_graphs_are_refused(exported_in: str, target: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.2))
+    ep = torch.export.export(copy.deepcopy(model).train(exported_in == "train"), (_randn(4, 3),))
+    with pytest.raises(UnsupportedGraphError, match=r"run_decompositions\(\).*Swap before run_decompositions"):
+        modeswap.swap(ep.run_decompositions().module(), target)
+
+
+def test_attention_dropout_of_one_is_accepted() -> None:
+    gm = _export(Attention(0.5), (_randn(2, 3, 4),), "eval")
+    (node,) = _nodes(modeswap.to_train(gm, attention_dropout=1.0), aten.scaled_dot_product_attention.default)
+    assert _arg(node, "dropout_p") == 1.0
+
+
+def test_a_strict_eval_export_without_its_batch_counter_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    gm = torch.export.export(model.eval(), (_randn(4, 3),), strict=True).module()
+    assert "1.num_batches_tracked" not in gm.state_dict()
+    with pytest.raises(UnsupportedGraphError, match=r"no 1\.num_batches_tracked .*strict=True"):
+        modeswap.to_train(gm)

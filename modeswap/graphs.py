@@ -111,6 +111,14 @@ def recompile_all(gm: GraphModule) -> None:
         module.recompile()
 
 
+def _refuse_train_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    msg = (
+        "an exported graph cannot switch its mode in place: modeswap.to_train(gm) and "
+        "modeswap.to_eval(gm) return the swapped module"
+    )
+    raise NotImplementedError(msg)
+
+
 def _copy_tree(module: torch.nn.Module, tensor: Tensors) -> torch.nn.Module:
     # GraphModule.__new__ makes a fresh class per instance, so the code that
     # recompile installs on the copy's class never reaches the original's.
@@ -130,9 +138,10 @@ def _copy_attribute(value: Any, old: torch.nn.Module, new: torch.nn.Module, tens
     if isinstance(value, torch.Tensor):
         return tensor(value)
     if isinstance(value, types.MethodType) and value.__self__ is old:
-        # ExportedProgram.module() patches train/eval onto the instance; rebind
-        # them so the copy holds no reference back to the original.
-        return types.MethodType(value.__func__, new)
+        # ExportedProgram.module() patches train/eval onto the instance to raise;
+        # the copy gets modeswap's own refusal, and no reference back to the original.
+        func = _refuse_train_eval if value.__name__ in ("_train", "_eval") else value.__func__
+        return types.MethodType(func, new)
     if isinstance(value, dict | list | set):
         return copy.copy(value)
     return value

@@ -75,6 +75,6 @@ def _check_attention_dropout(p: float | None, mode: Mode) -> None:
     if mode is not Mode.TRAIN:
         msg = f"attention_dropout={p!r} only applies when swapping to train mode"
         raise InvalidOptionError(msg)
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
-        msg = f"attention_dropout must be a probability in [0, 1), got {p!r}"
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        msg = f"attention_dropout must be a probability in [0, 1], got {p!r}"
         raise InvalidOptionError(msg)

@@ -214,3 +214,28 @@ def test_the_default_pipeline_has_one_swap_pass_per_rule_kind():
     steps = passes.swap_pipeline("eval").name.removeprefix("pipeline(").removesuffix(")").split(", ")
     assert len([step for step in steps if step.startswith("swap_")]) == len(modeswap.rules.KINDS)
     assert "swap_batchnorm(eval)" in steps
+
+
+def test_a_generator_kernel_finishes_before_the_next_pass_runs(train_gm, x):
+    def lazily(gm: torch.fx.GraphModule):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.dropout.default:
+                node.args = (node.args[0], node.args[1], False)
+                yield modeswap.Change(node.name, str(node.target), "train", True, False)
+
+    rewritten = modeswap.pipeline(modeswap.Pass("lazily", lazily), passes.recompile)(train_gm)
+    assert "0.25, False" in rewritten.code
+
+
+def test_swaps_are_idempotent_to_the_letter(train_gm):
+    once = modeswap.to_eval(train_gm)
+    assert modeswap.to_eval(once).code == once.code
+    back = modeswap.to_train(once)
+    assert modeswap.to_train(back).code == back.code
+
+
+def test_train_and_eval_of_a_swapped_module_point_to_modeswap(train_gm):
+    evaluated = modeswap.to_eval(train_gm)
+    for method in (evaluated.train, evaluated.eval):
+        with pytest.raises(NotImplementedError, match=r"modeswap\.to_train\(gm\)"):
+            method()

@@ -10,5 +10,5 @@ from hypothesis import HealthCheck, settings
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 settings.register_profile("dev", max_examples=10, **_common)
-settings.register_profile("ci", max_examples=50, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=100, print_blob=True, **_common)
 settings.load_profile(os.environ.get("MODESWAP_PROFILE", "dev"))

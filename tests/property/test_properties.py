@@ -16,7 +16,7 @@ import modeswap
 from modeswap import Mode
 from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, run_forward_backward
 
-#: The equivalence property runs four times as many examples as the others (200 in ci).
+#: The equivalence property runs four times as many examples as the others (400 in ci).
 EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)
 
 modes = st.sampled_from(Mode)

@@ -76,7 +76,13 @@ def qualified_name(path: str, node: Node) -> str:
 def copy_graph(graph: Graph) -> Graph:
     """Return a copy of ``graph``: the same node names, node meta copied shallowly."""
     new = Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
-    output: Any = new.graph_copy(graph, {}, return_output_node=True)
+    copies: dict[Node, Node] = {}
+    output: Any = new.graph_copy(graph, copies, return_output_node=True)
+    for old, copied in copies.items():
+        # A fresh graph renames nodes that shadow builtins (placeholder "input"
+        # becomes "input_1"); an ExportedProgram's signature refers to the old names.
+        if copied.name != old.name:
+            copied.name = old.name
     # The codegen holds the immutable pytree specs; deep-copying them only costs
     # time (and a torch FutureWarning about LeafSpec).
     new._codegen = copy.copy(graph._codegen)

@@ -12,7 +12,7 @@ passes' kernels on that copy, so four passes cost one copy and one recompile::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -132,16 +132,26 @@ eliminate_dead_code = Pass("eliminate_dead_code", _eliminate_dead_code)
 recompile = Pass("recompile", _recompile, compiles=True)
 
 
-def swap_kind(kind: Kind, mode: Mode | str, *, default: float | None = None, name: str | None = None) -> Pass:
+def swap_kind(
+    kind: Kind,
+    mode: Mode | str,
+    *,
+    default: float | None = None,
+    buffers: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> Pass:
     """Return the pass that puts every site of ``kind`` in ``mode``, as its rule says.
 
     ``default`` is the training value for sites whose rule remembers it per node
-    (attention ``dropout_p``) when the graph does not record one.
+    (attention ``dropout_p``) when the graph does not record one. ``buffers``
+    maps the placeholders of a lifted graph (``ExportedProgram.graph``) to the
+    buffers they stand for (``graph_signature.inputs_to_buffers``).
     """
     target = Mode.parse(mode)
+    lifted = dict(buffers or {})
 
     def kernel(gm: GraphModule) -> list[Change]:
-        return _swap_in_place(gm, kind, target, default)
+        return _swap_in_place(gm, kind, target, default, lifted)
 
     return Pass(f"{name or f'swap_{kind}'}({target.value})", kernel)
 
@@ -151,9 +161,13 @@ def swap_dropout(mode: Mode | str) -> Pass:
     return swap_kind("dropout", mode)
 
 
-def swap_batchnorm(mode: Mode | str) -> Pass:
-    """Return the pass that swaps batch norms with running stats, and their batch counters."""
-    return swap_kind("batch_norm", mode, name="swap_batchnorm")
+def swap_batchnorm(mode: Mode | str, *, buffers: Mapping[str, str] | None = None) -> Pass:
+    """Return the pass that swaps batch norms with running stats, and their batch counters.
+
+    On a lifted graph, pass ``buffers=ep.graph_signature.inputs_to_buffers``: the
+    counters are placeholders there, found through the signature.
+    """
+    return swap_kind("batch_norm", mode, buffers=buffers, name="swap_batchnorm")
 
 
 def swap_instance_norm(mode: Mode | str) -> Pass:
@@ -175,7 +189,9 @@ def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
     return swap_kind("attention", mode, default=dropout)
 
 
-def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:
+def swap_pipeline(
+    mode: Mode | str, *, attention_dropout: float | None = None, buffers: Mapping[str, str] | None = None
+) -> Pass:
     """Return the pass that swaps every site of a graph to ``mode``.
 
     Attention goes first: whether a ``dropout_p`` of 0.0 is a training value is
@@ -185,7 +201,7 @@ def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -
     return pipeline(
         swap_attention(mode, dropout=attention_dropout),
         swap_dropout(mode),
-        swap_batchnorm(mode),
+        swap_batchnorm(mode, buffers=buffers),
         swap_instance_norm(mode),
         swap_rrelu(mode),
         eliminate_dead_code,
@@ -201,6 +217,7 @@ class _Target:
     name: str
     rule: Rule
     module: GraphModule
+    buffers: Mapping[str, str]  # lifted placeholders of this graph -> the buffers they stand for
     graph_trains: bool  # the sites with a fixed training value say the graph was captured in train mode
 
 
@@ -208,15 +225,18 @@ class _Target:
 _UNKNOWN = object()
 
 
-def _swap_in_place(gm: GraphModule, kind: Kind, mode: Mode, default: float | None) -> list[Change]:
+def _swap_in_place(
+    gm: GraphModule, kind: Kind, mode: Mode, default: float | None, buffers: Mapping[str, str]
+) -> list[Change]:
     targets = []
     for path, module in graph_modules(gm):
+        lifted = buffers if module is gm else {}  # subgraph placeholders are not in the signature
         for node in module.graph.nodes:
             if DECOMPOSED.get(node.target) == kind:
                 _refuse_decomposed(qualified_name(path, node), node)
             rule = rule_for(node)
             if rule is not None and rule.kind == kind and rule.applies(node):
-                targets.append(_Target(node, qualified_name(path, node), rule, module, graph_trains=False))
+                targets.append(_Target(node, qualified_name(path, node), rule, module, lifted, graph_trains=False))
     if any(t.rule.train is PerNode.VALUE for t in targets):
         trains = _captured_in_train(gm)
         targets = [attrs.evolve(t, graph_trains=trains) for t in targets]
@@ -259,7 +279,8 @@ def _to_eval(t: _Target) -> list[Change]:
         # twice increments add_'s result) reads the counted tensor itself instead.
         counter.replace_all_uses_with(counted)
         t.module.graph.erase_node(counter)
-        memo = attrs.evolve(memo, counter=_counter_name(_increment_root(counted)))
+        root = _increment_root(counted)
+        memo = attrs.evolve(memo, counter=_attribute(t, root) or root.name)
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, True, False))
     set_memo(node, memo)
     return changes
@@ -335,9 +356,9 @@ def _counter_before(t: _Target) -> Node | None:
     if not (prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1:] == (1,)):
         return None
     root = _increment_root(prev.args[0])  # type: ignore[arg-type]
-    running_mean: Node = get_argument(t.node, "running_mean")
-    if running_mean.op == "get_attr":
-        is_counter = root.op == "get_attr" and root.target == _sibling(running_mean, "num_batches_tracked")
+    running_mean = _attribute(t, get_argument(t.node, "running_mean"))
+    if running_mean is not None:
+        is_counter = _attribute(t, root) == _sibling(running_mean, "num_batches_tracked")
     else:  # inside a subgraph, buffers are placeholders without names to check
         val = root.meta.get("val")
         is_counter = root.op == "placeholder" and isinstance(val, torch.Tensor) and val.dtype == torch.int64
@@ -358,13 +379,19 @@ def _last_increment(counted: Node) -> Node:
     return counted
 
 
-def _counter_name(node: Node) -> str:
-    """How a memo names a counter: the attribute a ``get_attr`` reads, or a subgraph placeholder's name."""
-    return str(node.target) if node.op == "get_attr" else node.name
+def _attribute(t: _Target, node: Node) -> str | None:
+    """The buffer ``node`` reads: a ``get_attr``'s target, or what a lifted placeholder stands for.
+
+    In an ``ExportedProgram``'s graph buffers are placeholders; only the graph
+    signature says which buffer each one is.
+    """
+    if node.op == "get_attr":
+        return str(node.target)
+    return t.buffers.get(node.name) if node.op == "placeholder" else None
 
 
-def _sibling(node: Node, name: str) -> str:
-    owner, _, _ = str(node.target).rpartition(".")
+def _sibling(path: str, name: str) -> str:
+    owner, _, _ = path.rpartition(".")
     return f"{owner}.{name}" if owner else name
 
 
@@ -374,52 +401,56 @@ def _counted_buffer(t: _Target, memo: Memo | None) -> Node | None:
     A memo from the eval swap says which counter, if any, the train graph had.
     Without one: ``nn.BatchNorm`` increments the ``num_batches_tracked`` it
     registers beside ``running_mean``, in its own forward. So the counter is the
-    sibling of the attribute ``running_mean`` is read from, when the node ran in
-    the forward of the module owning it; ``F.batch_norm`` elsewhere counts nothing.
+    sibling of the buffer ``running_mean`` is read from, when the node ran in the
+    forward of the module owning it; ``F.batch_norm`` elsewhere counts nothing.
     """
-    graph: Graph = t.module.graph
     if memo is not None:
-        if memo.counter is None:
-            return None
-        name = memo.counter
-    else:
-        running_mean: Node = get_argument(t.node, "running_mean")
-        if running_mean.op != "get_attr":
+        return None if memo.counter is None else _counter_node(t, memo.counter)
+    running_mean_node: Node = get_argument(t.node, "running_mean")
+    running_mean = _attribute(t, running_mean_node)
+    if running_mean is None:
+        msg = (
+            f"cannot swap {t.name} to train mode: its running stats come into a subgraph "
+            f"({running_mean_node.name}), so the num_batches_tracked it must increment is out of reach. "
+            "Export the model in train mode instead."
+        )
+        raise UnsupportedGraphError(msg)
+    name = _sibling(running_mean, "num_batches_tracked")
+    owner = running_mean.rpartition(".")[0]
+    stack = t.node.meta.get("nn_module_stack")
+    path, module_type = list(stack.values())[-1] if stack else (owner, "")
+    if str(path) != owner:
+        return None
+    if _buffer(t.module, name) is None and name not in t.buffers.values():
+        if str(module_type).startswith("torch.nn.modules.batchnorm."):
             msg = (
-                f"cannot swap {t.name} to train mode: its running stats come into a subgraph "
-                f"({running_mean.name}), so the num_batches_tracked it must increment is out of reach. "
-                "Export the model in train mode instead."
+                f"cannot swap {t.name} to train mode: the graph has no {name} for its "
+                f"{module_type.rpartition('.')[2]} to count batches in (torch.export.export(..., "
+                "strict=True) drops buffers an eval graph does not read). Export with strict=False, "
+                "or in train mode."
             )
             raise UnsupportedGraphError(msg)
-        name = _sibling(running_mean, "num_batches_tracked")
-        owner = str(running_mean.target).rpartition(".")[0]
-        stack = t.node.meta.get("nn_module_stack")
-        path, module_type = list(stack.values())[-1] if stack else (owner, "")
-        if str(path) != owner:
-            return None
-        if _buffer(t.module, name) is None:
-            if str(module_type).startswith("torch.nn.modules.batchnorm."):
-                msg = (
-                    f"cannot swap {t.name} to train mode: the graph module has no {name} for its "
-                    f"{module_type.rpartition('.')[2]} to count batches in (torch.export.export(..., "
-                    "strict=True) drops buffers an eval graph does not read). Export with strict=False, "
-                    "or in train mode."
-                )
-                raise UnsupportedGraphError(msg)
-            return None
-    if (buffer := _buffer(t.module, name)) is not None:
-        found: list[Node] = graph.find_nodes(op="get_attr", target=name)
+        return None
+    return _counter_node(t, name)
+
+
+def _counter_node(t: _Target, counter: str) -> Node:
+    """The node reading ``counter``: a buffer path, or the name of a subgraph placeholder."""
+    graph: Graph = t.module.graph
+    if (buffer := _buffer(t.module, counter)) is not None:
+        found: list[Node] = graph.find_nodes(op="get_attr", target=counter)
         if found:
             return found[0]
         with graph.inserting_before(t.node):
-            node = graph.get_attr(name)
+            node = graph.get_attr(counter)
         node.meta.update(_meta_like(t.node, val=_fake_like(graph, buffer)))
         return node
+    lifted = {path: name for name, path in t.buffers.items()}
     placeholders: list[Node] = graph.find_nodes(op="placeholder")
     for node in placeholders:
-        if node.name == name:
+        if node.name == lifted.get(counter, counter):
             return node
-    msg = f"cannot swap {t.name} to train mode: the batch counter {name!r} its eval swap recorded is gone"
+    msg = f"cannot swap {t.name} to train mode: the batch counter {counter!r} its eval swap recorded is gone"
     raise UnsupportedGraphError(msg)
 
 

@@ -189,24 +189,28 @@ def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
     return swap_kind("attention", mode, default=dropout)
 
 
-def swap_pipeline(
+def swap_passes(
     mode: Mode | str, *, attention_dropout: float | None = None, buffers: Mapping[str, str] | None = None
-) -> Pass:
-    """Return the pass that swaps every site of a graph to ``mode``.
+) -> tuple[Pass, ...]:
+    """Return the passes that swap every site of a graph to ``mode``, in order, without ``recompile``.
 
     Attention goes first: whether a ``dropout_p`` of 0.0 is a training value is
     read off the other sites, before they are swapped. Dead code goes last, with
     the attribute reads the swaps left unused (an eval batch norm's counter).
     """
-    return pipeline(
+    return (
         swap_attention(mode, dropout=attention_dropout),
         swap_dropout(mode),
         swap_batchnorm(mode, buffers=buffers),
         swap_instance_norm(mode),
         swap_rrelu(mode),
         eliminate_dead_code,
-        recompile,
     )
+
+
+def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:
+    """Return the pass that swaps every site of a ``GraphModule`` to ``mode``: ``swap_passes``, then ``recompile``."""
+    return pipeline(*swap_passes(mode, attention_dropout=attention_dropout), recompile)
 
 
 @attrs.frozen

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch.fx import GraphModule
 
-from modeswap.errors import InvalidOptionError, ModeswapError
+from modeswap.errors import InvalidOptionError
 from modeswap.exported import require_exported
 from modeswap.modes import Mode, ModeReport, Swap
 from modeswap.passes import swap_pipeline
+from modeswap.program import swap_program
 from modeswap.report import report
 
 Exported = TypeVar("Exported", GraphModule, torch.export.ExportedProgram)
@@ -36,8 +37,10 @@ def swap(
     target = Mode.parse(mode)
     _check_attention_dropout(attention_dropout, target)
     if isinstance(module, torch.export.ExportedProgram):
-        msg = "ExportedProgram input is not supported yet; swap ep.module() instead"
-        raise ModeswapError(msg)
+        program, changes = swap_program(
+            module, target, share_weights=share_weights, attention_dropout=attention_dropout
+        )
+        return cast(Swap[Exported], Swap(program, target, changes))  # Exported is ExportedProgram here
     gm = require_exported(module)
     rewrite = swap_pipeline(target, attention_dropout=attention_dropout)
     new, changes = rewrite.rewrite(gm, share_weights=share_weights)

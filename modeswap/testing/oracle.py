@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -87,19 +86,20 @@ def _all_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(named.items())
 
 
-def run_forward_backward(module: Callable[..., Any], args: tuple[Any, ...], *, seed: int) -> dict[str, Any]:
+def run_forward_backward(module: torch.nn.Module, args: tuple[Any, ...], *, seed: int) -> dict[str, Any]:
     """Run ``module`` on copies of ``args`` under ``seed``, then backward through a fixed loss.
 
-    Returns the outputs, the input gradients, and (for an ``nn.Module``) the
-    buffers after the forward and the parameter gradients, keyed by name.
+    Returns the outputs, the input gradients, the buffers after the forward and
+    the parameter gradients, keyed by name. Clears the module's gradients first.
     """
+    assert isinstance(module, torch.nn.Module)
+    module.zero_grad(set_to_none=True)  # modules from one ExportedProgram share their parameters
     leaves = [_fresh_leaf(a) for a in args]
     torch.manual_seed(seed)
     # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
     outputs = module(*(a.clone() if isinstance(a, torch.Tensor) else a for a in leaves))
     flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
     result: dict[str, Any] = {"outputs": [o.detach().clone() for o in flat]}
-    assert isinstance(module, torch.nn.Module)
     result["buffers"] = {k: v.detach().clone() for k, v in module.named_buffers()}
     differentiable = [o for o in flat if o.requires_grad]
     if differentiable:

@@ -76,12 +76,6 @@ def test_unexported_input_is_left_alone() -> None:
         torch.testing.assert_close(value, state[key])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ModeswapError,
-    reason="modeswap bug: DESIGN.md says to_eval/to_train/swap accept an ExportedProgram and return one; "
-    "swap raises ModeswapError('ExportedProgram input is not supported yet')",
-)
 def test_to_eval_takes_an_exported_program() -> None:
     program = _program()
     evaluated = modeswap.to_eval(program)

@@ -1,0 +1,62 @@
+"""Swapping an ``ExportedProgram``: the lifted graph, its signature and its state, in and out."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.exported_program import ModuleCallEntry
+from torch.export.graph_signature import ExportGraphSignature
+
+from modeswap.graphs import copy_module
+from modeswap.modes import Change, Mode
+from modeswap.passes import pipeline, swap_passes
+
+
+def swap_program(
+    ep: ExportedProgram, mode: Mode, *, share_weights: bool, attention_dropout: float | None
+) -> tuple[ExportedProgram, tuple[Change, ...]]:
+    """Return a new ``ExportedProgram`` whose graph behaves as eager does in ``mode``, and its changes.
+
+    ``ep`` is not modified: the new program has its own graph, signature, module
+    call graph and (unless ``share_weights``) state dict and constants.
+    """
+    signature = ep.graph_signature
+    rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, buffers=signature.inputs_to_buffers))
+    gm = copy_module(ep.graph_module, share_weights=share_weights)
+    changes = tuple(rewrite.kernel(gm))
+    memo: dict[int, Any] = {}
+
+    def tensors(values: dict[str, Any]) -> dict[str, Any]:
+        if share_weights:
+            return dict(values)
+        return {k: copy.deepcopy(v, memo) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+    # The constructor generates the code once, runs torch's verifier, and edits
+    # the signature and module call graph it is given: hand it copies.
+    swapped = ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(list(signature.input_specs), list(signature.output_specs)),
+        state_dict=tensors(ep.state_dict),
+        range_constraints=dict(ep.range_constraints),
+        module_call_graph=[_copy_entry(entry) for entry in ep.module_call_graph],
+        example_inputs=ep.example_inputs,
+        constants=tensors(ep.constants),
+        verifiers=list(ep.verifiers),
+    )
+    # The guards export derived from the user's code; the constructor can only
+    # rebuild those the graph shows (ExportedProgram.module() installs both).
+    swapped._guards_code = list(ep._guards_code)
+    return swapped, changes
+
+
+def _copy_entry(entry: ModuleCallEntry) -> ModuleCallEntry:
+    sig = entry.signature
+    if sig is None:
+        return ModuleCallEntry(entry.fqn, None)
+    copied = dataclasses.replace(sig, inputs=list(sig.inputs), outputs=list(sig.outputs))
+    return ModuleCallEntry(entry.fqn, copied)

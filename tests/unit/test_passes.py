@@ -202,8 +202,6 @@ def test_to_eval_keeps_training_flags_honest(train_gm):
     assert modeswap.to_train(modeswap.to_eval(train_gm)).training
 
 
-# Deep-copying any exported module reconstructs a pytree LeafSpec, which torch deprecates.
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 def test_deepcopy_of_a_swapped_module_runs(train_gm, x):
     evaluated = modeswap.to_eval(train_gm)
     clone = copy.deepcopy(evaluated)

@@ -491,8 +491,6 @@ def test_attention_dropout_applies_to_a_graph_already_swapped_without_it() -> No
     )
 
 
-# run_decompositions() deep-copies a pytree LeafSpec, which torch deprecates.
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.parametrize("exported_in", MODES)
 @pytest.mark.parametrize("target", MODES)
 def test_decomposed_graphs_are_refused(exported_in: str, target: str) -> None:

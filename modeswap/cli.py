@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import modeswap
+from modeswap.errors import ModeswapError, ProgramFileError
+from modeswap.files import load_program, save_program
 from modeswap.modes import Change, ModeReport
 from modeswap.testing.oracle import Snapshot, call_signature, run_forward_backward
 
@@ -138,23 +144,81 @@ def demo() -> int:
     return 1 if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``modeswap`` command line."""
+def inspect(args: argparse.Namespace) -> int:
+    """Print the mode report of a saved program."""
+    report = modeswap.mode_of(load_program(args.file))
+    if args.json:
+        print(json.dumps({"file": str(args.file), **attrs.asdict(report)}, indent=2))
+    else:
+        print(f"{args.file}")
+        print(report_table(report))
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Swap a saved program to train or eval mode and save the result."""
+    if args.output.exists() and args.output.resolve() == args.file.resolve():
+        raise ProgramFileError(f"{args.output}: is the input file; write the result to another file")
+    program = load_program(args.file)
+    swapped = modeswap.swap(program, args.to, attention_dropout=args.attention_dropout)
+    save_program(swapped.module, args.output, force=args.force)
+    print(f"{args.file} -> {args.output}: {args.to} mode, {len(swapped.changes)} change(s)")
+    if swapped.changes:
+        print(changes_table(swapped.changes))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modeswap",
         description="Switch torch.export graphs between train and eval behaviour.",
+        epilog="Loading a .pt2 file runs torch's deserializer on it: use files you trust.",
     )
     parser.add_argument("--version", action="version", version=f"modeswap {modeswap.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback when a command fails")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "demo",
         help="swap an embedded model to eval and back, checking each step against eager PyTorch",
         description=demo.__doc__,
+    ).set_defaults(run=lambda args: demo())
+    show = commands.add_parser("inspect", help="print the mode of a saved program", description=inspect.__doc__)
+    show.add_argument("file", type=Path, metavar="FILE.pt2", help="a program saved with torch.export.save")
+    show.add_argument("--json", action="store_true", help="print the report as JSON")
+    show.set_defaults(run=inspect)
+    swap = commands.add_parser("convert", help="swap a saved program to train or eval", description=convert.__doc__)
+    swap.add_argument("file", type=Path, metavar="IN.pt2", help="a program saved with torch.export.save")
+    swap.add_argument("--to", required=True, choices=[m.value for m in modeswap.Mode], help="the target mode")
+    swap.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pt2", help="where to write it")
+    swap.add_argument(
+        "--attention-dropout",
+        type=float,
+        metavar="P",
+        help="dropout_p for attention whose training value the file does not record (train only)",
     )
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo()
-    parser.error(f"unknown command {args.command!r}")
+    swap.add_argument("--force", action="store_true", help="overwrite OUT.pt2 if it exists")
+    swap.set_defaults(run=convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``modeswap`` command line; return its exit code (0 done, 2 bad input or usage, 1 a bug)."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ModeswapError as error:
+        print(f"modeswap {args.command}: {error}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 2
+    except Exception as error:
+        print(f"modeswap {args.command}: internal error, please report it: {error!r}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print("(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return code
 
 
 if __name__ == "__main__":

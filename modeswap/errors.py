@@ -33,3 +33,7 @@ class UnknownTrainingValueWarning(ModeswapWarning):
 
 class InvalidOptionError(ModeswapError, ValueError):
     """A keyword option has a value modeswap cannot use."""
+
+
+class ProgramFileError(ModeswapError, ValueError):
+    """A ``.pt2`` file cannot be read, or a swapped program cannot be written where asked."""

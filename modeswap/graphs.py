@@ -68,6 +68,15 @@ def graph_modules(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
             yield path, module
 
 
+def innermost_module(node: Node) -> tuple[str, str] | None:
+    """The path and type name of the module whose forward ran ``node`` (from ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, module_type = list(stack.values())[-1]
+    return str(path), str(module_type)
+
+
 def qualified_name(path: str, node: Node) -> str:
     """Name ``node`` uniquely in a module tree: ``submod_1.dropout`` inside a subgraph."""
     return f"{path}.{node.name}" if path else node.name

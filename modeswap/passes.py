@@ -27,6 +27,7 @@ from modeswap.graphs import (
     copy_module,
     get_argument,
     graph_modules,
+    innermost_module,
     qualified_name,
     recompile_all,
     set_argument,
@@ -421,9 +422,8 @@ def _counted_buffer(t: _Target, memo: Memo | None) -> Node | None:
         raise UnsupportedGraphError(msg)
     name = _sibling(running_mean, "num_batches_tracked")
     owner = running_mean.rpartition(".")[0]
-    stack = t.node.meta.get("nn_module_stack")
-    path, module_type = list(stack.values())[-1] if stack else (owner, "")
-    if str(path) != owner:
+    path, module_type = innermost_module(t.node) or (owner, "")
+    if path != owner:
         return None
     if _buffer(t.module, name) is None and name not in t.buffers.values():
         if str(module_type).startswith("torch.nn.modules.batchnorm."):

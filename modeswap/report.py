@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.fx import GraphModule, Node
 
-from modeswap.graphs import get_argument, graph_modules, qualified_name
+from modeswap.graphs import get_argument, graph_modules, innermost_module, qualified_name
 from modeswap.modes import ModeReport, Params, Scalar, Site
 from modeswap.rules import PerNode, memo_of, rule_for
 
@@ -31,7 +31,7 @@ def sites(gm: GraphModule) -> Iterator[Site]:
                 op=str(node.target),
                 kind=rule.kind,
                 mode=mode,
-                module_path=_module_path(node),
+                module_path=(innermost_module(node) or ("", ""))[0],
                 params=Params(params),
             )
 
@@ -62,14 +62,6 @@ def report(gm: GraphModule) -> ModeReport:
         sites=found,
         stochastic=tuple(stochastic_nodes(gm)),
     )
-
-
-def _module_path(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path, _type = list(stack.values())[-1]
-    return str(path)
 
 
 def _literal(value: object) -> Scalar:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,14 +49,15 @@ def save_program(program: ExportedProgram, path: str | os.PathLike[str], *, forc
         raise ProgramFileError(f"{file}: the directory {file.parent} does not exist")
     if file.exists() and not force:
         raise ProgramFileError(f"{file}: already exists; pass --force to overwrite it")
+    temporary = file.with_name(f".{file.name}.{secrets.token_hex(6)}.tmp")
     try:
-        handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+        # O_EXCL with mode 0o666: a fresh file of our own, with the umask applied as for any new file.
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
         raise ProgramFileError(f"{file}: cannot write in {file.parent} ({error.strerror})") from error
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.export.save(program, stream)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a new file's usual mode
         os.replace(temporary, file)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,12 +74,6 @@ def _quiet(logger: str) -> Iterator[None]:
         yield
     finally:
         log.disabled = disabled
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _first_cause(error: BaseException) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from modeswap.errors import UnknownTrainingValueWarning, UnsupportedGraphError
+from modeswap.errors import InvalidOptionError, UnknownTrainingValueWarning, UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import (
     copy_module,
@@ -187,7 +187,9 @@ def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
     Eval sets it to 0.0 and remembers the training value in the node's meta;
     train restores it, or uses ``dropout`` where nothing was remembered.
     """
-    return swap_kind("attention", mode, default=dropout)
+    target = Mode.parse(mode)
+    _check_attention_dropout(dropout, target)
+    return swap_kind("attention", target, default=dropout)
 
 
 def swap_passes(
@@ -212,6 +214,17 @@ def swap_passes(
 def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:
     """Return the pass that swaps every site of a ``GraphModule`` to ``mode``: ``swap_passes``, then ``recompile``."""
     return pipeline(*swap_passes(mode, attention_dropout=attention_dropout), recompile)
+
+
+def _check_attention_dropout(p: float | None, mode: Mode) -> None:
+    if p is None:
+        return
+    if mode is not Mode.TRAIN:
+        msg = f"attention_dropout={p!r} only applies when swapping to train mode"
+        raise InvalidOptionError(msg)
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        msg = f"attention_dropout must be a probability in [0, 1], got {p!r}"
+        raise InvalidOptionError(msg)
 
 
 @attrs.frozen

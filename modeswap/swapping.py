@@ -7,7 +7,6 @@ from typing import TypeVar, cast
 import torch
 from torch.fx import GraphModule
 
-from modeswap.errors import InvalidOptionError
 from modeswap.exported import require_exported
 from modeswap.modes import Mode, ModeReport, Swap
 from modeswap.passes import swap_pipeline
@@ -35,7 +34,6 @@ def swap(
     >>> evaluated = swapped.module
     """
     target = Mode.parse(mode)
-    _check_attention_dropout(attention_dropout, target)
     if isinstance(module, torch.export.ExportedProgram):
         program, changes = swap_program(
             module, target, share_weights=share_weights, attention_dropout=attention_dropout
@@ -70,14 +68,3 @@ def mode_of(module: GraphModule | torch.export.ExportedProgram) -> ModeReport:
     if isinstance(module, torch.export.ExportedProgram):
         return report(module.graph_module)
     return report(require_exported(module))
-
-
-def _check_attention_dropout(p: float | None, mode: Mode) -> None:
-    if p is None:
-        return
-    if mode is not Mode.TRAIN:
-        msg = f"attention_dropout={p!r} only applies when swapping to train mode"
-        raise InvalidOptionError(msg)
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-        msg = f"attention_dropout must be a probability in [0, 1], got {p!r}"
-        raise InvalidOptionError(msg)

@@ -15,6 +15,7 @@ from modeswap.errors import (
     UnsupportedGraphError,
 )
 from modeswap.exported import is_exported
+from modeswap.modal import ModalModule, allow_train_eval
 from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
 from modeswap.passes import Pass, pipeline
 from modeswap.swapping import mode_of, swap, to_eval, to_train
@@ -36,6 +37,7 @@ __all__ = [
     "Change",
     "InvalidOptionError",
     "Memo",
+    "ModalModule",
     "Mode",
     "ModeReport",
     "ModeswapError",
@@ -48,6 +50,7 @@ __all__ = [
     "UnknownModeError",
     "UnknownTrainingValueWarning",
     "UnsupportedGraphError",
+    "allow_train_eval",
     "is_exported",
     "mode_of",
     "passes",

@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule
 
 from modeswap.exported import require_exported
+from modeswap.modal import ModalModule
 from modeswap.modes import Mode, ModeReport, Swap
 from modeswap.passes import swap_pipeline
 from modeswap.program import swap_program
@@ -63,8 +64,13 @@ def to_train(module: Exported, *, share_weights: bool = False, attention_dropout
     return swap(module, Mode.TRAIN, share_weights=share_weights, attention_dropout=attention_dropout).module
 
 
-def mode_of(module: GraphModule | torch.export.ExportedProgram) -> ModeReport:
-    """Return the :class:`ModeReport` of ``module``, read off its graph; ``module`` is not modified."""
+def mode_of(module: GraphModule | torch.export.ExportedProgram | ModalModule) -> ModeReport:
+    """Return the :class:`ModeReport` of ``module``, read off its graph; ``module`` is not modified.
+
+    For a module from :func:`allow_train_eval`, that is the graph of its current mode.
+    """
     if isinstance(module, torch.export.ExportedProgram):
         return report(module.graph_module)
+    if isinstance(module, ModalModule):
+        return module.variant.report
     return report(require_exported(module))

@@ -1,0 +1,174 @@
+"""``allow_train_eval``: an exported module whose ``.train()`` and ``.eval()`` switch its behaviour as eager does.
+
+The returned :class:`ModalModule` owns one copy of the parameters and buffers,
+under the exported module's names, and the code of two graphs generated once:
+the graph swapped to train and the graph swapped to eval. ``forward`` runs the
+code of the mode ``self.training`` names, against the module's own state, so a
+switch is ``nn.Module.train``: no trace, no rewrite, no recompile.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, SupportsIndex
+
+import attrs
+import torch
+from torch.fx import Graph, GraphModule
+
+from modeswap.errors import UnsupportedGraphError
+from modeswap.exported import require_exported
+from modeswap.graphs import copy_module, recompile_all
+from modeswap.modes import Mode, ModeReport
+from modeswap.passes import pipeline, swap_passes
+from modeswap.report import report
+
+#: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
+#: code and their bookkeeping. A ``ModalModule`` takes every other attribute of
+#: the exported module (the input spec, the guards, range constraints, tensor
+#: constants, hooks), which the generated code and torch's hooks read.
+_GRAPH_MODULE_ONLY = frozenset(vars(GraphModule(torch.nn.Module(), Graph()))) - frozenset(vars(torch.nn.Module()))
+
+
+@attrs.frozen(eq=False)
+class Variant:
+    """One mode of a :class:`ModalModule`: the swapped graph, its generated code, and what ``mode_of`` reports.
+
+    ``forward`` takes the module as ``self``, so one variant serves every copy
+    of the module.
+    """
+
+    graph: Graph
+    code: str
+    forward: Callable[..., Any] = attrs.field(repr=False)
+    report: ModeReport = attrs.field(repr=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
+        return self  # immutable and stateless: copies of the module share it
+
+
+class ModalModule(torch.nn.Module):
+    """An exported module that switches between train and eval behaviour with ``.train()`` and ``.eval()``.
+
+    Made by :func:`allow_train_eval`. Its parameters, buffers and submodules
+    carry the exported module's names, so ``state_dict()`` keys match.
+    """
+
+    def __init__(
+        self,
+        state: GraphModule,
+        variants: Mapping[Mode, Variant],
+        subgraphs: Mapping[str, GraphModule],
+        *,
+        training: bool,
+    ) -> None:
+        super().__init__()
+        for key, value in vars(state).items():
+            if key not in _GRAPH_MODULE_ONLY and key not in ("train", "eval"):
+                vars(self)[key] = value
+        # The captured graph's subgraph bodies give way to each mode's own.
+        captured = {node.target for node in state.graph.find_nodes(op="get_attr")}
+        modules = {k: v for k, v in state._modules.items() if not (k in captured and isinstance(v, GraphModule))}
+        vars(self)["_modules"] = modules | dict(subgraphs)
+        self._variants = dict(variants)
+        self.train(training)
+
+    @property
+    def variant(self) -> Variant:
+        """The :class:`Variant` that ``forward`` runs now: the one ``self.training`` names."""
+        return self._variants[Mode.TRAIN if self.training else Mode.EVAL]
+
+    @property
+    def graph(self) -> Graph:
+        """The graph of the current mode (read only)."""
+        return self.variant.graph
+
+    @property
+    def code(self) -> str:
+        """The Python code generated from the graph of the current mode."""
+        return self.variant.code
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the graph of the current mode on the module's parameters and buffers."""
+        return self.variant.forward(self, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModalModule:
+        # What copy.deepcopy does by default; spelled out because __reduce_ex__ refuses.
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        vars(new).update(copy.deepcopy(vars(self), memo))
+        return new
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        msg = (
+            "a module from modeswap.allow_train_eval cannot be pickled: its code is generated. Save its "
+            "state_dict(), or the ExportedProgram with torch.export.save, and call allow_train_eval again"
+        )
+        raise TypeError(msg)
+
+
+def allow_train_eval(
+    module: GraphModule | torch.export.ExportedProgram, *, attention_dropout: float | None = None
+) -> ModalModule:
+    """Return a new module that behaves as the eager model does after the same ``.train()`` / ``.eval()`` calls.
+
+    ``module`` is not modified: the new module owns a copy of its parameters
+    and buffers, shared by both modes. It starts in the mode ``module`` was
+    captured in. ``attention_dropout`` is the training ``dropout_p`` of
+    attention nodes that an eval graph does not record (see ``to_train``).
+
+    >>> model = modeswap.allow_train_eval(gm)
+    >>> evaluated = model.eval()
+    """
+    gm = module.module() if isinstance(module, torch.export.ExportedProgram) else require_exported(module)
+    captured = report(gm)
+    if captured.mixed:
+        msg = (
+            f"allow_train_eval takes a graph in one mode, and this one mixes train and eval sites "
+            f"({_mixed_sites(captured)}); swap it first with modeswap.to_train(gm) or modeswap.to_eval(gm)"
+        )
+        raise UnsupportedGraphError(msg)
+    state = copy_module(gm)
+    variants: dict[Mode, Variant] = {}
+    subgraphs: dict[str, GraphModule] = {}
+    for mode in Mode:
+        variants[mode], bodies = _variant(state, mode, attention_dropout)
+        subgraphs |= bodies
+    training = gm.training if captured.mode is None else captured.mode is Mode.TRAIN
+    return ModalModule(state, variants, subgraphs, training=training)
+
+
+def _variant(state: GraphModule, mode: Mode, attention_dropout: float | None) -> tuple[Variant, dict[str, GraphModule]]:
+    swapped, _ = pipeline(*swap_passes(mode, attention_dropout=attention_dropout)).rewrite(state, share_weights=True)
+    found = report(swapped)
+    bodies = _rename_subgraphs(swapped, mode)
+    recompile_all(swapped)
+    return Variant(swapped.graph, swapped.code, type(swapped).forward, found), bodies
+
+
+def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:
+    # Both modes' code reads its subgraph bodies off the one module: each mode's
+    # bodies get names of their own.
+    renamed: dict[str, GraphModule] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        target = str(node.target)
+        body = operator.attrgetter(target)(gm)
+        if not isinstance(body, GraphModule):
+            continue
+        new = f"{target.replace('.', '_')}_{mode.value}"
+        if hasattr(gm, new):
+            msg = f"cannot name the {mode.value} copy of subgraph {target!r}: the module already has {new!r}"
+            raise UnsupportedGraphError(msg)
+        renamed[new] = body
+        node.target = new
+    return renamed
+
+
+def _mixed_sites(captured: ModeReport) -> str:
+    def names(mode: Mode) -> str:
+        found = [site.node for site in captured.sites if site.mode is mode]
+        return ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+
+    return "; ".join(f"{mode.value}: {names(mode)}" for mode in Mode)

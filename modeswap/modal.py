@@ -116,7 +116,8 @@ def allow_train_eval(
 
     ``module`` is not modified: the new module owns a copy of its parameters
     and buffers, shared by both modes. It starts in the mode ``module`` was
-    captured in. ``attention_dropout`` is the training ``dropout_p`` of
+    captured in, or in eval when its graph shows no mode (then its behaviour is
+    the eval variant's). ``attention_dropout`` is the training ``dropout_p`` of
     attention nodes that an eval graph does not record (see ``to_train``).
 
     >>> model = modeswap.allow_train_eval(gm)
@@ -136,12 +137,13 @@ def allow_train_eval(
     for mode in Mode:
         variants[mode], bodies = _variant(state, mode, attention_dropout)
         subgraphs |= bodies
-    training = gm.training if captured.mode is None else captured.mode is Mode.TRAIN
-    return ModalModule(state, variants, subgraphs, training=training)
+    # A graph that shows no mode computes what its eval variant computes.
+    return ModalModule(state, variants, subgraphs, training=captured.mode is Mode.TRAIN)
 
 
 def _variant(state: GraphModule, mode: Mode, attention_dropout: float | None) -> tuple[Variant, dict[str, GraphModule]]:
-    swapped, _ = pipeline(*swap_passes(mode, attention_dropout=attention_dropout)).rewrite(state, share_weights=True)
+    dropout = attention_dropout if mode is Mode.TRAIN else None
+    swapped, _ = pipeline(*swap_passes(mode, attention_dropout=dropout)).rewrite(state, share_weights=True)
     found = report(swapped)
     bodies = _rename_subgraphs(swapped, mode)
     recompile_all(swapped)

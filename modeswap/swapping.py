@@ -7,6 +7,7 @@ from typing import TypeVar, cast
 import torch
 from torch.fx import GraphModule
 
+from modeswap.errors import NotExportedError
 from modeswap.exported import require_exported
 from modeswap.modal import ModalModule
 from modeswap.modes import Mode, ModeReport, Swap
@@ -40,6 +41,12 @@ def swap(
             module, target, share_weights=share_weights, attention_dropout=attention_dropout
         )
         return cast(Swap[Exported], Swap(program, target, changes))  # Exported is ExportedProgram here
+    if isinstance(module, ModalModule):
+        msg = (
+            "got a module from modeswap.allow_train_eval; it switches with .train() and .eval(). "
+            "Swap the exported module it was made from instead"
+        )
+        raise NotExportedError(msg)
     gm = require_exported(module)
     rewrite = swap_pipeline(target, attention_dropout=attention_dropout)
     new, changes = rewrite.rewrite(gm, share_weights=share_weights)

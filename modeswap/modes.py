@@ -20,7 +20,7 @@ from modeswap.errors import UnknownModeError
 Scalar = bool | int | float | str | None
 
 #: What a site does: the row of the semantics table it belongs to.
-Kind = Literal["dropout", "batch_norm", "instance_norm", "rrelu", "attention"]
+Kind = Literal["dropout", "batch_norm", "instance_norm", "rrelu", "attention", "drop_path"]
 
 M = TypeVar("M")
 
@@ -128,8 +128,10 @@ class Memo:
 
     Lives in the rewritten node's ``meta["custom"]`` (see ``rules.MEMO_KEY``).
     ``values`` maps a schema argument name to the value it had in train mode;
-    ``counter`` names the node a batch norm incremented as ``num_batches_tracked``.
+    ``counter`` names the node a batch norm incremented as ``num_batches_tracked``;
+    ``removed`` is the JSON of the ops a drop path ran in train mode (see ``idioms``).
     """
 
     values: Params = attrs.field(factory=Params, converter=Params)
     counter: str | None = None
+    removed: str | None = None

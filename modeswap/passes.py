@@ -21,6 +21,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
+from modeswap import idioms
 from modeswap.errors import InvalidOptionError, UnknownTrainingValueWarning, UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import (
@@ -157,9 +158,14 @@ def swap_kind(
     return Pass(f"{name or f'swap_{kind}'}({target.value})", kernel)
 
 
-def swap_dropout(mode: Mode | str) -> Pass:
-    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``."""
-    return swap_kind("dropout", mode)
+def swap_dropout(mode: Mode | str, *, gated: float | None = None) -> Pass:
+    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``.
+
+    ``gated`` is the training ``p`` of dropouts that an eval graph records with
+    ``p=0.0`` outside an ``nn.Dropout`` module: code such as transformers' eager
+    attention passes ``p=0.0 if not self.training else p``.
+    """
+    return swap_kind("dropout", mode, default=gated)
 
 
 def swap_batchnorm(mode: Mode | str, *, buffers: Mapping[str, str] | None = None) -> Pass:
@@ -192,6 +198,33 @@ def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
     return swap_kind("attention", target, default=dropout)
 
 
+def swap_drop_path(mode: Mode | str) -> Pass:
+    """Return the pass that removes drop paths for eval (eager eval is the identity) and rebuilds them for train.
+
+    Only drop paths an earlier eval swap removed can be rebuilt: an eval export
+    never ran them, so nothing in its graph tells they were there.
+    """
+    target = Mode.parse(mode)
+
+    def kernel(gm: GraphModule) -> list[Change]:
+        changes = []
+        for path, module in graph_modules(gm):
+            if target is Mode.EVAL:
+                # Last first: a match may act on the output of the one before it, which removing replaces.
+                for found in reversed(list(idioms.matches(module.graph))):
+                    op = str(found.output.target)
+                    marker = idioms.remove(found)
+                    changes.append(Change(qualified_name(path, marker), op, "drop_path", found.idiom.name, "identity"))
+            else:
+                for marker, memo in list(idioms.markers(module.graph)):
+                    name = qualified_name(path, marker)
+                    output = idioms.restore(marker, memo)
+                    changes.append(Change(name, str(output.target), "drop_path", "identity", idioms.idiom_name(memo)))
+        return changes
+
+    return Pass(f"swap_drop_path({target.value})", kernel)
+
+
 def swap_passes(
     mode: Mode | str, *, attention_dropout: float | None = None, buffers: Mapping[str, str] | None = None
 ) -> tuple[Pass, ...]:
@@ -203,10 +236,11 @@ def swap_passes(
     """
     return (
         swap_attention(mode, dropout=attention_dropout),
-        swap_dropout(mode),
+        swap_dropout(mode, gated=attention_dropout),
         swap_batchnorm(mode, buffers=buffers),
         swap_instance_norm(mode),
         swap_rrelu(mode),
+        swap_drop_path(mode),
         eliminate_dead_code,
     )
 
@@ -321,12 +355,26 @@ def _to_train(t: _Target, default: float | None, unknown: list[_Target]) -> list
         return []
     set_argument(node, rule.flag, train)
     changes = [Change(t.name, str(node.target), rule.flag, value, train)]
+    if memo is None and (gated := _gated_off(t)) is not None:
+        if default is None:
+            unknown.append(t)
+        else:
+            set_argument(node, gated, default)
+            changes.append(Change(t.name, str(node.target), gated, 0.0, default))
     if rule.counts_batches and (counted := _counted_buffer(t, memo)) is not None:
         with t.module.graph.inserting_before(node):
             counter = t.module.graph.call_function(aten.add_.Tensor, (_last_increment(counted), 1))
         counter.meta.update(_meta_like(node, val=counted.meta.get("val")))
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, False, True))
     return changes
+
+
+def _gated_off(t: _Target) -> str | None:
+    """``t``'s gated argument, if it is 0.0 in a call that eager code may have gated on ``self.training``."""
+    if t.rule.gated is None or get_argument(t.node, t.rule.gated) != 0.0:
+        return None
+    _, owner = innermost_module(t.node) or ("", "")
+    return None if owner.startswith(t.rule.keeps) else t.rule.gated
 
 
 def _training_value(t: _Target, value: Any, memo: Memo | None, default: float | None) -> Any:
@@ -492,7 +540,8 @@ def _meta_like(node: Node, *, val: Any) -> dict[str, Any]:
 
 
 def _warn_unknown(targets: list[_Target]) -> None:
-    flag, value = targets[0].rule.flag, targets[0].rule.eval
+    rule = targets[0].rule
+    flag, value = (rule.gated, 0.0) if rule.gated is not None else (rule.flag, rule.eval)
     names = ", ".join(t.name for t in targets)
     msg = (
         f"{len(targets)} node(s) ({names}) have {flag}={value} and no recorded training value, so they "

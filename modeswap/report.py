@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import torch
 from torch.fx import GraphModule, Node
 
+from modeswap import idioms
 from modeswap.graphs import get_argument, graph_modules, innermost_module, qualified_name
-from modeswap.modes import ModeReport, Params, Scalar, Site
+from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
 from modeswap.rules import PerNode, memo_of, rule_for
 
 
@@ -36,10 +37,31 @@ def sites(gm: GraphModule) -> Iterator[Site]:
             )
 
 
+def idiom_sites(gm: GraphModule) -> Iterator[Site]:
+    """Yield a :class:`Site` for every drop path of ``gm``: a train graph's ops, or what an eval swap left."""
+    for path, module in graph_modules(gm):
+        found: list[tuple[Node, str, Scalar, Mode]] = [
+            (m.output, m.idiom.name, m.keep, Mode.TRAIN) for m in idioms.matches(module.graph)
+        ]
+        found += [
+            (n, idioms.idiom_name(memo), memo.values["keep"], Mode.EVAL) for n, memo in idioms.markers(module.graph)
+        ]
+        for node, name, keep, mode in found:
+            yield Site(
+                node=qualified_name(path, node),
+                op=str(node.target),
+                kind="drop_path",
+                mode=mode,
+                module_path=(innermost_module(node) or ("", ""))[0],
+                params=Params([("keep", keep), ("idiom", name)]),
+            )
+
+
 def stochastic_nodes(gm: GraphModule) -> Iterator[str]:
-    """Yield the names of nodes that draw random numbers and that no rule owns."""
+    """Yield the names of nodes that draw random numbers and that no rule or idiom owns."""
     seeded = torch.Tag.nondeterministic_seeded
     for path, module in graph_modules(gm):
+        owned = {node for found in idioms.matches(module.graph) for node in found.nodes}
         for node in module.graph.nodes:
             target = node.target
             if (
@@ -47,13 +69,14 @@ def stochastic_nodes(gm: GraphModule) -> Iterator[str]:
                 and isinstance(target, torch._ops.OpOverload)
                 and seeded in target.tags
                 and rule_for(node) is None
+                and node not in owned
             ):
                 yield qualified_name(path, node)
 
 
 def report(gm: GraphModule) -> ModeReport:
     """Derive the :class:`ModeReport` of an exported ``GraphModule`` from its graph."""
-    found = tuple(sites(gm))
+    found = (*sites(gm), *idiom_sites(gm))
     modes = {site.mode for site in found}
     (agreed,) = modes if len(modes) == 1 else (None,)
     return ModeReport(

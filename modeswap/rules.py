@@ -52,6 +52,10 @@ class Rule:
     needs: str | None = None  # the op depends on the mode only when this argument is a tensor
     counts_batches: bool = False  # a train graph increments num_batches_tracked right before it
     untrainable: tuple[Untrainable, ...] = ()
+    # An argument that eager code often zeroes outside training (``p if self.training else 0.0``):
+    # at 0.0 in an eval graph its training value is unknown, unless a module in ``keeps`` owns the call.
+    gated: str | None = None
+    keeps: tuple[str, ...] = ()
 
     def applies(self, node: Node) -> bool:
         """Whether ``node``'s behaviour depends on the mode under this rule."""
@@ -97,6 +101,8 @@ RULES: tuple[Rule, ...] = (
         train=True,
         eval=False,
         params=("p",),
+        gated="p",  # transformers' eager attention: dropout(w, p=0.0 if not self.training else p)
+        keeps=("torch.nn.modules.dropout.",),
     ),
     Rule(
         "batch_norm",
@@ -136,6 +142,82 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
+
+class Capture(enum.Enum):
+    """A hole in an :class:`Op` pattern, and what may fill it."""
+
+    INPUT = "the tensor the idiom acts on; the same node wherever it appears"
+    KEEP = "the keep probability, a float literal; the same wherever it appears"
+    SHAPE = "a shape [batch, 1, ..., 1]"
+
+
+@attrs.frozen
+class Op:
+    """A pattern node: a call of one of ``targets`` whose leading arguments match ``args``.
+
+    Keyword arguments (dtype, device) are not matched; they are kept as found.
+    """
+
+    targets: tuple[torch._ops.OpOverload, ...]
+    args: tuple[Op | Capture, ...]
+    commutative: bool = False
+
+
+@attrs.frozen
+class Idiom:
+    """A hand-written op sequence that eager runs only in train mode; in eval mode it is the identity.
+
+    ``pattern`` is the sequence's last op; every op in it but the ``INPUT``
+    feeds only the next one, so eval can remove them all.
+    """
+
+    kind: Kind
+    name: str
+    pattern: Op
+
+
+_INPUT, _KEEP, _SHAPE = Capture.INPUT, Capture.KEEP, Capture.SHAPE
+
+
+def _bernoulli_mask(source: Op, *, scaled: bool) -> Op:
+    mask = Op((aten.bernoulli_.float,), (source, _KEEP))
+    if scaled:
+        mask = Op((aten.div_.Tensor, aten.div_.Scalar), (mask, _KEEP))
+    return Op((aten.mul.Tensor,), (_INPUT, mask), commutative=True)
+
+
+IDIOMS: tuple[Idiom, ...] = (
+    # transformers: mask = (keep + torch.rand(shape)).floor_(); x.div(keep) * mask
+    Idiom(
+        "drop_path",
+        "rand-floor",
+        Op(
+            (aten.mul.Tensor,),
+            (
+                Op((aten.div.Tensor,), (_INPUT, _KEEP)),
+                Op(
+                    (aten.floor.default, aten.floor_.default),
+                    (Op((aten.add.Tensor,), (Op((aten.rand.default,), (_SHAPE,)), _KEEP)),),
+                ),
+            ),
+            commutative=True,
+        ),
+    ),
+    # timm: mask = x.new_empty(shape).bernoulli_(keep); mask.div_(keep) unless scale_by_keep=False; x * mask
+    Idiom(
+        "drop_path",
+        "new_empty-bernoulli",
+        _bernoulli_mask(Op((aten.new_empty.default,), (_INPUT, _SHAPE)), scaled=True),
+    ),
+    Idiom(
+        "drop_path",
+        "new_empty-bernoulli-unscaled",
+        _bernoulli_mask(Op((aten.new_empty.default,), (_INPUT, _SHAPE)), scaled=False),
+    ),
+    # torchvision.ops.stochastic_depth: mask = torch.empty(shape).bernoulli_(keep).div_(keep); x * mask
+    Idiom("drop_path", "empty-bernoulli", _bernoulli_mask(Op((aten.empty.memory_format,), (_SHAPE,)), scaled=True)),
+)
+
 RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
 
 #: What ``ExportedProgram.run_decompositions()`` turns a rule's op into. The mode
@@ -153,7 +235,7 @@ DECOMPOSED: dict[torch._ops.OpOverload, Kind] = {
     aten.rrelu_with_noise.default: "rrelu",
     aten.rrelu_with_noise_functional.default: "rrelu",
 }
-KINDS: tuple[Kind, ...] = tuple(rule.kind for rule in RULES)
+KINDS: tuple[Kind, ...] = tuple(dict.fromkeys([*(rule.kind for rule in RULES), *(idiom.kind for idiom in IDIOMS)]))
 
 
 def rule_for(node: Node) -> Rule | None:
@@ -177,7 +259,7 @@ def set_memo(node: Node, memo: Memo | None) -> None:
     """
     custom = {k: v for k, v in node.meta.get("custom", {}).items() if k != MEMO_KEY}
     if memo is not None:
-        custom[MEMO_KEY] = attrs.asdict(memo)
+        custom[MEMO_KEY] = {k: v for k, v in attrs.asdict(memo).items() if v is not None}
     if custom:
         node.meta["custom"] = custom
     else:

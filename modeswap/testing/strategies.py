@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 #: Layer kinds a generated model may contain.
-LAYERS = ("conv", "linear", "batch_norm", "dropout", "rrelu", "instance_norm", "attention", "relu")
+LAYERS = ("conv", "linear", "batch_norm", "dropout", "rrelu", "instance_norm", "attention", "drop_path", "relu")
 
 
 @attrs.frozen
@@ -46,6 +46,11 @@ class Case:
         ps = {dict(layer.options)["p"] for layer in self.layers if layer.kind == "attention"}
         return ps.pop() if len(ps) == 1 else None
 
+    @property
+    def drop_path(self) -> bool:
+        """Whether it has a drop path: an eval export erases it for good, so train it from a train export."""
+        return any(layer.kind == "drop_path" for layer in self.layers)
+
     def __repr__(self) -> str:
         layers = ", ".join(f"{layer.kind}{dict(layer.options)}" for layer in self.layers)
         shape = tuple(self.args[0].shape)
@@ -65,6 +70,34 @@ class Attention(nn.Module):
         q = x.reshape(n, 1, c, -1)
         out = F.scaled_dot_product_attention(q, q, q, dropout_p=self.p if self.training else 0.0, is_causal=self.causal)
         return out.reshape(x.shape)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as each library writes it by hand; the identity in eval mode."""
+
+    IDIOMS = ("transformers", "timm", "timm-unscaled", "torchvision")
+
+    def __init__(self, p: float, idiom: str) -> None:
+        super().__init__()
+        self.p = p
+        self.idiom = idiom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        match self.idiom:
+            case "transformers":
+                mask = keep + torch.rand(shape, dtype=x.dtype, device=x.device)
+                mask.floor_()
+                return x.div(keep) * mask
+            case "timm" | "timm-unscaled":
+                mask = x.new_empty(shape).bernoulli_(keep)
+                return x * (mask.div_(keep) if self.idiom == "timm" else mask)
+            case _:
+                noise = torch.empty(list(shape), dtype=x.dtype, device=x.device).bernoulli_(keep)
+                return x * noise.div_(keep)
 
 
 class Fresh(nn.Module):
@@ -118,6 +151,7 @@ def layers(dims: int, *, kinds: tuple[str, ...] = LAYERS, mixed: bool = False) -
         "rrelu": _options(lower=st.floats(0.0, 0.3), upper=st.floats(0.31, 0.9)),
         "instance_norm": _options(momentum=_momentum, eps=_eps, affine=st.booleans(), track=st.booleans()),
         "attention": _options(p=_probability, causal=st.booleans()),
+        "drop_path": _options(p=_probability, idiom=st.sampled_from(DropPath.IDIOMS)),
     }
     pinned = st.sampled_from((None, "train", "eval")) if mixed else st.just(None)
     return st.sampled_from(kinds).flatmap(
@@ -192,5 +226,7 @@ def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Modul
             return nn.RReLU(o["lower"], o["upper"]), channels
         case "attention":
             return Attention(o["p"], o["causal"]), channels
+        case "drop_path":
+            return DropPath(o["p"], o["idiom"]), channels
     msg = f"unknown layer kind {spec.kind!r}; expected one of {LAYERS}"
     raise ValueError(msg)

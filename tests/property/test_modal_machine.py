@@ -37,7 +37,12 @@ class LockstepMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.eager is None)
     def build(self, case: Case, exported_in: Mode) -> None:
         self.eager = copy.deepcopy(case.model).train(exported_in is Mode.TRAIN)
-        gm = torch.export.export(copy.deepcopy(self.eager), case.args).module()
+        # An eval export never runs drop paths, so nothing could train them again: such a model's
+        # eval graph is to_eval of a train export.
+        captured_in = Mode.TRAIN if case.drop_path else exported_in
+        gm = torch.export.export(copy.deepcopy(case.model).train(captured_in is Mode.TRAIN), case.args).module()
+        if captured_in is not exported_in:
+            gm = modeswap.to_eval(gm)
         self.modal = modeswap.allow_train_eval(gm, attention_dropout=case.attention_dropout)
         self.args = case.args
         if modeswap.mode_of(self.modal).mode is None:

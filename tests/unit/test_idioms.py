@@ -1,0 +1,194 @@
+"""Drop path (stochastic depth) idioms, and dropouts whose p an eval export zeroed; checked against eager."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeswap
+from modeswap import Mode
+from modeswap.testing import assert_same_run, call_signature, run_forward_backward
+from modeswap.testing.strategies import DropPath
+
+IDIOM_NAMES = {
+    "transformers": "rand-floor",
+    "timm": "new_empty-bernoulli",
+    "timm-unscaled": "new_empty-bernoulli-unscaled",
+    "torchvision": "empty-bernoulli",
+}
+
+
+class Block(nn.Module):
+    """A residual block with a drop path, as ConvNeXt, Swin and ViTs write it."""
+
+    def __init__(self, idiom: str, p: float = 0.3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop_path = DropPath(p, idiom)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fc(x))
+
+
+def export(model: nn.Module, mode: Mode, x: torch.Tensor, *, dynamic: bool = False) -> torch.fx.GraphModule:
+    shapes = {"x": {0: torch.export.Dim("batch", min=2, max=16)}} if dynamic else None
+    captured = copy.deepcopy(model).train(mode is Mode.TRAIN)
+    return torch.export.export(captured, (x,), dynamic_shapes=shapes).module()
+
+
+def assert_runs_as(eager: nn.Module, module: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
+    expected = run_forward_backward(eager, (x,), seed=seed)
+    assert_same_run(expected, run_forward_backward(module, (x,), seed=seed), atol=0.0, rtol=0.0)
+
+
+def random_ops(gm: torch.fx.GraphModule) -> list[str]:
+    seeded = torch.Tag.nondeterministic_seeded
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and seeded in n.target.tags]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("idiom", IDIOM_NAMES)
+def test_drop_path_goes_to_eval_and_back_exactly(idiom: str, dynamic: bool) -> None:
+    torch.manual_seed(0)
+    model, x = Block(idiom), torch.randn(6, 3, 4)
+    gm = export(model, Mode.TRAIN, x, dynamic=dynamic)
+    (site,) = modeswap.mode_of(gm).sites
+    assert (site.kind, site.mode, site.module_path) == ("drop_path", Mode.TRAIN, "drop_path")
+    assert dict(site.params) == {"keep": 0.7, "idiom": IDIOM_NAMES[idiom]}
+    assert modeswap.mode_of(gm).stochastic == ()
+
+    swapped = modeswap.swap(gm, "eval")
+    evaluated = swapped.module
+    assert [(c.field, c.before, c.after) for c in swapped.changes] == [("drop_path", IDIOM_NAMES[idiom], "identity")]
+    assert random_ops(evaluated) == []
+    assert modeswap.mode_of(evaluated).mode is Mode.EVAL
+    assert_runs_as(model.eval(), evaluated, x)
+
+    trainable = modeswap.to_train(evaluated)
+    assert modeswap.mode_of(trainable).sites == modeswap.mode_of(gm).sites
+    assert_runs_as(model.train(), trainable, x, seed=3)
+    if dynamic:
+        other = torch.randn(11, 3, 4)
+        assert_runs_as(model.train(), trainable, other, seed=4)
+        assert_runs_as(model.eval(), evaluated, other)
+    else:
+        assert call_signature(trainable) == call_signature(gm)
+
+
+def test_an_exported_program_keeps_the_removed_ops_through_save_and_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Block("transformers"), torch.randn(6, 3, 4)
+    ep = torch.export.export(copy.deepcopy(model).train(), (x,))
+    path = tmp_path / "eval.pt2"
+    torch.export.save(modeswap.to_eval(ep), path)
+    loaded = torch.export.load(path)
+    assert random_ops(loaded.module()) == []
+    trainable = modeswap.to_train(loaded)
+    assert_runs_as(model.train(), trainable.module(), x, seed=5)
+
+
+class Chain(nn.Module):
+    """Drop paths back to back, and one module called twice (DINOv2 does both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = DropPath(0.2, "timm")
+        self.second = DropPath(0.5, "transformers")
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.second(self.first(x))
+        return y + self.second(self.fc(y))
+
+
+def test_drop_paths_on_each_others_outputs_and_shared_modules() -> None:
+    torch.manual_seed(0)
+    model, x = Chain(), torch.randn(5, 4)
+    gm = export(model, Mode.TRAIN, x)
+    assert [s.params["keep"] for s in modeswap.mode_of(gm).sites] == [0.8, 0.5, 0.5]
+    evaluated = modeswap.to_eval(gm)
+    assert random_ops(evaluated) == []
+    assert_runs_as(model.eval(), evaluated, x)
+    trainable = modeswap.to_train(evaluated)
+    assert call_signature(trainable) == call_signature(gm)
+    assert_runs_as(model.train(), trainable, x, seed=1)
+
+
+class Noise(nn.Module):
+    """Random ops that are not a drop path: a noise layer, and a mask that is also read elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noisy = x * (1 + 0.1 * torch.randn_like(x))
+        mask = x.new_empty((x.shape[0], 1)).bernoulli_(0.5)
+        return noisy * mask.div_(0.5) + mask
+
+
+def test_random_ops_that_match_no_idiom_stay_and_are_reported() -> None:
+    x = torch.randn(3, 4)
+    gm = export(Noise(), Mode.TRAIN, x)
+    report = modeswap.mode_of(gm)
+    assert report.sites == ()
+    assert sorted(report.stochastic) == ["bernoulli_", "randn_like"]
+    evaluated = modeswap.to_eval(gm)
+    assert sorted(modeswap.mode_of(evaluated).stochastic) == ["bernoulli_", "randn_like"]
+    assert call_signature(evaluated) == call_signature(gm)
+
+
+def test_an_eval_export_has_no_drop_path_to_bring_back() -> None:
+    torch.manual_seed(0)
+    model, x = Block("timm"), torch.randn(6, 3, 4)
+    gm = export(model, Mode.EVAL, x)
+    assert modeswap.mode_of(gm).sites == ()
+    assert modeswap.swap(gm, "train").changes == ()
+
+
+class EagerAttention(nn.Module):
+    """Attention as transformers' eager implementation writes its dropout: p gated on self.training."""
+
+    def __init__(self, p: float = 0.25) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = (q @ k.transpose(-1, -2)).softmax(-1)
+        weights = F.dropout(weights, p=self.p if self.training else 0.0, training=self.training)
+        return weights @ v
+
+
+def test_a_gated_dropout_p_lost_by_an_eval_export_warns_and_can_be_given() -> None:
+    torch.manual_seed(0)
+    model, x = EagerAttention(), torch.randn(2, 5, 8)
+    gm = export(model, Mode.EVAL, x)
+    with pytest.warns(modeswap.UnknownTrainingValueWarning, match=r"p=0\.0 .*attention_dropout=p"):
+        silent = modeswap.to_train(gm)
+    assert [s.params["p"] for s in modeswap.mode_of(silent).sites] == [0.0]
+    swapped = modeswap.swap(gm, "train", attention_dropout=0.25)
+    assert [(c.field, c.before, c.after) for c in swapped.changes] == [("train", False, True), ("p", 0.0, 0.25)]
+    assert_runs_as(model.train(), swapped.module, x, seed=2)
+
+
+def test_a_dropout_module_with_p_zero_is_not_gated() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0))
+    gm = export(model, Mode.EVAL, torch.randn(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swapped = modeswap.swap(gm, "train", attention_dropout=0.5)
+    assert [(c.field, c.after) for c in swapped.changes] == [("train", True)]
+
+
+def test_a_gated_dropout_from_a_train_graph_round_trips_without_warning() -> None:
+    torch.manual_seed(0)
+    model, x = EagerAttention(p=0.0), torch.randn(2, 5, 8)
+    gm = export(model, Mode.TRAIN, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = modeswap.to_train(modeswap.to_eval(gm))
+    assert call_signature(back) == call_signature(gm)

@@ -417,18 +417,32 @@ def _refuse_decomposed(name: str, node: Node) -> None:
 
 
 def _counter_before(t: _Target) -> Node | None:
-    """The ``add_(num_batches_tracked, 1)`` that a train graph runs right before batch norm ``t``."""
-    prev: Node = t.node.prev
-    if not (prev.op == "call_function" and prev.target is aten.add_.Tensor and prev.args[1:] == (1,)):
-        return None
-    root = _increment_root(prev.args[0])  # type: ignore[arg-type]
+    """The ``add_(num_batches_tracked, 1)`` that a train graph runs before batch norm ``t``.
+
+    Export writes it right before the batch norm; a QAT-prepared graph
+    (``prepare_qat_pt2e``) has its conv rewrite in between, so the search goes
+    back as far as the previous batch norm.
+    """
     running_mean = _attribute(t, get_argument(t.node, "running_mean"))
-    if running_mean is not None:
-        is_counter = _attribute(t, root) == _sibling(running_mean, "num_batches_tracked")
-    else:  # inside a subgraph, buffers are placeholders without names to check
+    if running_mean is None:
+        # Inside a subgraph buffers are placeholders without names: only the node right before will do.
+        prev: Node = t.node.prev
+        if not _is_increment(prev):
+            return None
+        root = _increment_root(prev)
         val = root.meta.get("val")
-        is_counter = root.op == "placeholder" and isinstance(val, torch.Tensor) and val.dtype == torch.int64
-    return prev if is_counter else None
+        return prev if root.op == "placeholder" and isinstance(val, torch.Tensor) and val.dtype == torch.int64 else None
+    counter = _sibling(running_mean, "num_batches_tracked")
+    node: Node = t.node.prev
+    while node.op != "root" and rule_for(node) is not t.rule:
+        if _is_increment(node) and _attribute(t, _increment_root(node)) == counter:
+            return node
+        node = node.prev
+    return None
+
+
+def _is_increment(node: Node) -> bool:
+    return node.op == "call_function" and node.target is aten.add_.Tensor and node.args[1:] == (1,)
 
 
 def _increment_root(node: Node) -> Node:

@@ -250,6 +250,22 @@ def test_shared_batchnorm_round_trips_its_chained_counters() -> None:
     assert call_signature(modeswap.to_train(modeswap.to_eval(gm))) == call_signature(gm)
 
 
+def test_a_counter_away_from_its_batch_norm_is_found() -> None:
+    # prepare_qat_pt2e rewrites conv + batch norm, and leaves the counter before the new conv ops.
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=0.2), nn.Dropout(0.3))
+    args = (_randn(4, 3),)
+    gm = _export(model, args, "train")
+    (counter,) = _nodes(gm, aten.add_.Tensor)
+    (linear,) = _nodes(gm, aten.linear.default)
+    linear.prepend(counter)
+    gm.recompile()
+    assert counter.next is linear
+    evaluated = modeswap.to_eval(gm)
+    assert _nodes(evaluated, aten.add_.Tensor) == []
+    expected = run_forward_backward(copy.deepcopy(model).eval(), args, seed=0)
+    assert_same_run(expected, run_forward_backward(evaluated, args, seed=0), atol=0, rtol=0)
+
+
 def test_cumulative_momentum_cannot_go_to_train() -> None:
     gm = _export(nn.BatchNorm1d(3, momentum=None), (_randn(4, 3),), "eval")
     with pytest.raises(UnsupportedGraphError, match=r"momentum=None") as info:

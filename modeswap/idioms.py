@@ -19,6 +19,7 @@ import torch
 from torch.fx import Graph, Node
 
 from modeswap.errors import UnsupportedGraphError
+from modeswap.graphs import get_argument
 from modeswap.modes import Memo
 from modeswap.rules import IDIOMS, Capture, Idiom, Op, memo_of, set_memo
 
@@ -84,8 +85,10 @@ def _match(pattern: Op | Capture, value: Any, captures: dict[Capture, Any], owne
         return False
     if not last and len(value.users) != 1:
         return False  # used elsewhere too: removing it would change more than the idiom
+    # By schema, with defaults: export drops trailing arguments equal to their default (bernoulli_'s p=0.5).
     n = len(pattern.args)
-    orders = [value.args[:n], value.args[:n][::-1]] if pattern.commutative else [value.args[:n]]
+    leading = tuple(get_argument(value, a.name) for a in value.target._schema.arguments[:n])
+    orders = [leading, leading[::-1]] if pattern.commutative else [leading]
     for args in orders:
         trial, trial_owned = dict(captures), list(owned)
         if len(args) == n and all(

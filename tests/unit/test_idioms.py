@@ -192,3 +192,15 @@ def test_a_gated_dropout_from_a_train_graph_round_trips_without_warning() -> Non
         warnings.simplefilter("error")
         back = modeswap.to_train(modeswap.to_eval(gm))
     assert call_signature(back) == call_signature(gm)
+
+
+@pytest.mark.parametrize("idiom", IDIOM_NAMES)
+def test_keep_one_half_is_matched_although_export_drops_it(idiom: str) -> None:
+    # Shrunk by hypothesis: bernoulli_(mask, 0.5) exports as bernoulli_(mask), 0.5 being p's default.
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv1d(1, 1, 1), DropPath(0.5, idiom)), torch.randn(2, 1, 2)
+    gm = export(model, Mode.TRAIN, x)
+    assert [(s.kind, s.params["keep"]) for s in modeswap.mode_of(gm).sites] == [("drop_path", 0.5)]
+    evaluated = modeswap.to_eval(gm)
+    assert_runs_as(model.eval(), evaluated, x)
+    assert_runs_as(model.train(), modeswap.to_train(evaluated), x, seed=1)

@@ -21,3 +21,7 @@ demo:
 # to_eval against the copy+recompile floor on a conv-bn-relu-dropout chain.
 bench blocks="10":
     python benchmarks/swap_cost.py --blocks {{blocks}}
+
+# docs/coverage.md: every architecture of the integration zoo, swapped both ways, against eager.
+coverage:
+    python -m tests.integration.coverage --out docs/coverage.md

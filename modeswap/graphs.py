@@ -61,11 +61,16 @@ def _is_default(argument: Any, value: Any) -> bool:
     return type(value) is type(default) and value == default
 
 
-def graph_modules(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
-    """Yield ``gm`` and every ``GraphModule`` below it (the subgraphs of higher-order ops)."""
-    for path, module in gm.named_modules(remove_duplicate=True):
-        if isinstance(module, GraphModule):
-            yield path, module
+def graph_modules(gm: GraphModule, path: str = "") -> Iterator[tuple[str, GraphModule]]:
+    """Yield ``gm`` and every ``GraphModule`` below it (the subgraphs of higher-order ops).
+
+    Export registers a subgraph on the graph module whose graph calls it, so
+    only ``GraphModule`` children are searched, not the whole module tree.
+    """
+    yield path, gm
+    for name, child in gm.named_children():
+        if isinstance(child, GraphModule):
+            yield from graph_modules(child, f"{path}.{name}" if path else name)
 
 
 def innermost_module(node: Node) -> tuple[str, str] | None:

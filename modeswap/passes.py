@@ -231,8 +231,9 @@ def swap_passes(
     """Return the passes that swap every site of a graph to ``mode``, in order, without ``recompile``.
 
     Attention goes first: whether a ``dropout_p`` of 0.0 is a training value is
-    read off the other sites, before they are swapped. Dead code goes last, with
-    the attribute reads the swaps left unused (an eval batch norm's counter).
+    read off the other sites, before they are swapped. Each pass erases what its
+    own edits leave unused (an eval batch norm's counter read), so the graph's
+    other nodes, dead or not, stay as they were and no dead-code pass is needed.
     """
     return (
         swap_attention(mode, dropout=attention_dropout),
@@ -241,7 +242,6 @@ def swap_passes(
         swap_instance_norm(mode),
         swap_rrelu(mode),
         swap_drop_path(mode),
-        eliminate_dead_code,
     )
 
 
@@ -270,6 +270,7 @@ class _Target:
     rule: Rule
     module: GraphModule
     buffers: Mapping[str, str]  # lifted placeholders of this graph -> the buffers they stand for
+    reads: dict[str, Node]  # get_attr target -> node, for this graph; shared, and kept current by _counter_node
     graph_trains: bool  # the sites with a fixed training value say the graph was captured in train mode
 
 
@@ -283,12 +284,15 @@ def _swap_in_place(
     targets = []
     for path, module in graph_modules(gm):
         lifted = buffers if module is gm else {}  # subgraph placeholders are not in the signature
+        reads = {str(n.target): n for n in module.graph.find_nodes(op="get_attr")}  # find_nodes(target=) scans
         for node in module.graph.nodes:
             if DECOMPOSED.get(node.target) == kind:
                 _refuse_decomposed(qualified_name(path, node), node)
             rule = rule_for(node)
             if rule is not None and rule.kind == kind and rule.applies(node):
-                targets.append(_Target(node, qualified_name(path, node), rule, module, lifted, graph_trains=False))
+                targets.append(
+                    _Target(node, qualified_name(path, node), rule, module, lifted, reads, graph_trains=False)
+                )
     if any(t.rule.train is PerNode.VALUE for t in targets):
         trains = _captured_in_train(gm)
         targets = [attrs.evolve(t, graph_trains=trains) for t in targets]
@@ -333,6 +337,9 @@ def _to_eval(t: _Target) -> list[Change]:
         t.module.graph.erase_node(counter)
         root = _increment_root(counted)
         memo = attrs.evolve(memo, counter=_attribute(t, root) or root.name)
+        if counted.op == "get_attr" and not counted.users:
+            t.reads.pop(str(counted.target), None)
+            t.module.graph.erase_node(counted)  # the read only fed the counter
         changes.append(Change(t.name, str(node.target), COUNTER_FIELD, True, False))
     set_memo(node, memo)
     return changes
@@ -517,12 +524,12 @@ def _counter_node(t: _Target, counter: str) -> Node:
     """The node reading ``counter``: a buffer path, or the name of a subgraph placeholder."""
     graph: Graph = t.module.graph
     if (buffer := _buffer(t.module, counter)) is not None:
-        found: list[Node] = graph.find_nodes(op="get_attr", target=counter)
-        if found:
-            return found[0]
+        if counter in t.reads:
+            return t.reads[counter]
         with graph.inserting_before(t.node):
             node = graph.get_attr(counter)
         node.meta.update(_meta_like(t.node, val=_fake_like(graph, buffer)))
+        t.reads[counter] = node
         return node
     lifted = {path: name for name, path in t.buffers.items()}
     placeholders: list[Node] = graph.find_nodes(op="placeholder")

@@ -18,9 +18,10 @@ typecheck:
 demo:
     modeswap demo
 
-# to_eval against the copy+recompile floor on a conv-bn-relu-dropout chain.
-bench blocks="10":
-    python benchmarks/swap_cost.py --blocks {{blocks}}
+# Swap cost next to torchao, re-export and the copy floor; allow_train_eval switch cost.
+# Full run (10-15 min) rewrites docs/performance/; `just bench --quick` (about a minute) writes build/bench/.
+bench *args:
+    python benchmarks/bench.py {{args}}
 
 # docs/coverage.md: every architecture of the integration zoo, swapped both ways, against eager.
 coverage:

@@ -1,0 +1,323 @@
+"""Turn the benchmark's raw results into a markdown table and a log-log plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from targets import FLOOR_RATIO, MEMORY_RATIO, Results, Target, check, memory, memory_ratio, ratio
+
+#: Contender keys, in table order, with their column titles.
+CONTENDERS = {
+    "modeswap": "modeswap",
+    "modeswap_shared": "modeswap share_weights",
+    "floor": "floor",
+    "floor_shared": "floor no clone",
+    "modeswap_first_call": "modeswap + 1st call",
+    "floor_first_call": "floor + 1st call",
+    "torchao": "torchao",
+    "reexport": "re-export",
+}
+
+DIRECTIONS = {
+    "to_eval": "to_eval: graphs exported in train mode",
+    "to_train": "to_train: graphs exported in eval mode",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:,.0f}"
+
+
+def _cell(timing: dict[str, Any] | None) -> str:
+    if timing is None:
+        return "-"
+    if timing.get("error"):
+        return "error"
+    return f"{_ms(timing['min_s'])} / {_ms(timing['median_s'])}"
+
+
+def _mb(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
+
+
+def _mark(value: float | None, limit: float, *, at_least: bool = False) -> str:
+    if value is None:
+        return "-"
+    met = value >= limit if at_least else value <= limit
+    return f"{_x(value)} {'met' if met else '**missed**'}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def machine_line(results: Results) -> str:
+    m = results["machine"]
+    return (
+        f"{m['cpu']}, {m['cores']} cores (torch threads: {m['torch_threads']}), {m['platform']}; "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, torchao {m['torchao']}; "
+        f"modeswap {m['modeswap']} at {m['commit']}{' (dirty)' if m['dirty'] else ''}; "
+        f"load average {m.get('load_average_start', '?')} at start, {m.get('load_average_end', '?')} at end"
+    )
+
+
+def timing_table(results: Results, direction: str) -> list[str]:
+    header = ["model", "nodes", *CONTENDERS.values()]
+    rows = []
+    for name, model in results["models"].items():
+        if direction not in model:
+            continue
+        timings = model[direction]["timings"]
+        rows.append([name, str(model[direction]["nodes"]), *(_cell(timings.get(key)) for key in CONTENDERS)])
+    return _table(header, rows)
+
+
+def ratio_table(results: Results, direction: str) -> list[str]:
+    header = [
+        "model",
+        "modeswap / floor",
+        "share_weights / no-clone floor",
+        "+ 1st call / floor + 1st call",
+        "torchao / modeswap",
+        "re-export / modeswap",
+    ]
+    rows = []
+    for name, model in results["models"].items():
+        if direction not in model:
+            continue
+        rows.append(
+            [
+                name,
+                _mark(ratio(results, name, direction, "modeswap", "floor"), FLOOR_RATIO),
+                _mark(ratio(results, name, direction, "modeswap_shared", "floor_shared"), FLOOR_RATIO),
+                _mark(ratio(results, name, direction, "modeswap_first_call", "floor_first_call"), FLOOR_RATIO),
+                _x(ratio(results, name, direction, "torchao", "modeswap")),
+                _x(ratio(results, name, direction, "reexport", "modeswap")),
+            ]
+        )
+    return _table(header, rows)
+
+
+def memory_table(results: Results) -> list[str]:
+    header = [
+        "model",
+        "state MiB",
+        "modeswap kept MiB",
+        "modeswap peak MiB",
+        "peak / state",
+        "share_weights kept / peak bytes",
+        "floor kept MiB",
+    ]
+    rows = []
+    for name, model in results["models"].items():
+        if "to_eval" not in model:
+            continue
+        shared = [
+            memory(results, name, "to_eval", "modeswap_shared", k)
+            for k in ("new_storage_bytes", "peak_allocated_bytes")
+        ]
+        rows.append(
+            [
+                name,
+                _mb(model["state_bytes"]),
+                _mb(memory(results, name, "to_eval", "modeswap", "new_storage_bytes")),
+                _mb(memory(results, name, "to_eval", "modeswap", "peak_allocated_bytes")),
+                _mark(memory_ratio(results, name, "to_eval"), MEMORY_RATIO),
+                " / ".join("-" if v is None else str(v) for v in shared),
+                _mb(memory(results, name, "to_eval", "floor", "new_storage_bytes")),
+            ]
+        )
+    return _table(header, rows)
+
+
+def switch_table(results: Results) -> list[str]:
+    header = [
+        "model",
+        "nodes",
+        "allow_train_eval (once)",
+        "modeswap switch",
+        "modeswap switch + call",
+        "forward",
+        "torchao switch",
+    ]
+    rows = []
+    for name, model in results["models"].items():
+        switch = model.get("switch")
+        if not switch:
+            continue
+        ours, theirs = switch.get("modeswap", {}), switch.get("torchao", {})
+        rows.append(
+            [
+                name,
+                str(model["to_eval"]["nodes"]),
+                _switch_cell(ours, "allow_train_eval_min_s"),
+                _switch_cell(ours, "mean_switch_s"),
+                _switch_cell(ours, "mean_switch_and_call_s"),
+                _ms(ours.get("forward_s")),
+                _switch_cell(theirs, "mean_switch_s"),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _switch_cell(entry: dict[str, Any], key: str) -> str:
+    if entry.get("skipped"):
+        return "n/a"
+    if entry.get("error"):
+        return "error"
+    return _ms(entry.get(key))
+
+
+def target_table(targets: list[Target]) -> list[str]:
+    rows = []
+    for t in targets:
+        value = "-" if t.value is None else f"{t.value:,.3g}"
+        cpu = "-" if t.cpu_value is None else f"{t.cpu_value:,.3g}"
+        status = {True: "met", False: "**missed**", None: "not measured"}[t.met]
+        limit = f"{'>=' if t.at_least else '<='} {t.limit:g}"
+        rows.append([t.name, value, cpu, limit, t.where or "-", status])
+    return _table(["target", "value", "CPU-time value", "limit", "model", "status"], rows)
+
+
+def errors(results: Results) -> list[str]:
+    lines = []
+    for name, model in results["models"].items():
+        for direction in DIRECTIONS:
+            for key, timing in model.get(direction, {}).get("timings", {}).items():
+                if timing.get("error"):
+                    lines.append(f"- {name} {direction} {key}: `{timing['error']}`")
+        for key, entry in model.get("switch", {}).items():
+            if entry.get("error"):
+                lines.append(f"- {name} switch {key}: `{entry['error']}`")
+    return lines
+
+
+def markdown(results: Results) -> str:
+    targets = check(results)
+    run = "quick run (--quick)" if results["settings"]["quick"] else "full run"
+    lines = [
+        "# Swap cost: modeswap, torchao, re-export and the floor",
+        "",
+        f"Measured {results['started']} ({run}, {results['duration_s']:.0f} s) on {machine_line(results)}.",
+        "",
+        "Times in ms, **min / median** of the repetitions (`gc.collect()` before each). "
+        "floor: clone the state, copy the graph and generate its code once (`copy_module` + `recompile_all`); "
+        "floor no clone: the same sharing the tensors. torchao: `move_exported_model_to_eval/_train` on a fresh "
+        "deep copy each repetition, copy not timed. re-export: `torch.export.export` of the eager model in the "
+        "other mode (without `.module()`). + 1st call: the swap and one forward on the result.",
+        "",
+    ]
+    for direction, title in DIRECTIONS.items():
+        lines += [f"## {title}", "", *timing_table(results, direction), "", *ratio_table(results, direction), ""]
+    lines += [
+        "## Targets",
+        "",
+        "Ratios of minimum wall-clock times decide; the same ratios of minimum CPU times (this process's, "
+        "less disturbed by other load on a shared machine) are there to tell noise from cost.",
+        "",
+        *target_table(targets),
+        "",
+    ]
+    lines += [
+        "## Memory of a to_eval",
+        "",
+        "kept: bytes of tensor storage the result holds that the input does not. peak: most CPU memory "
+        "allocated and not yet freed during the swap (torch.profiler memory events). share_weights in bytes.",
+        "",
+        *memory_table(results),
+        "",
+    ]
+    lines += [
+        "## Switching in place (`allow_train_eval`)",
+        "",
+        "In ms. allow_train_eval (once): making the switchable module (min of 3). Switch: mean cost of one "
+        "`.train()`/`.eval()` on it, over up to 1,000 alternating switches after one forward in each mode; "
+        "switch + call: one switch and one forward, against forward alone. torchao: mean of its "
+        "`.eval()`/`.train()` after `allow_exported_model_train_eval`, which rewrite the graph each time.",
+        "",
+        *switch_table(results),
+        "",
+    ]
+    if failures := errors(results):
+        lines += ["## Errors", "", *failures, ""]
+    return "\n".join(lines)
+
+
+_STYLES = {
+    "modeswap": ("tab:blue", "-"),
+    "modeswap_shared": ("tab:cyan", "--"),
+    "floor": ("black", "-"),
+    "floor_shared": ("gray", "--"),
+    "modeswap_first_call": ("tab:purple", ":"),
+    "floor_first_call": ("tab:brown", ":"),
+    "torchao": ("tab:red", "-"),
+    "reexport": ("tab:orange", "-"),
+}
+_MARKERS = {"resnet50": "s", "mobilenet_v2": "^", "bert": "D"}
+
+
+def plot(results: Results, path: Path) -> None:
+    """Log-log plot of min time against node count, one line per contender; chains joined, other models marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    for ax, direction in zip(axes, DIRECTIONS, strict=True):
+        for key, label in CONTENDERS.items():
+            color, style = _STYLES[key]
+            chains = _chain_points(results, direction, key)
+            if chains:
+                xs, ys = zip(*chains, strict=True)
+                ax.plot(xs, ys, style, color=color, marker="o", label=label)
+            for name, x, y in _named_points(results, direction, key):
+                ax.plot([x], [y], _MARKERS.get(name, "x"), color=color, markersize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes in the graph")
+        ax.set_title(DIRECTIONS[direction])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time, s (min of repetitions)")
+    for name, marker in _MARKERS.items():
+        axes[1].plot([], [], marker, color="black", linestyle="none", label=name)
+    axes[1].plot([], [], "o-", color="black", label="chains (10-1000 blocks)")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=9)
+    fig.suptitle(f"Swap cost against graph size ({results['machine']['cpu']}, min of repetitions)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _chain_points(results: Results, direction: str, key: str) -> list[tuple[int, float]]:
+    points = []
+    for model in results["models"].values():
+        if not model.get("is_chain") or direction not in model:
+            continue
+        timing = model[direction]["timings"].get(key)
+        if timing and timing.get("min_s") is not None:
+            points.append((model[direction]["nodes"], timing["min_s"]))
+    return sorted(points)
+
+
+def _named_points(results: Results, direction: str, key: str) -> list[tuple[str, int, float]]:
+    points = []
+    for name, model in results["models"].items():
+        if model.get("is_chain") or direction not in model:
+            continue
+        timing = model[direction]["timings"].get(key)
+        if timing and timing.get("min_s") is not None:
+            points.append((name, model[direction]["nodes"], timing["min_s"]))
+    return points

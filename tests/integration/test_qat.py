@@ -9,6 +9,7 @@ dropout p other than 0.5, batch counting in eval).
 from __future__ import annotations
 
 import copy
+
 import pytest
 
 pytest.importorskip("torchao")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -71,6 +71,16 @@ def graph_modules(gm: GraphModule, path: str = "") -> Iterator[tuple[str, GraphM
     for name, child in gm.named_children():
         if isinstance(child, GraphModule):
             yield from graph_modules(child, f"{path}.{name}" if path else name)
+
+
+def calls(graph: Graph, targets: Iterable[Any]) -> list[Node]:
+    """The ``call_function`` nodes of ``graph`` calling one of ``targets``, in graph order.
+
+    Through fx's index of call targets, so a pass that swaps a few ops does not
+    visit every node.
+    """
+    found = [node for target in targets for node in graph.find_nodes(op="call_function", target=target, sort=False)]
+    return sorted(found)
 
 
 def innermost_module(node: Node) -> tuple[str, str] | None:

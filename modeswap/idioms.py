@@ -19,7 +19,7 @@ import torch
 from torch.fx import Graph, Node
 
 from modeswap.errors import UnsupportedGraphError
-from modeswap.graphs import get_argument
+from modeswap.graphs import calls, get_argument
 from modeswap.modes import Memo
 from modeswap.rules import IDIOMS, Capture, Idiom, Op, memo_of, set_memo
 
@@ -41,10 +41,8 @@ class Match:
 
 
 def matches(graph: Graph) -> Iterator[Match]:
-    """Yield every match of an idiom in ``graph`` (a train graph's drop paths)."""
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
+    """Yield every match of an idiom in ``graph`` (a train graph's drop paths), in graph order."""
+    for node in calls(graph, {op for idiom in IDIOMS for op in idiom.pattern.targets}):
         for idiom in IDIOMS:
             found = match(idiom, node)
             if found is not None:

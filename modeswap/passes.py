@@ -25,6 +25,7 @@ from modeswap import idioms
 from modeswap.errors import InvalidOptionError, UnknownTrainingValueWarning, UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import (
+    calls,
     copy_module,
     get_argument,
     graph_modules,
@@ -34,7 +35,7 @@ from modeswap.graphs import (
     set_argument,
 )
 from modeswap.modes import Change, Kind, Memo, Mode
-from modeswap.rules import DECOMPOSED, PerNode, Rule, memo_of, rule_for, set_memo
+from modeswap.rules import DECOMPOSED, RULES_BY_OP, PerNode, Rule, memo_of, rule_for, set_memo
 
 #: An in-place kernel: edits a module the caller owns and returns the changes it made.
 Kernel = Callable[[GraphModule], Iterable[Change]]
@@ -285,11 +286,11 @@ def _swap_in_place(
     for path, module in graph_modules(gm):
         lifted = buffers if module is gm else {}  # subgraph placeholders are not in the signature
         reads = {str(n.target): n for n in module.graph.find_nodes(op="get_attr")}  # find_nodes(target=) scans
-        for node in module.graph.nodes:
-            if DECOMPOSED.get(node.target) == kind:
-                _refuse_decomposed(qualified_name(path, node), node)
+        for node in calls(module.graph, (op for op, of_kind in DECOMPOSED.items() if of_kind == kind)):
+            _refuse_decomposed(qualified_name(path, node), node)
+        for node in calls(module.graph, (op for op, rule in RULES_BY_OP.items() if rule.kind == kind)):
             rule = rule_for(node)
-            if rule is not None and rule.kind == kind and rule.applies(node):
+            if rule is not None and rule.applies(node):
                 targets.append(
                     _Target(node, qualified_name(path, node), rule, module, lifted, reads, graph_trains=False)
                 )

@@ -113,11 +113,11 @@ def _capture(kind: Capture, value: Any, captures: dict[Capture, Any]) -> bool:
 
 def remove(found: Match) -> Node:
     """Replace ``found`` with the identity: an ``alias`` of its input carrying the memo to rebuild it."""
+    removed = json.dumps({"idiom": found.idiom.name, "ops": [_encode_node(n, found) for n in found.nodes]})
     graph = found.output.graph
     with graph.inserting_before(found.output):
         marker = graph.call_function(MARKER, (found.input,))
     marker.meta = dict(found.output.meta)
-    removed = json.dumps({"idiom": found.idiom.name, "ops": [_encode_node(n, found) for n in found.nodes]})
     set_memo(marker, Memo({"keep": found.keep}, removed=removed))
     found.output.replace_all_uses_with(marker)
     for node in reversed(found.nodes):

@@ -143,7 +143,10 @@ def allow_train_eval(
 
 def _variant(state: GraphModule, mode: Mode, attention_dropout: float | None) -> tuple[Variant, dict[str, GraphModule]]:
     dropout = attention_dropout if mode is Mode.TRAIN else None
-    swapped, _ = pipeline(*swap_passes(mode, attention_dropout=dropout)).rewrite(state, share_weights=True)
+    # The pipeline's kernel on a copy of our own, not Pass.rewrite: the subgraphs are renamed
+    # before the code is generated, so it is generated once.
+    swapped = copy_module(state, share_weights=True)
+    tuple(pipeline(*swap_passes(mode, attention_dropout=dropout)).kernel(swapped))
     found = report(swapped)
     bodies = _rename_subgraphs(swapped, mode)
     recompile_all(swapped)

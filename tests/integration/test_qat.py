@@ -9,6 +9,7 @@ dropout p other than 0.5, batch counting in eval).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 
@@ -113,26 +114,28 @@ def test_allow_train_eval_runs_the_qat_loop_like_torchao(trained: torch.fx.Graph
     assert converted(X).shape == (4, 4)
 
 
+def both_ways(net: Net, exported_in: str, target: str) -> tuple[dict[str, Any], ...]:
+    """Eager ``net`` in ``target``, and an export of it in ``exported_in`` moved by modeswap and by torchao."""
+    gm = torch.export.export(copy.deepcopy(net).train(exported_in == "train"), (X,)).module()
+    expected = run_forward_backward(copy.deepcopy(net).train(target == "train"), (X,), seed=0)
+    ours = run_forward_backward(modeswap.swap(gm, target).module, (X,), seed=0)
+    theirs = copy.deepcopy(gm)
+    (move_exported_model_to_train if target == "train" else move_exported_model_to_eval)(theirs)
+    return expected, ours, run_forward_backward(theirs, (X,), seed=0)
+
+
 def test_where_torchao_is_wrong_modeswap_matches_eager() -> None:
     torch.manual_seed(0)
     net = Net(eps=1e-3, momentum=0.3, p=0.2)
 
     # Train export to eval: torchao resets eps to 1e-5 and counts batches in eval.
-    gm = torch.export.export(copy.deepcopy(net).train(), (X,)).module()
-    expected = run_forward_backward(copy.deepcopy(net).eval(), (X,), seed=0)
-    assert_same_run(expected, run_forward_backward(modeswap.to_eval(gm), (X,), seed=0), atol=0, rtol=0)
-    theirs = copy.deepcopy(gm)
-    move_exported_model_to_eval(theirs)
-    torchao_run = run_forward_backward(theirs, (X,), seed=0)
+    expected, ours, torchao_run = both_ways(net, "train", "eval")
+    assert_same_run(expected, ours, atol=0, rtol=0)
     assert not torch.equal(torchao_run["outputs"][0], expected["outputs"][0])
     assert int(torchao_run["buffers"]["bn.num_batches_tracked"]) == 1
 
     # Eval export to train: torchao gives dropout p=0.5 and batch norm momentum 0.1.
-    gm = torch.export.export(copy.deepcopy(net).eval(), (X,)).module()
-    expected = run_forward_backward(copy.deepcopy(net).train(), (X,), seed=0)
-    assert_same_run(expected, run_forward_backward(modeswap.to_train(gm), (X,), seed=0), atol=0, rtol=0)
-    theirs = copy.deepcopy(gm)
-    move_exported_model_to_train(theirs)
-    torchao_run = run_forward_backward(theirs, (X,), seed=0)
+    expected, ours, torchao_run = both_ways(net, "eval", "train")
+    assert_same_run(expected, ours, atol=0, rtol=0)
     assert not torch.equal(torchao_run["outputs"][0], expected["outputs"][0])
     assert not torch.equal(torchao_run["buffers"]["bn.running_mean"], expected["buffers"]["bn.running_mean"])

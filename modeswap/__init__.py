@@ -6,9 +6,11 @@
 
 from modeswap import passes
 from modeswap.errors import (
+    ErasedModuleWarning,
     InvalidOptionError,
     ModeswapError,
     ModeswapWarning,
+    NondeterministicEvalWarning,
     NotExportedError,
     UnknownModeError,
     UnknownTrainingValueWarning,
@@ -17,7 +19,7 @@ from modeswap.errors import (
 from modeswap.exported import is_exported
 from modeswap.modal import ModalModule, allow_train_eval
 from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
-from modeswap.passes import Pass, pipeline
+from modeswap.pass_base import Pass, pipeline
 from modeswap.swapping import mode_of, swap, to_eval, to_train
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Change",
+    "ErasedModuleWarning",
     "InvalidOptionError",
     "Memo",
     "ModalModule",
@@ -42,6 +45,7 @@ __all__ = [
     "ModeReport",
     "ModeswapError",
     "ModeswapWarning",
+    "NondeterministicEvalWarning",
     "NotExportedError",
     "Params",
     "Pass",

@@ -37,3 +37,15 @@ class InvalidOptionError(ModeswapError, ValueError):
 
 class ProgramFileError(ModeswapError, ValueError):
     """A ``.pt2`` file cannot be read, or a swapped program cannot be written where asked."""
+
+
+class NondeterministicEvalWarning(ModeswapWarning):
+    """A swap to eval mode left ops that draw random numbers and that no rule owns.
+
+    Eager eval is deterministic for nearly every model; such an op is the one
+    trace that a ``self.training`` branch (a noise layer) leaves in a graph.
+    """
+
+
+class ErasedModuleWarning(ModeswapWarning):
+    """A swap to train mode met modules that an eval export erased: they left no node to swap back."""

@@ -8,8 +8,11 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import attrs
 import torch
 from torch.fx import Graph, GraphModule, Node
+
+from modeswap.modes import Memo
 
 Tensors = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,6 +93,25 @@ def innermost_module(node: Node) -> tuple[str, str] | None:
         return None
     path, module_type = list(stack.values())[-1]
     return str(path), str(module_type)
+
+
+def module_paths(node: Node) -> list[str]:
+    """The paths of every module whose forward was running when ``node`` ran, outermost first."""
+    return [str(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def module_path(node: Node) -> str:
+    """The path of the module whose forward ran ``node``; ``""`` for the root or when export did not record it."""
+    return (innermost_module(node) or ("", ""))[0]
+
+
+def describe(name: str, node: Node) -> str:
+    """``node`` for a message, with its op and the module that ran it.
+
+    ``dropout (aten.dropout.default, in module 'drop')``
+    """
+    path = module_path(node)
+    return f"{name} ({node.target}, in {f'module {path!r}' if path else 'the root module'})"
 
 
 def qualified_name(path: str, node: Node) -> str:
@@ -175,3 +197,30 @@ def _copy_attribute(value: Any, old: torch.nn.Module, new: torch.nn.Module, tens
     if isinstance(value, dict | list | set):
         return copy.copy(value)
     return value
+
+
+#: The key under ``node.meta["custom"]`` where a rewrite keeps its :class:`Memo`.
+#: ``torch.export.save`` keeps only ``meta["custom"]`` of a node's meta, as JSON,
+#: so the memo is stored there, as a plain dict, to survive a save and load.
+MEMO_KEY = "modeswap"
+
+
+def memo_of(node: Node) -> Memo | None:
+    """The memo a previous eval rewrite left on ``node``."""
+    stored = node.meta.get("custom", {}).get(MEMO_KEY)
+    return None if stored is None else Memo(**stored)
+
+
+def set_memo(node: Node, memo: Memo | None) -> None:
+    """Store ``memo`` on ``node`` (or remove it), leaving other ``custom`` entries alone.
+
+    Node meta is copied shallowly with the graph, so ``meta["custom"]`` may be
+    the very dict the original node holds: replace it, never edit it in place.
+    """
+    custom = {k: v for k, v in node.meta.get("custom", {}).items() if k != MEMO_KEY}
+    if memo is not None:
+        custom[MEMO_KEY] = {k: v for k, v in attrs.asdict(memo).items() if v is not None}
+    if custom:
+        node.meta["custom"] = custom
+    else:
+        node.meta.pop("custom", None)

@@ -16,12 +16,12 @@ from typing import Any
 
 import attrs
 import torch
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
 
 from modeswap.errors import UnsupportedGraphError
-from modeswap.graphs import calls, get_argument
-from modeswap.modes import Memo
-from modeswap.rules import IDIOMS, Capture, Idiom, Op, memo_of, set_memo
+from modeswap.graphs import calls, get_argument, graph_modules, memo_of, qualified_name, set_memo
+from modeswap.modes import Change, Memo, Mode
+from modeswap.rules import IDIOMS, Capture, Idiom, Op
 
 aten = torch.ops.aten
 
@@ -38,6 +38,30 @@ class Match:
     input: Node
     keep: float
     nodes: tuple[Node, ...]  # in graph order, output last; the input is not one of them
+
+
+def swap_in_place(gm: GraphModule, kind: str, mode: Mode) -> list[Change]:
+    """Remove the idioms of ``kind`` from ``gm`` for eval, or rebuild those an eval swap removed for train.
+
+    Only what an earlier eval swap removed can be rebuilt: an eval export never
+    ran the idiom, so nothing in its graph tells it was there.
+    """
+    changes = []
+    for path, module in graph_modules(gm):
+        if mode is Mode.EVAL:
+            # Last first: a match may act on the output of the one before it, which removing replaces.
+            for found in reversed([m for m in matches(module.graph) if m.idiom.kind == kind]):
+                op = str(found.output.target)
+                marker = remove(found)
+                changes.append(Change(qualified_name(path, marker), op, kind, found.idiom.name, "identity"))
+        else:
+            for marker, memo in list(markers(module.graph)):
+                if _idiom(memo).kind != kind:
+                    continue
+                name = qualified_name(path, marker)
+                output = restore(marker, memo)
+                changes.append(Change(name, str(output.target), kind, "identity", idiom_name(memo)))
+    return changes
 
 
 def matches(graph: Graph) -> Iterator[Match]:
@@ -63,6 +87,15 @@ def idiom_name(memo: Memo) -> str:
     assert memo.removed is not None
     name: str = json.loads(memo.removed)["idiom"]
     return name
+
+
+def _idiom(memo: Memo) -> Idiom:
+    name = idiom_name(memo)
+    for idiom in IDIOMS:
+        if idiom.name == name:
+            return idiom
+    msg = f"cannot rebuild the idiom {name!r}: this version of modeswap does not know it"
+    raise UnsupportedGraphError(msg)
 
 
 def match(idiom: Idiom, node: Node) -> Match | None:

@@ -22,7 +22,8 @@ from modeswap.errors import UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import copy_module, recompile_all
 from modeswap.modes import Mode, ModeReport
-from modeswap.passes import pipeline, swap_passes
+from modeswap.pass_base import pipeline
+from modeswap.passes import swap_passes
 from modeswap.report import report
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
@@ -123,7 +124,10 @@ def allow_train_eval(
     >>> model = modeswap.allow_train_eval(gm)
     >>> evaluated = model.eval()
     """
-    gm = module.module() if isinstance(module, torch.export.ExportedProgram) else require_exported(module)
+    if isinstance(module, torch.export.ExportedProgram):
+        gm, modules = module.module(), [entry.fqn for entry in module.module_call_graph]
+    else:
+        gm, modules = require_exported(module), None
     captured = report(gm)
     if captured.mixed:
         msg = (
@@ -135,18 +139,20 @@ def allow_train_eval(
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:
-        variants[mode], bodies = _variant(state, mode, attention_dropout)
+        variants[mode], bodies = _variant(state, mode, attention_dropout, modules)
         subgraphs |= bodies
     # A graph that shows no mode computes what its eval variant computes.
     return ModalModule(state, variants, subgraphs, training=captured.mode is Mode.TRAIN)
 
 
-def _variant(state: GraphModule, mode: Mode, attention_dropout: float | None) -> tuple[Variant, dict[str, GraphModule]]:
+def _variant(
+    state: GraphModule, mode: Mode, attention_dropout: float | None, modules: list[str] | None
+) -> tuple[Variant, dict[str, GraphModule]]:
     dropout = attention_dropout if mode is Mode.TRAIN else None
-    # The pipeline's kernel on a copy of our own, not Pass.rewrite: the subgraphs are renamed
-    # before the code is generated, so it is generated once.
+    # Edit a copy of our own, not Pass.rewrite: the subgraphs are renamed before
+    # the code is generated, so it is generated once.
     swapped = copy_module(state, share_weights=True)
-    tuple(pipeline(*swap_passes(mode, attention_dropout=dropout)).kernel(swapped))
+    pipeline(*swap_passes(mode, attention_dropout=dropout)).edit(swapped, modules=modules)
     found = report(swapped)
     bodies = _rename_subgraphs(swapped, mode)
     recompile_all(swapped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from typing import Generic, Literal, NoReturn, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 import attrs
 
@@ -19,8 +19,8 @@ from modeswap.errors import UnknownModeError
 #: A literal argument of a graph node, as it appears in ``node.args``.
 Scalar = bool | int | float | str | None
 
-#: What a site does: the row of the semantics table it belongs to.
-Kind = Literal["dropout", "batch_norm", "instance_norm", "rrelu", "attention", "drop_path"]
+#: What a site does: the row of the semantics table it belongs to, one of ``modeswap.rules.KINDS``.
+Kind = str
 
 M = TypeVar("M")
 
@@ -76,7 +76,13 @@ class Params(dict[str, Scalar]):
 
 @attrs.frozen
 class Site:
-    """One train/eval-sensitive node of a graph and the mode it is in."""
+    """One train/eval-sensitive node of a graph and the mode it is in.
+
+    ``functional`` marks a call made outside a module of the op's own family
+    (``F.dropout`` or ``F.batch_norm`` in a user's ``forward``): it may follow
+    ``self.training`` or hard-code a mode, and the graph cannot tell which, so
+    its mode is a guess from its arguments.
+    """
 
     node: str
     op: str
@@ -84,6 +90,7 @@ class Site:
     mode: Mode
     module_path: str = ""
     params: Params = attrs.field(factory=Params, converter=Params)
+    functional: bool = False
 
 
 @attrs.frozen
@@ -126,7 +133,7 @@ class Swap(Generic[M]):
 class Memo:
     """Training-mode values an eval rewrite overwrote, kept for the way back.
 
-    Lives in the rewritten node's ``meta["custom"]`` (see ``rules.MEMO_KEY``).
+    Lives in the rewritten node's ``meta["custom"]`` (see ``graphs.MEMO_KEY``).
     ``values`` maps a schema argument name to the value it had in train mode;
     ``counter`` names the node a batch norm incremented as ``num_batches_tracked``;
     ``removed`` is the JSON of the ops a drop path ran in train mode (see ``idioms``).

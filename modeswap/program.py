@@ -13,7 +13,8 @@ from torch.export.graph_signature import ExportGraphSignature
 
 from modeswap.graphs import copy_module
 from modeswap.modes import Change, Mode
-from modeswap.passes import pipeline, swap_passes
+from modeswap.pass_base import pipeline
+from modeswap.passes import swap_passes
 
 
 def swap_program(
@@ -25,9 +26,10 @@ def swap_program(
     call graph and (unless ``share_weights``) state dict and constants.
     """
     signature = ep.graph_signature
-    rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, buffers=signature.inputs_to_buffers))
+    rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout))
     gm = copy_module(ep.graph_module, share_weights=share_weights)
-    changes = tuple(rewrite.kernel(gm))
+    modules = [entry.fqn for entry in ep.module_call_graph]
+    changes = rewrite.edit(gm, buffers=signature.inputs_to_buffers, modules=modules)
     memo: dict[int, Any] = {}
 
     def tensors(values: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from modeswap import idioms
-from modeswap.graphs import get_argument, graph_modules, innermost_module, qualified_name
+from modeswap.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
 from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
-from modeswap.rules import PerNode, memo_of, rule_for
+from modeswap.rules import PerNode, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
@@ -32,8 +32,9 @@ def sites(gm: GraphModule) -> Iterator[Site]:
                 op=str(node.target),
                 kind=rule.kind,
                 mode=mode,
-                module_path=(innermost_module(node) or ("", ""))[0],
+                module_path=module_path(node),
                 params=Params(params),
+                functional=rule.functional(node),
             )
 
 
@@ -52,13 +53,13 @@ def idiom_sites(gm: GraphModule) -> Iterator[Site]:
                 op=str(node.target),
                 kind="drop_path",
                 mode=mode,
-                module_path=(innermost_module(node) or ("", ""))[0],
+                module_path=module_path(node),
                 params=Params([("keep", keep), ("idiom", name)]),
             )
 
 
-def stochastic_nodes(gm: GraphModule) -> Iterator[str]:
-    """Yield the names of nodes that draw random numbers and that no rule or idiom owns."""
+def random_nodes(gm: GraphModule) -> Iterator[tuple[str, Node]]:
+    """Yield the name and node of every node that draws random numbers and that no rule or idiom owns."""
     seeded = torch.Tag.nondeterministic_seeded
     for path, module in graph_modules(gm):
         owned = {node for found in idioms.matches(module.graph) for node in found.nodes}
@@ -71,7 +72,7 @@ def stochastic_nodes(gm: GraphModule) -> Iterator[str]:
                 and rule_for(node) is None
                 and node not in owned
             ):
-                yield qualified_name(path, node)
+                yield qualified_name(path, node), node
 
 
 def report(gm: GraphModule) -> ModeReport:
@@ -83,7 +84,7 @@ def report(gm: GraphModule) -> ModeReport:
         mode=agreed,
         mixed=len(modes) > 1,
         sites=found,
-        stochastic=tuple(stochastic_nodes(gm)),
+        stochastic=tuple(name for name, _ in random_nodes(gm)),
     )
 
 

@@ -8,20 +8,16 @@ mode needs. The passes read this table; adding an op is one entry here.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import attrs
 import torch
 from torch.fx import Node
 
-from modeswap.graphs import get_argument
-from modeswap.modes import Kind, Memo, Mode, Scalar
+from modeswap.graphs import get_argument, innermost_module, memo_of
+from modeswap.modes import Mode, Scalar
 
 aten = torch.ops.aten
-
-#: The key under ``node.meta["custom"]`` where a rewrite keeps its :class:`Memo`.
-#: ``torch.export.save`` keeps only ``meta["custom"]`` of a node's meta, as JSON,
-#: so the memo is stored there, as a plain dict, to survive a save and load.
-MEMO_KEY = "modeswap"
 
 
 class PerNode(enum.Enum):
@@ -40,22 +36,39 @@ class Untrainable:
 
 
 @attrs.frozen
+class Counter:
+    """A buffer that the op's module increments before each call in train mode, and never in eval.
+
+    ``nn.BatchNorm`` increments ``num_batches_tracked``, registered beside its
+    ``running_mean``; export writes the increment as ``add_(counter, 1)`` right
+    before the op.
+    """
+
+    buffer: str  # the buffer's name in its module
+    beside: str  # the op's argument read from a buffer of the same module
+    owners: tuple[str, ...]  # type-name prefixes of the modules whose forward increments it
+
+
+@attrs.frozen
 class Rule:
     """How one op encodes ``module.training`` in a graph."""
 
-    kind: Kind
-    ops: tuple[torch._ops.OpOverload, ...]
+    kind: str
+    ops: tuple[torch._ops.OpOverload, ...]  # every overload export may emit
     flag: str  # the schema argument that carries the mode
     train: Scalar | PerNode  # its value in train mode
     eval: Scalar  # its value in eval mode
+    family: tuple[str, ...]  # type-name prefixes of the modules that call the op and follow their mode
     params: tuple[str, ...] = ()  # literals a Site reports; never changed
     needs: str | None = None  # the op depends on the mode only when this argument is a tensor
-    counts_batches: bool = False  # a train graph increments num_batches_tracked right before it
+    counter: Counter | None = None
     untrainable: tuple[Untrainable, ...] = ()
     # An argument that eager code often zeroes outside training (``p if self.training else 0.0``):
-    # at 0.0 in an eval graph its training value is unknown, unless a module in ``keeps`` owns the call.
+    # at 0.0 in an eval graph its training value is unknown, unless a module of the family made the call.
     gated: str | None = None
-    keeps: tuple[str, ...] = ()
+    # Overloads that return their very input in eval mode: export then routes every later use
+    # of the input through the node, and an eval graph cannot tell those uses from the op's own.
+    eval_aliases: tuple[torch._ops.OpOverload, ...] = ()
 
     def applies(self, node: Node) -> bool:
         """Whether ``node``'s behaviour depends on the mode under this rule."""
@@ -70,9 +83,14 @@ class Rule:
             return None  # e.g. attention with dropout_p=0.0: nothing tells
         return Mode.EVAL
 
+    def functional(self, node: Node) -> bool:
+        """Whether ``node`` was called outside a module of the op's family (``F.dropout`` in a user's forward).
 
-def _overloads(*names: str) -> tuple[torch._ops.OpOverload, ...]:
-    return tuple(getattr(aten, name).default for name in names)
+        Such a call may follow ``self.training`` or hard-code a mode; the graph
+        cannot tell which, so its mode is inferred from its arguments alone.
+        """
+        _, owner = innermost_module(node) or ("", "")
+        return not owner.startswith(self.family)
 
 
 _MOMENTUM_NONE = Untrainable(
@@ -87,58 +105,83 @@ _MOMENTUM_NONE = Untrainable(
 RULES: tuple[Rule, ...] = (
     Rule(
         "dropout",
-        _overloads(
-            "dropout",
-            "dropout_",
-            "feature_dropout",
-            "feature_dropout_",
-            "alpha_dropout",
-            "alpha_dropout_",
-            "feature_alpha_dropout",
-            "feature_alpha_dropout_",
+        (
+            aten.dropout.default,
+            aten.dropout_.default,
+            aten.feature_dropout.default,
+            aten.feature_dropout_.default,
+            aten.alpha_dropout.default,
+            aten.alpha_dropout_.default,
+            aten.feature_alpha_dropout.default,
+            aten.feature_alpha_dropout_.default,
         ),
         flag="train",
         train=True,
         eval=False,
+        family=("torch.nn.modules.dropout.",),
         params=("p",),
         gated="p",  # transformers' eager attention: dropout(w, p=0.0 if not self.training else p)
-        keeps=("torch.nn.modules.dropout.",),
+        # export's aten.dropout copies its input in eval; the in-place variants alias in both modes.
+        eval_aliases=(aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default),
     ),
     Rule(
         "batch_norm",
-        _overloads("batch_norm"),
+        (aten.batch_norm.default,),
         flag="training",
         train=True,
         eval=False,
+        family=("torch.nn.modules.batchnorm.",),
         params=("momentum", "eps"),
         needs="running_mean",
-        counts_batches=True,
+        counter=Counter("num_batches_tracked", beside="running_mean", owners=("torch.nn.modules.batchnorm.",)),
         untrainable=(_MOMENTUM_NONE,),
     ),
     Rule(
         "instance_norm",
-        _overloads("instance_norm"),
+        (aten.instance_norm.default,),
         flag="use_input_stats",
         train=True,
         eval=False,
+        family=("torch.nn.modules.instancenorm.",),
         params=("momentum", "eps"),
         needs="running_mean",
     ),
     Rule(
         "rrelu",
-        _overloads("rrelu", "rrelu_"),
+        (aten.rrelu.default, aten.rrelu_.default),
         flag="training",
         train=True,
         eval=False,
+        family=("torch.nn.modules.activation.RReLU",),
         params=("lower", "upper"),
     ),
     Rule(
         "attention",
-        _overloads("scaled_dot_product_attention"),
+        (aten.scaled_dot_product_attention.default,),
         flag="dropout_p",
         train=PerNode.VALUE,
         eval=0.0,
+        family=("torch.nn.modules.activation.MultiheadAttention",),
         params=("dropout_p", "is_causal"),
+    ),
+    # nn.LSTM, nn.GRU and nn.RNN: dropout between stacked layers; .data takes a packed sequence.
+    Rule(
+        "rnn",
+        (
+            aten.lstm.input,
+            aten.lstm.data,
+            aten.gru.input,
+            aten.gru.data,
+            aten.rnn_tanh.input,
+            aten.rnn_tanh.data,
+            aten.rnn_relu.input,
+            aten.rnn_relu.data,
+        ),
+        flag="train",
+        train=True,
+        eval=False,
+        family=("torch.nn.modules.rnn.",),
+        params=("dropout", "num_layers", "bidirectional"),
     ),
 )
 
@@ -171,7 +214,7 @@ class Idiom:
     feeds only the next one, so eval can remove them all.
     """
 
-    kind: Kind
+    kind: str
     name: str
     pattern: Op
 
@@ -220,22 +263,62 @@ IDIOMS: tuple[Idiom, ...] = (
 
 RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
 
-#: What ``ExportedProgram.run_decompositions()`` turns a rule's op into. The mode
-#: then hides in shapes no rule reads (an eval dropout is gone altogether), so a
-#: swap refuses these graphs rather than leave them in the wrong mode.
-DECOMPOSED: dict[torch._ops.OpOverload, Kind] = {
-    aten.native_dropout.default: "dropout",
-    aten._native_batch_norm_legit_functional.default: "batch_norm",
-    aten._native_batch_norm_legit.default: "batch_norm",
-    aten._native_batch_norm_legit_no_training.default: "batch_norm",
-    aten.native_batch_norm.default: "batch_norm",
-    aten._batch_norm_with_update.default: "batch_norm",
-    aten._batch_norm_with_update_functional.default: "batch_norm",
-    aten._batch_norm_no_update.default: "batch_norm",
-    aten.rrelu_with_noise.default: "rrelu",
-    aten.rrelu_with_noise_functional.default: "rrelu",
+#: Words in a module's name that mark a module eager runs only in train mode (drop path, stochastic
+#: depth, DropBlock): in eval it is the identity, so an eval export keeps no node of it. Compared
+#: with the module's attribute name, lower-cased, without underscores.
+ERASED_IN_EVAL: tuple[str, ...] = ("droppath", "stochasticdepth", "dropblock")
+
+#: What ``ExportedProgram.run_decompositions()`` (or a direct call of a lower-level op) makes of a
+#: rule's op, by kind. The mode then hides in shapes no rule reads (an eval dropout is gone
+#: altogether), so a swap refuses these graphs rather than leave them in the wrong mode. Names, not
+#: ops, so that the table reads the same on a torch that lacks one of them.
+DECOMPOSED: dict[str, str] = {
+    "aten.native_dropout.default": "dropout",
+    "aten._native_batch_norm_legit_functional.default": "batch_norm",
+    "aten._native_batch_norm_legit.default": "batch_norm",
+    "aten._native_batch_norm_legit.out": "batch_norm",
+    "aten._native_batch_norm_legit_no_training.default": "batch_norm",
+    "aten.native_batch_norm.default": "batch_norm",
+    "aten.native_batch_norm.out": "batch_norm",
+    "aten._batch_norm_impl_index.default": "batch_norm",
+    "aten._batch_norm_with_update.default": "batch_norm",
+    "aten._batch_norm_with_update_functional.default": "batch_norm",
+    "aten._batch_norm_no_update.default": "batch_norm",
+    "aten.rrelu_with_noise.default": "rrelu",
+    "aten.rrelu_with_noise.out": "rrelu",
+    "aten.rrelu_with_noise_.default": "rrelu",
+    "aten.rrelu_with_noise_functional.default": "rrelu",
+    "aten._scaled_dot_product_attention_math.default": "attention",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": "attention",
+    "aten._scaled_dot_product_flash_attention.default": "attention",
+    "aten._scaled_dot_product_efficient_attention.default": "attention",
+    "aten._scaled_dot_product_cudnn_attention.default": "attention",
+    "aten._scaled_dot_product_fused_attention_overrideable.default": "attention",
 }
-KINDS: tuple[Kind, ...] = tuple(dict.fromkeys([*(rule.kind for rule in RULES), *(idiom.kind for idiom in IDIOMS)]))
+
+#: Fused kernels that eager runs only in eval mode, by the kind of site they hide: the fast paths
+#: of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``, which a strict export takes
+#: when gradients are off. Their train-mode dropouts are not in the graph, so no swap to train can
+#: bring them back.
+EVAL_ONLY: dict[str, str] = {
+    "aten._transformer_encoder_layer_fwd.default": "dropout",
+    "aten._native_multi_head_attention.default": "attention",
+}
+
+
+def resolve(names: Iterable[str]) -> list[torch._ops.OpOverload]:
+    """The ops ``names`` ("aten.dropout.default") name, leaving out those this torch does not have."""
+    ops = []
+    for name in names:
+        namespace, packet, overload = name.split(".")
+        op = getattr(getattr(getattr(torch.ops, namespace), packet, None), overload, None)
+        if isinstance(op, torch._ops.OpOverload):
+            ops.append(op)
+    return ops
+
+
+#: Every kind of site, in the order the swap passes run: the rules', then the idioms'.
+KINDS: tuple[str, ...] = tuple(dict.fromkeys([*(rule.kind for rule in RULES), *(idiom.kind for idiom in IDIOMS)]))
 
 
 def rule_for(node: Node) -> Rule | None:
@@ -243,24 +326,3 @@ def rule_for(node: Node) -> Rule | None:
     if node.op != "call_function":
         return None
     return RULES_BY_OP.get(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-
-
-def memo_of(node: Node) -> Memo | None:
-    """The memo a previous eval rewrite left on ``node``."""
-    stored = node.meta.get("custom", {}).get(MEMO_KEY)
-    return None if stored is None else Memo(**stored)
-
-
-def set_memo(node: Node, memo: Memo | None) -> None:
-    """Store ``memo`` on ``node`` (or remove it), leaving other ``custom`` entries alone.
-
-    Node meta is copied shallowly with the graph, so ``meta["custom"]`` may be
-    the very dict the original node holds: replace it, never edit it in place.
-    """
-    custom = {k: v for k, v in node.meta.get("custom", {}).items() if k != MEMO_KEY}
-    if memo is not None:
-        custom[MEMO_KEY] = {k: v for k, v in attrs.asdict(memo).items() if v is not None}
-    if custom:
-        node.meta["custom"] = custom
-    else:
-        node.meta.pop("custom", None)

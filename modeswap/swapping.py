@@ -47,11 +47,8 @@ def swap(
             "Swap the exported module it was made from instead"
         )
         raise NotExportedError(msg)
-    gm = require_exported(module)
     rewrite = swap_pipeline(target, attention_dropout=attention_dropout)
-    new, changes = rewrite.rewrite(gm, share_weights=share_weights)
-    for submodule in new.modules():
-        submodule.training = target is Mode.TRAIN
+    new, changes = rewrite.rewrite(module, share_weights=share_weights)
     return Swap(new, target, changes)
 
 

@@ -14,6 +14,8 @@ from modeswap.testing.oracle import (
     assert_mode_equivalent,
     assert_same_run,
     call_signature,
+    export,
+    other,
     run_forward_backward,
 )
 
@@ -24,6 +26,8 @@ __all__ = [
     "assert_mode_equivalent",
     "assert_same_run",
     "call_signature",
+    "export",
+    "other",
     "run_forward_backward",
     *_STRATEGIES,
 ]

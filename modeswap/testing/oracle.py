@@ -163,9 +163,8 @@ def assert_mode_equivalent(
     >>> swapped = assert_mode_equivalent(model, (x,), "eval")
     """
     target = Mode.parse(mode)
-    source = Mode.parse(exported_in) if exported_in is not None else _other(target)
-    captured = copy.deepcopy(model).train(source is Mode.TRAIN)
-    gm = torch.export.export(captured, args).module()
+    source = Mode.parse(exported_in) if exported_in is not None else other(target)
+    gm = export(model, args, source)
     swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout)
     eager = copy.deepcopy(model).train(target is Mode.TRAIN)
     expected = run_forward_backward(eager, args, seed=seed)
@@ -174,5 +173,17 @@ def assert_mode_equivalent(
     return swapped
 
 
-def _other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
+def export(model: torch.nn.Module, args: tuple[Any, ...], mode: Mode | str, **options: Any) -> GraphModule:
+    """Return ``torch.export.export(...).module()`` of a copy of ``model`` in ``mode``; ``model`` is not modified.
+
+    ``options`` go to ``torch.export.export`` (``strict``, ``dynamic_shapes``).
+
+    >>> gm = export(model, (x,), "train")
+    """
+    captured = copy.deepcopy(model).train(Mode.parse(mode) is Mode.TRAIN)
+    return torch.export.export(captured, args, **options).module()
+
+
+def other(mode: Mode | str) -> Mode:
+    """Return the mode that is not ``mode``."""
+    return Mode.EVAL if Mode.parse(mode) is Mode.TRAIN else Mode.TRAIN

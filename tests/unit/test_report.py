@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -135,7 +136,16 @@ def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
     gm = _export(model, mode)
     random = {n.name for n in gm.graph.nodes if n.target in (aten.randn_like.default, aten.rand.default)}
     assert len(random) == 2
-    for graph in (gm, modeswap.swap(gm, "eval" if mode == "train" else "train").module):
+    other = "eval" if mode == "train" else "train"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        swapped = modeswap.swap(gm, other).module
+    # Only an eval graph should be deterministic: one warning, naming each node and its module.
+    assert [w.category for w in caught] == ([modeswap.NondeterministicEvalWarning] if other == "eval" else [])
+    if other == "eval":
+        assert all(f"{name} (" in str(caught[0].message) for name in random)
+        assert "in module '1'" in str(caught[0].message)
+    for graph in (gm, swapped):
         report = modeswap.mode_of(graph)
         assert set(report.stochastic) == random
         assert len(report.stochastic) == 2

@@ -1,0 +1,147 @@
+"""The pass machinery: :class:`Pass`, what a run knows about its graph (:class:`Context`), and ``pipeline``.
+
+A :class:`Pass` is called like a function, ``GraphModule -> GraphModule``: it
+returns a rewritten copy and leaves its input alone. Inside, it is an in-place
+*kernel* run on a copy the pass owns; ``pipeline`` copies once and runs all its
+passes' kernels on that copy, so four passes cost one copy and one recompile::
+
+    dropout_and_bn = pipeline(swap_dropout("eval"), swap_batchnorm("eval"), eliminate_dead_code, recompile)
+    rewritten = dropout_and_bn(gm)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import attrs
+import toolz
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+from modeswap.exported import require_exported
+from modeswap.graphs import calls, copy_module, graph_modules, recompile_all
+from modeswap.modes import Change, Mode
+from modeswap.rules import RULES, PerNode
+
+
+@attrs.frozen
+class Context:
+    """What a run of passes knows about its graph, decided once before the first edit.
+
+    Every kernel of a pipeline reads the same context, so no pass sees what an
+    earlier one changed, and the order of passes cannot change a decision.
+    """
+
+    #: The mode of the sites whose training value is fixed by their rule; ``None`` if none or mixed.
+    captured: Mode | None
+    #: In a lifted graph (``ExportedProgram.graph``): placeholder name -> the buffer it stands for.
+    buffers: Mapping[str, str] = attrs.field(factory=dict)
+    #: The module paths an ``ExportedProgram`` lists in its ``module_call_graph``; ``None`` for a GraphModule.
+    modules: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(
+        cls, gm: GraphModule, *, buffers: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
+    ) -> Context:
+        """Read the context of ``gm``, with what its ``ExportedProgram`` says where the caller has one."""
+        return cls(_captured(gm), dict(buffers or {}), None if modules is None else tuple(modules))
+
+
+def _captured(gm: GraphModule) -> Mode | None:
+    fixed = [rule for rule in RULES if rule.train is not PerNode.VALUE]
+    modes = {
+        rule.mode(node)
+        for rule in fixed
+        for _, module in graph_modules(gm)
+        for node in calls(module.graph, rule.ops)
+        if rule.applies(node)
+    }
+    (mode,) = modes if len(modes) == 1 else (None,)
+    return mode
+
+
+#: An in-place kernel: edits a module the caller owns and returns the changes it made.
+Kernel = Callable[[GraphModule, Context], Iterable[Change]]
+
+
+@attrs.frozen
+class Pass:
+    """A pure ``GraphModule -> GraphModule`` rewrite.
+
+    ``kernel`` does the work in place on a copy the pass owns; ``compiles`` says
+    whether the kernel leaves the generated code up to date (only ``recompile``
+    does), so that running a pass generates code exactly once.
+    """
+
+    name: str
+    kernel: Kernel = attrs.field(repr=False)
+    compiles: bool = False
+
+    def __call__(self, gm: GraphModule) -> GraphModule:
+        """Return a rewritten copy of ``gm``; ``gm`` is not modified."""
+        module, _ = self.rewrite(gm)
+        return module
+
+    def rewrite(self, gm: GraphModule, *, share_weights: bool = False) -> tuple[GraphModule, tuple[Change, ...]]:
+        """Return a rewritten copy of ``gm`` and the changes made to reach it.
+
+        With ``share_weights`` the copy aliases ``gm``'s parameters and buffers
+        instead of cloning them.
+        """
+        new = copy_module(require_exported(gm), share_weights=share_weights)
+        changes = self.edit(new)
+        if not self.compiles:
+            recompile_all(new)
+        return new, changes
+
+    def edit(
+        self, gm: GraphModule, *, buffers: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
+    ) -> tuple[Change, ...]:
+        """Rewrite ``gm`` in place and return the changes; for a copy the caller owns.
+
+        What the graph alone does not say comes from its ``ExportedProgram``, if
+        any: ``buffers`` maps the placeholders of a lifted graph to the buffers
+        they stand for (``graph_signature.inputs_to_buffers``); ``modules`` lists
+        the module paths of its ``module_call_graph``. The generated code is left
+        as it is unless the pass compiles.
+        """
+        # tuple() runs a generator kernel to its end before anything else reads the graph.
+        return tuple(self.kernel(gm, Context.of(gm, buffers=buffers, modules=modules)))
+
+
+def pipeline(*passes: Pass) -> Pass:
+    """Return one pass that runs ``passes`` in order on a single copy.
+
+    ``pipeline()`` is the identity: it returns a fresh copy. A pipeline is a
+    pass, so pipelines nest.
+    """
+    for p in passes:
+        if not isinstance(p, Pass):
+            msg = (
+                f"pipeline() takes modeswap passes, got {p!r}; compose other "
+                "GraphModule -> GraphModule functions with toolz.compose_left instead"
+            )
+            raise TypeError(msg)
+    kernels = tuple(p.kernel for p in passes)
+
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        # tuple() runs each kernel to the end before the next starts, even a generator.
+        return tuple(toolz.concat(tuple(k(gm, context)) for k in kernels))
+
+    names = ", ".join(p.name for p in passes)
+    return Pass(f"pipeline({names})", kernel, compiles=bool(passes) and passes[-1].compiles)
+
+
+def for_pass_manager(p: Pass) -> Callable[[GraphModule], PassResult]:
+    """Adapt ``p`` to ``torch.fx.passes.infra.pass_manager.PassManager``.
+
+    The adapted pass returns a ``PassResult`` holding the new module; the module
+    the manager hands in is not modified.
+    """
+
+    def run(gm: GraphModule) -> PassResult:
+        module, changes = p.rewrite(gm)
+        return PassResult(module, bool(changes))
+
+    run.__name__ = p.name
+    return run

@@ -6,12 +6,12 @@
 
 from modeswap import passes
 from modeswap.errors import (
-    ErasedModuleWarning,
     InvalidOptionError,
     ModeswapError,
     ModeswapWarning,
     NondeterministicEvalWarning,
     NotExportedError,
+    TrainingBranchWarning,
     UnknownModeError,
     UnknownTrainingValueWarning,
     UnsupportedGraphError,
@@ -37,7 +37,6 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Change",
-    "ErasedModuleWarning",
     "InvalidOptionError",
     "Memo",
     "ModalModule",
@@ -51,6 +50,7 @@ __all__ = [
     "Pass",
     "Site",
     "Swap",
+    "TrainingBranchWarning",
     "UnknownModeError",
     "UnknownTrainingValueWarning",
     "UnsupportedGraphError",

@@ -56,13 +56,24 @@ def report_table(report: ModeReport) -> str:
     """Render a :class:`ModeReport` as a text table."""
     overall = "none" if report.mode is None else report.mode.value
     rows = [
-        (s.node, s.kind, s.mode.value, s.module_path or "(root)", ", ".join(f"{k}={v}" for k, v in s.params.items()))
+        (
+            s.node,
+            s.kind,
+            s.mode.value,
+            s.module_path or "(root)",
+            "functional" if s.functional else "module",
+            ", ".join(f"{k}={v}" for k, v in s.params.items()),
+        )
         for s in report.sites
     ]
     lines = [
         f"mode: {overall}{' (mixed)' if report.mixed else ''}",
-        _table(rows, ("node", "kind", "mode", "module", "params")),
+        _table(rows, ("node", "kind", "mode", "module", "call", "params")),
     ]
+    if any(s.functional for s in report.sites):
+        lines.append(
+            "call=functional: an F.* call outside a module of its kind; its mode may be hard-coded, not follow training"
+        )
     if report.stochastic:
         lines.append(f"random ops outside any site: {', '.join(report.stochastic)}")
     return "\n".join(lines)

@@ -47,5 +47,9 @@ class NondeterministicEvalWarning(ModeswapWarning):
     """
 
 
-class ErasedModuleWarning(ModeswapWarning):
-    """A swap to train mode met modules that an eval export erased: they left no node to swap back."""
+class TrainingBranchWarning(ModeswapWarning):
+    """The graph holds modules whose forward branches on ``self.training``: export kept the side that ran.
+
+    A drop path an eval export erased, ``nn.MultiheadAttention(need_weights=True)``
+    exported in eval, a spectral norm's power iteration: no swap can change them.
+    """

@@ -9,17 +9,14 @@ Each factory takes its options first and returns a :class:`Pass`, a pure
 
 from __future__ import annotations
 
-import warnings
-
 from torch.fx import GraphModule
 
-from modeswap import flags, idioms
-from modeswap.errors import ErasedModuleWarning, InvalidOptionError, NondeterministicEvalWarning
-from modeswap.graphs import describe, graph_modules, module_paths, recompile_all
+from modeswap import checks, flags, idioms
+from modeswap.errors import InvalidOptionError
+from modeswap.graphs import graph_modules, recompile_all
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import Context, Kernel, Pass, for_pass_manager, pipeline
-from modeswap.report import random_nodes
-from modeswap.rules import ERASED_IN_EVAL, IDIOMS, KINDS, RULES
+from modeswap.rules import IDIOMS, KINDS, RULES
 
 __all__ = [
     "Context",
@@ -39,8 +36,8 @@ __all__ = [
     "swap_passes",
     "swap_pipeline",
     "swap_rrelu",
-    "warn_erased_modules",
     "warn_nondeterministic",
+    "warn_training_branches",
 ]
 
 
@@ -140,46 +137,18 @@ def swap_drop_path(mode: Mode | str) -> Pass:
     return swap_kind("drop_path", mode)
 
 
-def _warn_nondeterministic(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-    found = list(random_nodes(gm))
-    if found:
-        where = ", ".join(describe(name, node) for name, node in found)
-        msg = (
-            f"the eval graph still draws random numbers in {len(found)} node(s) that no rule owns: {where}. "
-            "Eager eval is deterministic for nearly every model: such ops usually come from code that "
-            "branches on self.training (a noise layer, PatchDropout, DropBlock), which export specialised "
-            "to the mode it ran in. Export the model in eval mode, or keep them if they are meant to stay "
-            "random (modeswap.mode_of(gm).stochastic lists them)."
-        )
-        warnings.warn(msg, NondeterministicEvalWarning, stacklevel=2)
-    return ()
-
-
-def _warn_erased_modules(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-    if context.modules is None:
-        return ()  # a GraphModule keeps no list of the modules export saw
-    seen = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
-    erased = [
-        path
-        for path in context.modules
-        if path not in seen and any(word in path.rpartition(".")[2].lower().replace("_", "") for word in ERASED_IN_EVAL)
-    ]
-    if erased:
-        msg = (
-            f"{len(erased)} module(s) named like a drop path left no node in the graph: {', '.join(erased)}. "
-            "Eager runs such a module only in train mode: an eval export keeps nothing of it, so the train "
-            "graph skips it where eager train mode drops paths. Export the model in train mode and swap that "
-            "graph to eval and back: it keeps the drop path. If the module is an nn.Identity (a drop rate "
-            "of 0), nothing is lost."
-        )
-        warnings.warn(msg, ErasedModuleWarning, stacklevel=2)
-    return ()
-
-
 #: Warn when an eval graph still draws random numbers that no rule owns.
-warn_nondeterministic = Pass("warn_nondeterministic", _warn_nondeterministic)
-#: Warn when a train swap of an ``ExportedProgram`` meets drop-path modules that left no node.
-warn_erased_modules = Pass("warn_erased_modules", _warn_erased_modules)
+warn_nondeterministic = Pass("warn_nondeterministic", checks.warn_nondeterministic)
+
+
+def warn_training_branches(mode: Mode | str) -> Pass:
+    """Return the pass that warns about modules whose forward branches on ``self.training`` where no swap reaches."""
+    target = Mode.parse(mode)
+
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return checks.warn_training_branches(gm, context, target)
+
+    return Pass(f"warn_training_branches({target.value})", kernel)
 
 
 def swap_passes(mode: Mode | str, *, attention_dropout: float | None = None) -> tuple[Pass, ...]:
@@ -193,7 +162,8 @@ def swap_passes(mode: Mode | str, *, attention_dropout: float | None = None) -> 
     target = Mode.parse(mode)
     _check_attention_dropout(attention_dropout, target)
     swaps = tuple(swap_kind(kind, target, default=attention_dropout) for kind in KINDS)
-    return (*swaps, warn_nondeterministic if target is Mode.EVAL else warn_erased_modules)
+    checked = (warn_nondeterministic,) if target is Mode.EVAL else ()
+    return (*swaps, *checked, warn_training_branches(target))
 
 
 def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:

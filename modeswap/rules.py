@@ -263,6 +263,32 @@ IDIOMS: tuple[Idiom, ...] = (
 
 RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
 
+
+@attrs.frozen
+class Branch:
+    """A module type whose forward branches on ``self.training`` beyond any op a rule swaps.
+
+    Export keeps the side that ran; a swap to one of ``to`` warns when it meets
+    such a module without a site inside.
+    """
+
+    owner: str  # type-name prefix of the module
+    what: str  # what differs between the modes
+    to: tuple[Mode, ...] = (Mode.TRAIN, Mode.EVAL)
+
+
+TRAINING_BRANCHES: tuple[Branch, ...] = (
+    # need_weights=True computes attention by hand and calls dropout only when its p is above 0.
+    Branch(
+        "torch.nn.modules.activation.MultiheadAttention",
+        "with need_weights=True, an eval export has no node of its attention dropout",
+        to=(Mode.TRAIN,),
+    ),
+    Branch(
+        "torch.nn.utils.parametrizations._SpectralNorm", "it updates its power-iteration vectors only in train mode"
+    ),
+)
+
 #: Words in a module's name that mark a module eager runs only in train mode (drop path, stochastic
 #: depth, DropBlock): in eval it is the identity, so an eval export keeps no node of it. Compared
 #: with the module's attribute name, lower-cased, without underscores.

@@ -19,7 +19,7 @@ from modeswap.testing.oracle import (
     run_forward_backward,
 )
 
-_STRATEGIES = ("Case", "Layer", "LAYERS", "build", "cases", "layers")
+_STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "build", "cases", "layers")
 
 __all__ = [
     "Snapshot",

@@ -19,7 +19,23 @@ from hypothesis import strategies as st
 from torch import nn
 
 #: Layer kinds a generated model may contain.
-LAYERS = ("conv", "linear", "batch_norm", "dropout", "rrelu", "instance_norm", "attention", "drop_path", "relu")
+LAYERS = (
+    "conv",
+    "linear",
+    "batch_norm",
+    "shared_batch_norm",
+    "dropout",
+    "rrelu",
+    "instance_norm",
+    "attention",
+    "drop_path",
+    "rnn",
+    "relu",
+)
+#: Layer kinds that :func:`cases` can draw but does not by default: a ``skip`` is a dropout beside
+#: the identity (``drop(x) + x``), which an eval export cannot tell apart from ``drop(x) + drop(x)``
+#: when the dropout returns its input (see ``Case.aliasing``).
+EXTRA_LAYERS = ("skip",)
 
 
 @attrs.frozen
@@ -45,6 +61,11 @@ class Case:
         """The ``dropout_p`` its attention layers train with (they share one), or ``None``."""
         ps = {dict(layer.options)["p"] for layer in self.layers if layer.kind == "attention"}
         return ps.pop() if len(ps) == 1 else None
+
+    @property
+    def aliasing(self) -> bool:
+        """Whether an eval export of it is ambiguous: a skip beside a dropout that returns its input in eval."""
+        return any(layer.kind == "skip" and dict(layer.options)["cls"] != "Dropout" for layer in self.layers)
 
     @property
     def drop_path(self) -> bool:
@@ -100,6 +121,53 @@ class DropPath(nn.Module):
                 return x * noise.div_(keep)
 
 
+class Recurrent(nn.Module):
+    """An ``nn.LSTM``/``GRU``/``RNN`` over the flattened positions, with dropout between its layers."""
+
+    CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+    def __init__(self, cell: str, width: int, layers: int, p: float, bidirectional: bool, batch_first: bool) -> None:
+        super().__init__()
+        cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}[cell]
+        options = {"nonlinearity": cell.removeprefix("RNN_").lower()} if cell.startswith("RNN_") else {}
+        self.rnn = cls(width, width, layers, dropout=p, bidirectional=bidirectional, batch_first=batch_first, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, positions, width)
+        if not self.rnn.batch_first:
+            sequence = sequence.transpose(0, 1)
+        out: torch.Tensor = self.rnn(sequence)[0]
+        if not self.rnn.batch_first:
+            out = out.transpose(0, 1)
+        return out[..., : x.shape[-1]].reshape(x.shape)
+
+
+class SharedBatchNorm(nn.Module):
+    """A batch norm called twice: one module under two names, or two modules sharing running stats."""
+
+    def __init__(self, norm: type[nn.Module], channels: int, momentum: float, same_module: bool) -> None:
+        super().__init__()
+        self.first = norm(channels, momentum=momentum)
+        self.second = self.first if same_module else norm(channels, momentum=momentum / 2)
+        if not same_module:
+            self.second.running_mean = self.first.running_mean
+            self.second.running_var = self.first.running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))  # type: ignore[no-any-return]
+
+
+class Skip(nn.Module):
+    """A dropout beside the identity: ``drop(x) + x``, as a residual or a U-Net skip reads it."""
+
+    def __init__(self, dropout: nn.Module) -> None:
+        super().__init__()
+        self.drop = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) + x  # type: ignore[no-any-return]
+
+
 class Fresh(nn.Module):
     """Copies its input, so an in-place layer after it never overwrites a tensor autograd saved."""
 
@@ -152,6 +220,15 @@ def layers(dims: int, *, kinds: tuple[str, ...] = LAYERS, mixed: bool = False) -
         "instance_norm": _options(momentum=_momentum, eps=_eps, affine=st.booleans(), track=st.booleans()),
         "attention": _options(p=_probability, causal=st.booleans()),
         "drop_path": _options(p=_probability, idiom=st.sampled_from(DropPath.IDIOMS)),
+        "rnn": _options(
+            cell=st.sampled_from(Recurrent.CELLS),
+            layers=st.integers(2, 3),
+            p=_probability,
+            bidirectional=st.booleans(),
+            batch_first=st.booleans(),
+        ),
+        "shared_batch_norm": _options(momentum=_momentum, same_module=st.booleans()),
+        "skip": _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability),
     }
     pinned = st.sampled_from((None, "train", "eval")) if mixed else st.just(None)
     return st.sampled_from(kinds).flatmap(
@@ -228,5 +305,12 @@ def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Modul
             return Attention(o["p"], o["causal"]), channels
         case "drop_path":
             return DropPath(o["p"], o["idiom"]), channels
-    msg = f"unknown layer kind {spec.kind!r}; expected one of {LAYERS}"
+        case "rnn":
+            return Recurrent(o["cell"], width, o["layers"], o["p"], o["bidirectional"], o["batch_first"]), channels
+        case "shared_batch_norm":
+            bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+            return SharedBatchNorm(bn, channels, o["momentum"], o["same_module"]), channels
+        case "skip":
+            return Skip(getattr(nn, o["cls"])(o["p"])), channels
+    msg = f"unknown layer kind {spec.kind!r}; expected one of {LAYERS + EXTRA_LAYERS}"
     raise ValueError(msg)

@@ -1,4 +1,4 @@
-"""Properties of swaps on random conv / norm / dropout / rrelu / attention models, with eager PyTorch as the oracle.
+"""Properties of swaps on random models of every site kind, with eager PyTorch as the oracle.
 
 Each example exports its model once and checks what it can on that export.
 ``MODESWAP_PROFILE=ci`` runs the full counts (see tests/conftest.py).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,7 +115,7 @@ def test_mode_of_agrees_with_the_eager_modules(case: Case, source: Mode) -> None
         assert site.mode is (Mode.TRAIN if module.training else Mode.EVAL), site
     expected_sites = [
         name
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)
         if _is_site(module) and not (isinstance(module, modeswap.testing.strategies.Attention) and not module.training)
     ]
     assert sorted(s.module_path for s in report.sites) == sorted(expected_sites)
@@ -127,6 +128,24 @@ def test_mode_of_agrees_with_the_eager_modules(case: Case, source: Mode) -> None
     assert modeswap.mode_of(evaluated).stochastic == ()
 
 
+@given(case=cases(kinds=("skip", "linear", "relu", "dropout")), seed=st.integers(0, 1000))
+def test_an_ambiguous_eval_graph_is_refused_and_a_train_export_goes_both_ways(case: Case, seed: int) -> None:
+    eval_export = export(case, Mode.EVAL)
+    if case.aliasing:
+        with pytest.raises(modeswap.UnsupportedGraphError, match="Export the model in train mode"):
+            modeswap.to_train(eval_export)
+    else:
+        trained = modeswap.to_train(eval_export)
+        expected = run_forward_backward(eager(case, Mode.TRAIN), case.args, seed=seed)
+        assert_same_run(expected, run_forward_backward(trained, case.args, seed=seed), atol=1e-6, rtol=1e-5)
+    evaluated = modeswap.to_eval(export(case, Mode.TRAIN))
+    expected = run_forward_backward(eager(case, Mode.EVAL), case.args, seed=seed)
+    assert_same_run(expected, run_forward_backward(evaluated, case.args, seed=seed), atol=1e-6, rtol=1e-5)
+    trained = modeswap.to_train(evaluated)  # the memo of to_eval settles what the eval export could not
+    expected = run_forward_backward(eager(case, Mode.TRAIN), case.args, seed=seed)
+    assert_same_run(expected, run_forward_backward(trained, case.args, seed=seed), atol=1e-6, rtol=1e-5)
+
+
 def _is_site(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm | torch.nn.modules.instancenorm._InstanceNorm):
         return module.track_running_stats
@@ -134,5 +153,5 @@ def _is_site(module: torch.nn.Module) -> bool:
         return module.training  # an eval export never ran it
     return isinstance(
         module,
-        torch.nn.modules.dropout._DropoutNd | torch.nn.RReLU | modeswap.testing.strategies.Attention,
+        torch.nn.modules.dropout._DropoutNd | torch.nn.RReLU | torch.nn.RNNBase | modeswap.testing.strategies.Attention,
     )

@@ -90,4 +90,5 @@ def test_every_rule_names_ops_with_its_flag() -> None:
 def test_every_reason_is_one_line() -> None:
     for table in (unowned.RANDOM, unowned.UNREACHABLE):
         for name, reason in table.items():
-            assert reason and "\n" not in reason, name
+            assert reason, name
+            assert "\n" not in reason, name

@@ -1,0 +1,399 @@
+"""Where the graph cannot tell what eager does: exact, or an error or warning that names the node and module.
+
+Each case is checked against eager PyTorch in both directions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeswap
+from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError
+from modeswap.testing import assert_mode_equivalent, assert_same_run, export, run_forward_backward
+
+X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+IMAGE = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
+    """Fail on any modeswap warning (pytest's own settings would too; this says so where it matters)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", modeswap.ModeswapWarning)
+        yield
+
+
+# --- eval dropouts that return their input ------------------------------------------------
+
+
+class Residual(nn.Module):
+    """``drop(h) + h``: in eval the dropout returns ``h`` itself, so export routes ``+ h`` through it."""
+
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.selu(self.fc(x))
+        return self.drop(h) + h
+
+
+class Skip(nn.Module):
+    """A U-Net style skip beside a ``Dropout2d``: the skip reads the undropped features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout2d(0.3)
+        self.up = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.up(torch.cat([self.drop(h), h], dim=1))
+
+
+class Returned(nn.Module):
+    """Returns the dropped tensor and the tensor it dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.FeatureAlphaDropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.drop(x), x
+
+
+ALIASING = [
+    pytest.param(Residual(nn.AlphaDropout(0.2)), X, "alpha_dropout", id="alpha-dropout-residual"),
+    pytest.param(Residual(nn.FeatureAlphaDropout(0.2)), X, "feature_alpha_dropout", id="feature-alpha-residual"),
+    pytest.param(Skip(), IMAGE, "feature_dropout", id="dropout2d-skip"),
+    pytest.param(Returned(), X, "feature_alpha_dropout", id="returned-beside"),
+]
+
+
+@pytest.mark.parametrize(("model", "x", "op"), ALIASING)
+def test_an_eval_dropout_that_aliases_a_reused_input_is_refused(model: nn.Module, x: torch.Tensor, op: str) -> None:
+    gm = export(model, (x,), "eval")
+    with pytest.raises(UnsupportedGraphError, match=rf"{op} \(aten\.{op}\.default, in module 'drop'\)") as error:
+        modeswap.to_train(gm)
+    assert "Export the model in train mode" in str(error.value)
+    assert isinstance(error.value, ValueError)
+    # Not a false alarm: a swap that went ahead would compute something else than eager.
+    forced = modeswap.pipeline()(gm)
+    for node in forced.graph.nodes:
+        if str(node.target) == f"aten.{op}.default":
+            node.args = (*node.args[:2], True)
+    forced.recompile()
+    expected = run_forward_backward(copy.deepcopy(model).train(), (x,), seed=0)
+    with pytest.raises(AssertionError):
+        assert_same_run(expected, run_forward_backward(forced, (x,), seed=0), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "x", "op"), ALIASING)
+def test_a_train_export_keeps_the_uses_apart_both_ways(model: nn.Module, x: torch.Tensor, op: str) -> None:
+    with _no_warnings():
+        assert_mode_equivalent(model, (x,), "eval")
+        gm = export(model, (x,), "train")
+        back = modeswap.to_train(modeswap.to_eval(gm))  # the eval swap's memo settles which use is which
+    expected = run_forward_backward(copy.deepcopy(model).train(), (x,), seed=3)
+    assert_same_run(expected, run_forward_backward(back, (x,), seed=3), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [nn.Dropout(0.3), nn.Dropout(0.3, inplace=True), nn.AlphaDropout(0.2)],
+    ids=["dropout-residual", "inplace-dropout-residual", "alpha-dropout-alone"],
+)
+def test_dropouts_the_graph_is_clear_about_swap_to_train_exactly(drop: nn.Module) -> None:
+    # aten.dropout copies its input in eval, and an in-place dropout drops the input for every use
+    # in train mode too: neither is ambiguous. A lone aliasing dropout has only its own use.
+    model = Residual(drop) if not isinstance(drop, nn.AlphaDropout) else nn.Sequential(nn.Linear(4, 4), drop)
+    with _no_warnings():
+        assert_mode_equivalent(model, (X,), "train")
+
+
+# --- one batch norm under two names, two batch norms sharing buffers -----------------------
+
+
+class Aliased(nn.Module):
+    """One BatchNorm under two attribute names, called twice: eager counts two batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn_a = nn.BatchNorm1d(4, momentum=0.3)
+        self.bn_b = self.bn_a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(self.fc(self.bn_a(x)))
+
+
+class SharedStats(nn.Module):
+    """Two BatchNorms that share running stats but count batches apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn_a = nn.BatchNorm1d(4, momentum=0.3)
+        self.bn_b = nn.BatchNorm1d(4, momentum=0.2)
+        self.bn_b.running_mean = self.bn_a.running_mean
+        self.bn_b.running_var = self.bn_a.running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(self.fc(self.bn_a(x)))
+
+
+SHARED = [pytest.param(Aliased, id="one-module-two-names"), pytest.param(SharedStats, id="shared-running-stats")]
+
+
+@pytest.mark.parametrize("make", SHARED)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_shared_batch_norms_count_what_eager_counts(make: type[nn.Module], mode: str) -> None:
+    model = make()
+    with _no_warnings():
+        swapped = assert_mode_equivalent(model, (X,), mode)
+    trained = modeswap.to_train(swapped.module)
+    eager = copy.deepcopy(model).train()
+    counted = [_counts(module, lambda m: m(X)) for module in (trained, eager)]
+    assert counted[0] == counted[1]
+    assert max(counted[1].values()) >= 1
+
+
+def _counts(module: nn.Module, run: Any) -> dict[str, int]:
+    """How many batches one call of ``run`` adds to each ``num_batches_tracked``."""
+
+    def read() -> dict[str, int]:
+        return {k: int(v) for k, v in module.state_dict().items() if k.endswith("num_batches_tracked")}
+
+    before = read()
+    run(module)
+    return {k: v - before[k] for k, v in read().items()}
+
+
+@pytest.mark.parametrize("make", SHARED)
+def test_shared_batch_norms_in_an_exported_program(make: type[nn.Module]) -> None:
+    model = make()
+    program = torch.export.export(copy.deepcopy(model).eval(), (X,))
+    trained = modeswap.to_train(program).module()
+    eager = copy.deepcopy(model).train()
+    assert_same_run(
+        run_forward_backward(eager, (X,), seed=0), run_forward_backward(trained, (X,), seed=0), atol=1e-6, rtol=1e-5
+    )
+
+
+# --- random ops left in an eval graph ------------------------------------------------------
+
+
+class Noise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y + 0.1 * torch.randn_like(y) if self.training else y
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = Noise()
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.noise(x))
+
+
+def test_allow_train_eval_warns_once_for_randomness_its_eval_variant_keeps() -> None:
+    gm = export(Noisy(), (X,), "train")
+    with pytest.warns(
+        NondeterministicEvalWarning, match=r"randn_like \(aten\.randn_like\.default, in module 'noise'\)"
+    ):
+        modal = modeswap.allow_train_eval(gm)
+    modal.eval()
+    assert not torch.equal(modal(X), modal(X))  # what the warning is about
+    with _no_warnings():
+        modeswap.allow_train_eval(export(Noisy(), (X,), "eval"))  # an eval export has no noise to keep
+
+
+# --- modules an eval export erased -----------------------------------------------------------
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0], 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop_path = DropPath(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fc(x))
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Block(), Block())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_to_train_of_a_program_names_drop_paths_its_eval_export_erased() -> None:
+    program = torch.export.export(Stack().eval(), (X,))
+    with pytest.warns(TrainingBranchWarning, match=r"2 module\(s\).*'blocks\.0\.drop_path'.*'blocks\.1\.drop_path'"):
+        trained = modeswap.to_train(program)
+    # The warning is right: eager train drops paths, the swapped program does not.
+    expected = run_forward_backward(Stack().train(), (X,), seed=0)
+    torch.manual_seed(0)
+    model = Stack().train()
+    expected = run_forward_backward(model, (X,), seed=0)
+    program = torch.export.export(copy.deepcopy(model).eval(), (X,))
+    with pytest.warns(TrainingBranchWarning):
+        trained = modeswap.to_train(program)
+    with pytest.raises(AssertionError, match="outputs"):
+        assert_same_run(expected, run_forward_backward(trained.module(), (X,), seed=0), atol=1e-6, rtol=1e-5)
+    with pytest.warns(TrainingBranchWarning, match="blocks.0.drop_path"):
+        modeswap.allow_train_eval(program)
+
+
+def test_a_program_exported_in_train_keeps_its_drop_paths_and_says_nothing() -> None:
+    torch.manual_seed(0)
+    model = Stack().train()
+    program = torch.export.export(copy.deepcopy(model), (X,))
+    with _no_warnings():
+        back = modeswap.to_train(modeswap.to_eval(program))
+    expected = run_forward_backward(model, (X,), seed=0)
+    assert_same_run(expected, run_forward_backward(back.module(), (X,), seed=0), atol=1e-6, rtol=1e-5)
+
+
+def test_a_graph_module_keeps_no_list_of_modules_so_only_a_program_warns() -> None:
+    # ExportedProgram.module() keeps neither module_call_graph nor any other list of the modules
+    # export saw: the documented reason the warning needs the program.
+    gm = torch.export.export(Stack().eval(), (X,)).module()
+    assert not hasattr(gm, "module_call_graph")
+    with _no_warnings():
+        modeswap.to_train(gm)
+
+
+# --- functional calls ----------------------------------------------------------------------
+
+
+class Functional(nn.Module):
+    """Calls that hard-code a mode, beside modules that follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.2)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.mean, self.var, training=True)  # always batch statistics
+        x = F.dropout(x, 0.1, training=True)  # Monte Carlo dropout
+        return self.drop(self.bn(x))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sites_say_which_modes_are_guessed_from_a_functional_call(mode: str) -> None:
+    sites = modeswap.mode_of(export(Functional(), (X,), mode)).sites
+    assert {(site.kind, site.module_path, site.functional) for site in sites} == {
+        ("batch_norm", "", True),
+        ("dropout", "", True),
+        ("batch_norm", "bn", False),
+        ("dropout", "drop", False),
+    }
+
+
+def test_functional_sites_survive_a_swap_in_the_report() -> None:
+    evaluated = modeswap.to_eval(export(Functional(), (X,), "train"))
+    report = modeswap.mode_of(evaluated)
+    assert report.mode is Mode.EVAL
+    assert sorted(site.functional for site in report.sites) == [False, False, True, True]
+
+
+# --- fused eval-only kernels -----------------------------------------------------------------
+
+
+def test_the_fused_eval_fast_path_is_refused_on_the_way_to_train() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True).eval()
+    layer.requires_grad_(False)
+    tokens = torch.randn(2, 3, 8)
+    gm = torch.export.export(layer, (tokens,), strict=True).module()
+    assert any("_transformer_encoder_layer_fwd" in str(node.target) for node in gm.graph.nodes)
+    with pytest.raises(UnsupportedGraphError, match=r"_transformer_encoder_layer_fwd.*strict=False"):
+        modeswap.to_train(gm)
+    torch.testing.assert_close(modeswap.to_eval(gm)(tokens), layer(tokens))  # eval is what it computes
+
+
+# --- modules that branch on self.training where no rule reaches -------------------------------
+
+
+class WeightedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, dropout=0.3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, weights = self.mha(x, x, x, need_weights=True)
+        return out, weights
+
+
+def test_attention_weights_exported_in_eval_lose_their_dropout_and_say_so() -> None:
+    torch.manual_seed(0)
+    model, tokens = WeightedAttention(), torch.randn(3, 2, 4)
+    with pytest.warns(TrainingBranchWarning, match=r"'mha' \(with need_weights=True, an eval export has no node"):
+        trained = modeswap.to_train(export(model, (tokens,), "eval"))
+    expected = run_forward_backward(copy.deepcopy(model).train(), (tokens,), seed=0)
+    with pytest.raises(AssertionError):
+        assert_same_run(expected, run_forward_backward(trained, (tokens,), seed=0), atol=1e-6, rtol=1e-5)
+    with _no_warnings():  # a train export holds the dropout: both ways are exact and quiet
+        assert_mode_equivalent(model, (tokens,), "eval")
+        back = modeswap.to_train(modeswap.to_eval(export(model, (tokens,), "train")))
+    assert_same_run(expected, run_forward_backward(back, (tokens,), seed=0), atol=1e-6, rtol=1e-5)
+
+
+class SpectralNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4))
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc(x))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_spectral_norm_warns_both_ways_and_differs_from_eager(mode: str) -> None:
+    torch.manual_seed(0)
+    model = SpectralNormed()
+    gm = export(model, (X,), modeswap.testing.other(mode))
+    where = r"'fc\.parametrizations\.weight\.0' \(it updates its power-iteration vectors only in train mode\)"
+    with pytest.warns(TrainingBranchWarning, match=where):
+        swapped = modeswap.swap(gm, mode).module
+    expected = run_forward_backward(copy.deepcopy(model).train(mode == "train"), (X,), seed=0)
+    with pytest.raises(AssertionError):
+        assert_same_run(expected, run_forward_backward(swapped, (X,), seed=0), atol=1e-6, rtol=1e-5)

@@ -16,6 +16,7 @@ from modeswap.testing.oracle import (
     call_signature,
     export,
     other,
+    quiet,
     run_forward_backward,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "call_signature",
     "export",
     "other",
+    "quiet",
     "run_forward_backward",
     *_STRATEGIES,
 ]

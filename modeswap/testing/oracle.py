@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -171,6 +174,18 @@ def assert_mode_equivalent(
     actual = run_forward_backward(swapped.module, args, seed=seed)
     assert_same_run(expected, actual, atol=atol, rtol=rtol)
     return swapped
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Turn every :class:`modeswap.ModeswapWarning` raised inside the block into an error.
+
+    >>> with quiet():
+    ...     evaluated = modeswap.to_eval(gm)
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", modeswap.ModeswapWarning)
+        yield
 
 
 def export(model: torch.nn.Module, args: tuple[Any, ...], mode: Mode | str, **options: Any) -> GraphModule:

@@ -5,10 +5,7 @@ Each case is checked against eager PyTorch in both directions.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,18 +15,10 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError
-from modeswap.testing import assert_mode_equivalent, assert_same_run, export, run_forward_backward
+from modeswap.testing import assert_mode_equivalent, assert_same_run, export, quiet, run_forward_backward
 
 X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
 IMAGE = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
-
-
-@contextlib.contextmanager
-def _no_warnings() -> Iterator[None]:
-    """Fail on any modeswap warning (pytest's own settings would too; this says so where it matters)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", modeswap.ModeswapWarning)
-        yield
 
 
 # --- eval dropouts that return their input ------------------------------------------------
@@ -101,7 +90,7 @@ def test_an_eval_dropout_that_aliases_a_reused_input_is_refused(model: nn.Module
 
 @pytest.mark.parametrize(("model", "x", "op"), ALIASING)
 def test_a_train_export_keeps_the_uses_apart_both_ways(model: nn.Module, x: torch.Tensor, op: str) -> None:
-    with _no_warnings():
+    with quiet():
         assert_mode_equivalent(model, (x,), "eval")
         gm = export(model, (x,), "train")
         back = modeswap.to_train(modeswap.to_eval(gm))  # the eval swap's memo settles which use is which
@@ -118,7 +107,7 @@ def test_dropouts_the_graph_is_clear_about_swap_to_train_exactly(drop: nn.Module
     # aten.dropout copies its input in eval, and an in-place dropout drops the input for every use
     # in train mode too: neither is ambiguous. A lone aliasing dropout has only its own use.
     model = Residual(drop) if not isinstance(drop, nn.AlphaDropout) else nn.Sequential(nn.Linear(4, 4), drop)
-    with _no_warnings():
+    with quiet():
         assert_mode_equivalent(model, (X,), "train")
 
 
@@ -160,7 +149,7 @@ SHARED = [pytest.param(Aliased, id="one-module-two-names"), pytest.param(SharedS
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_shared_batch_norms_count_what_eager_counts(make: type[nn.Module], mode: str) -> None:
     model = make()
-    with _no_warnings():
+    with quiet():
         swapped = assert_mode_equivalent(model, (X,), mode)
     trained = modeswap.to_train(swapped.module)
     eager = copy.deepcopy(model).train()
@@ -222,7 +211,7 @@ def test_allow_train_eval_warns_once_for_randomness_its_eval_variant_keeps() -> 
         modal = modeswap.allow_train_eval(gm)
     modal.eval()
     assert not torch.equal(modal(X), modal(X))  # what the warning is about
-    with _no_warnings():
+    with quiet():
         modeswap.allow_train_eval(export(Noisy(), (X,), "eval"))  # an eval export has no noise to keep
 
 
@@ -283,7 +272,7 @@ def test_a_program_exported_in_train_keeps_its_drop_paths_and_says_nothing() -> 
     torch.manual_seed(0)
     model = Stack().train()
     program = torch.export.export(copy.deepcopy(model), (X,))
-    with _no_warnings():
+    with quiet():
         back = modeswap.to_train(modeswap.to_eval(program))
     expected = run_forward_backward(model, (X,), seed=0)
     assert_same_run(expected, run_forward_backward(back.module(), (X,), seed=0), atol=1e-6, rtol=1e-5)
@@ -294,7 +283,7 @@ def test_a_graph_module_keeps_no_list_of_modules_so_only_a_program_warns() -> No
     # export saw: the documented reason the warning needs the program.
     gm = torch.export.export(Stack().eval(), (X,)).module()
     assert not hasattr(gm, "module_call_graph")
-    with _no_warnings():
+    with quiet():
         modeswap.to_train(gm)
 
 
@@ -370,7 +359,7 @@ def test_attention_weights_exported_in_eval_lose_their_dropout_and_say_so() -> N
     expected = run_forward_backward(copy.deepcopy(model).train(), (tokens,), seed=0)
     with pytest.raises(AssertionError):
         assert_same_run(expected, run_forward_backward(trained, (tokens,), seed=0), atol=1e-6, rtol=1e-5)
-    with _no_warnings():  # a train export holds the dropout: both ways are exact and quiet
+    with quiet():  # a train export holds the dropout: both ways are exact and quiet
         assert_mode_equivalent(model, (tokens,), "eval")
         back = modeswap.to_train(modeswap.to_eval(export(model, (tokens,), "train")))
     assert_same_run(expected, run_forward_backward(back, (tokens,), seed=0), atol=1e-6, rtol=1e-5)

@@ -10,7 +10,8 @@ fails the test until someone decides where it goes.
 
 Keys are an op's name (``"aten.randn"``: every overload) or one overload's
 (``"aten.native_dropout.out"``), as strings, so the table reads the same on a
-torch that lacks an op.
+torch that lacks an op. A reason that begins ``torch X.Y+:`` names an op that
+older torch releases do not have.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ UNREACHABLE: dict[str, str] = {
     "aten._batch_norm_impl_index_backward": "backward of _batch_norm_impl_index: autograd's, not in a forward graph",
     "aten._cudnn_attention_backward": "backward of _cudnn_attention_forward: autograd's, not in a forward graph",
     "aten._cudnn_attention_forward": "cuDNN attention kernel under _scaled_dot_product_cudnn_attention; below autograd, nn code never emits it",
+    "aten._cudnn_attention_forward_no_dropout_inplace": "torch 2.15+: in-place cuDNN attention kernel variant (CUDA) without dropout; below autograd, nn code never emits it",
     "aten._cudnn_init_dropout_state": "allocates cuDNN's RNN dropout state (C++ cuDNN RNN path, torch.backends.cudnn.rnn helper); nn forward code never emits it",
     "aten._cudnn_rnn": "cuDNN kernel lstm/gru/rnn_* dispatch to below autograd; nn code never emits it",
     "aten._cudnn_rnn_backward": "backward of _cudnn_rnn: autograd's, not in a forward graph",

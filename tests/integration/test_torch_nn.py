@@ -9,7 +9,7 @@ exported in eval has no node of its dropout at all (``TrainingBranchWarning``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +19,6 @@ from torch import nn
 
 import modeswap
 from modeswap.testing import assert_mode_equivalent, assert_same_run, export, quiet, run_forward_backward
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tokens(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:

@@ -17,7 +17,6 @@ Two things an eval export loses, and what modeswap does about each:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,16 +32,6 @@ from .models import CASES, Case, drop_probabilities
 
 ERASED_ATTENTION = [case for case in CASES if case.attention_dropout is not None]
 DROP_PATH_CASES = [case for case in CASES if case.drop_path]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The models are tiny: a second intra-op thread only adds overhead, and on a busy machine its
-    # OpenMP spin-waits make each forward and backward 10 to 50 times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(cases: list[Case] | tuple[Case, ...]) -> list[str]:

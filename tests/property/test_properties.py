@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, run_forward_backward
+from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, other, run_forward_backward
 
 #: The equivalence property runs four times as many examples as the others (400 in ci).
 EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)
@@ -23,13 +23,8 @@ EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)
 modes = st.sampled_from(Mode)
 
 
-def other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
-
-
 def export(case: Case, mode: Mode) -> torch.fx.GraphModule:
-    model = copy.deepcopy(case.model).train(mode is Mode.TRAIN)
-    return torch.export.export(model, case.args).module()
+    return modeswap.testing.export(case.model, case.args, mode)
 
 
 def graph_in(case: Case, mode: Mode) -> torch.fx.GraphModule:

@@ -13,7 +13,7 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import assert_same_run, call_signature, run_forward_backward
+from modeswap.testing import assert_same_run, call_signature, export, run_forward_backward
 from modeswap.testing.strategies import DropPath
 
 IDIOM_NAMES = {
@@ -36,12 +36,6 @@ class Block(nn.Module):
         return x + self.drop_path(self.fc(x))
 
 
-def export(model: nn.Module, mode: Mode, x: torch.Tensor, *, dynamic: bool = False) -> torch.fx.GraphModule:
-    shapes = {"x": {0: torch.export.Dim("batch", min=2, max=16)}} if dynamic else None
-    captured = copy.deepcopy(model).train(mode is Mode.TRAIN)
-    return torch.export.export(captured, (x,), dynamic_shapes=shapes).module()
-
-
 def assert_runs_as(eager: nn.Module, module: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
     expected = run_forward_backward(eager, (x,), seed=seed)
     assert_same_run(expected, run_forward_backward(module, (x,), seed=seed), atol=0.0, rtol=0.0)
@@ -57,7 +51,8 @@ def random_ops(gm: torch.fx.GraphModule) -> list[str]:
 def test_drop_path_goes_to_eval_and_back_exactly(idiom: str, dynamic: bool) -> None:
     torch.manual_seed(0)
     model, x = Block(idiom), torch.randn(6, 3, 4)
-    gm = export(model, Mode.TRAIN, x, dynamic=dynamic)
+    shapes = {"x": {0: torch.export.Dim("batch", min=2, max=16)}} if dynamic else None
+    gm = export(model, (x,), Mode.TRAIN, dynamic_shapes=shapes)
     (site,) = modeswap.mode_of(gm).sites
     assert (site.kind, site.mode, site.module_path) == ("drop_path", Mode.TRAIN, "drop_path")
     assert dict(site.params) == {"keep": 0.7, "idiom": IDIOM_NAMES[idiom]}
@@ -110,7 +105,7 @@ class Chain(nn.Module):
 def test_drop_paths_on_each_others_outputs_and_shared_modules() -> None:
     torch.manual_seed(0)
     model, x = Chain(), torch.randn(5, 4)
-    gm = export(model, Mode.TRAIN, x)
+    gm = export(model, (x,), Mode.TRAIN)
     assert [s.params["keep"] for s in modeswap.mode_of(gm).sites] == [0.8, 0.5, 0.5]
     evaluated = modeswap.to_eval(gm)
     assert random_ops(evaluated) == []
@@ -131,7 +126,7 @@ class Noise(nn.Module):
 
 def test_random_ops_that_match_no_idiom_stay_and_are_reported() -> None:
     x = torch.randn(3, 4)
-    gm = export(Noise(), Mode.TRAIN, x)
+    gm = export(Noise(), (x,), Mode.TRAIN)
     report = modeswap.mode_of(gm)
     assert report.sites == ()
     assert sorted(report.stochastic) == ["bernoulli_", "randn_like"]
@@ -145,7 +140,7 @@ def test_random_ops_that_match_no_idiom_stay_and_are_reported() -> None:
 def test_an_eval_export_has_no_drop_path_to_bring_back() -> None:
     torch.manual_seed(0)
     model, x = Block("timm"), torch.randn(6, 3, 4)
-    gm = export(model, Mode.EVAL, x)
+    gm = export(model, (x,), Mode.EVAL)
     assert modeswap.mode_of(gm).sites == ()
     assert modeswap.swap(gm, "train").changes == ()
 
@@ -168,7 +163,7 @@ class EagerAttention(nn.Module):
 def test_a_gated_dropout_p_lost_by_an_eval_export_warns_and_can_be_given() -> None:
     torch.manual_seed(0)
     model, x = EagerAttention(), torch.randn(2, 5, 8)
-    gm = export(model, Mode.EVAL, x)
+    gm = export(model, (x,), Mode.EVAL)
     with pytest.warns(modeswap.UnknownTrainingValueWarning, match=r"p=0\.0 .*attention_dropout=p"):
         silent = modeswap.to_train(gm)
     assert [s.params["p"] for s in modeswap.mode_of(silent).sites] == [0.0]
@@ -179,7 +174,7 @@ def test_a_gated_dropout_p_lost_by_an_eval_export_warns_and_can_be_given() -> No
 
 def test_a_dropout_module_with_p_zero_is_not_gated() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0))
-    gm = export(model, Mode.EVAL, torch.randn(2, 3))
+    gm = export(model, (torch.randn(2, 3),), Mode.EVAL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         swapped = modeswap.swap(gm, "train", attention_dropout=0.5)
@@ -189,7 +184,7 @@ def test_a_dropout_module_with_p_zero_is_not_gated() -> None:
 def test_a_gated_dropout_from_a_train_graph_round_trips_without_warning() -> None:
     torch.manual_seed(0)
     model, x = EagerAttention(p=0.0), torch.randn(2, 5, 8)
-    gm = export(model, Mode.TRAIN, x)
+    gm = export(model, (x,), Mode.TRAIN)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back = modeswap.to_train(modeswap.to_eval(gm))
@@ -201,7 +196,7 @@ def test_keep_one_half_is_matched_although_export_drops_it(idiom: str) -> None:
     # Shrunk by hypothesis: bernoulli_(mask, 0.5) exports as bernoulli_(mask), 0.5 being p's default.
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Conv1d(1, 1, 1), DropPath(0.5, idiom)), torch.randn(2, 1, 2)
-    gm = export(model, Mode.TRAIN, x)
+    gm = export(model, (x,), Mode.TRAIN)
     assert [(s.kind, s.params["keep"]) for s in modeswap.mode_of(gm).sites] == [("drop_path", 0.5)]
     evaluated = modeswap.to_eval(gm)
     assert_runs_as(model.eval(), evaluated, x)

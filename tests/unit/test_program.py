@@ -13,7 +13,7 @@ from torch.export import ExportedProgram
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import assert_same_run, call_signature, run_forward_backward
+from modeswap.testing import assert_same_run, call_signature, other, run_forward_backward
 
 
 class Net(nn.Module):
@@ -41,10 +41,6 @@ def model() -> Net:
 
 def export(model: nn.Module, mode: Mode, **kwargs: object) -> ExportedProgram:
     return torch.export.export(copy.deepcopy(model).train(mode is Mode.TRAIN), (x,), **kwargs)  # type: ignore[arg-type]
-
-
-def other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
 
 
 def dropout_for(mode: Mode) -> float | None:

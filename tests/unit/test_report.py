@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import Snapshot
+from modeswap.testing import Snapshot, export, other
+from modeswap.testing.models import Attention
 
 aten = torch.ops.aten
 ARGS = (torch.randn((2, 2, 3, 3), generator=torch.Generator().manual_seed(0)),)
@@ -25,16 +23,6 @@ class Noise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 0.1 * torch.randn_like(x) + 0.1 * torch.rand(x.shape)
-
-
-class Attention(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = x.reshape(x.shape[0], 1, x.shape[1], -1)
-        return F.scaled_dot_product_attention(q, q, q, dropout_p=self.p if self.training else 0.0).reshape(x.shape)
 
 
 class Net(nn.Module):
@@ -64,17 +52,13 @@ NET_SITES = [
 ]
 
 
-def _export(model: nn.Module, mode: str, args: tuple[Any, ...] = ARGS) -> GraphModule:
-    return torch.export.export(copy.deepcopy(model).train(mode == "train"), args).module()
-
-
 def _site_rows(report: modeswap.ModeReport) -> list[tuple[Any, ...]]:
     return [(s.node, s.op, s.kind, s.module_path, dict(s.params)) for s in report.sites]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_report_of_an_export(mode: str) -> None:
-    report = modeswap.mode_of(_export(Net(), mode))
+    report = modeswap.mode_of(export(Net(), ARGS, mode))
     assert report.mode is Mode(mode)
     assert report.mixed is False
     assert _site_rows(report) == NET_SITES
@@ -84,7 +68,7 @@ def test_report_of_an_export(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_report_of_a_swapped_export(mode: str) -> None:
-    swapped = modeswap.swap(_export(Net(), "eval" if mode == "train" else "train"), mode).module
+    swapped = modeswap.swap(export(Net(), ARGS, other(mode)), mode).module
     report = modeswap.mode_of(swapped)
     assert (report.mode, report.mixed) == (Mode(mode), False)
     assert _site_rows(report) == NET_SITES
@@ -109,40 +93,40 @@ def test_mixed_model() -> None:
 
 
 def test_model_without_sites() -> None:
-    report = modeswap.mode_of(_export(nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU()), "train"))
+    report = modeswap.mode_of(export(nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU()), ARGS, "train"))
     assert (report.mode, report.mixed, report.sites, report.stochastic) == (None, False, (), ())
 
 
 def test_batchnorm_without_running_stats_is_no_site() -> None:
     model = nn.Sequential(nn.BatchNorm2d(2, track_running_stats=False), nn.InstanceNorm2d(2))
-    report = modeswap.mode_of(_export(model, "train"))
+    report = modeswap.mode_of(export(model, ARGS, "train"))
     assert (report.mode, report.sites) == (None, ())
 
 
 def test_attention_sites() -> None:
     model = nn.Sequential(nn.Flatten(2), Attention(0.3))
-    (site,) = modeswap.mode_of(_export(model, "train")).sites
+    (site,) = modeswap.mode_of(export(model, ARGS, "train")).sites
     assert (site.kind, site.mode) == ("attention", Mode.TRAIN)
     assert dict(site.params) == {"dropout_p": 0.3, "is_causal": False}
     # An eval export records nothing about training: dropout_p=0.0 could be either mode.
-    assert modeswap.mode_of(_export(model, "eval")).sites == ()
-    (site,) = modeswap.mode_of(modeswap.to_eval(_export(model, "train"))).sites
+    assert modeswap.mode_of(export(model, ARGS, "eval")).sites == ()
+    (site,) = modeswap.mode_of(modeswap.to_eval(export(model, ARGS, "train"))).sites
     assert (site.mode, site.params["dropout_p"], site.params["training_dropout_p"]) == (Mode.EVAL, 0.0, 0.3)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
     model = nn.Sequential(nn.Dropout(0.3), Noise(), nn.Dropout2d(0.2), nn.RReLU())
-    gm = _export(model, mode)
+    gm = export(model, ARGS, mode)
     random = {n.name for n in gm.graph.nodes if n.target in (aten.randn_like.default, aten.rand.default)}
     assert len(random) == 2
-    other = "eval" if mode == "train" else "train"
+    target = other(mode)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        swapped = modeswap.swap(gm, other).module
+        swapped = modeswap.swap(gm, target).module
     # Only an eval graph should be deterministic: one warning, naming each node and its module.
-    assert [w.category for w in caught] == ([modeswap.NondeterministicEvalWarning] if other == "eval" else [])
-    if other == "eval":
+    assert [w.category for w in caught] == ([modeswap.NondeterministicEvalWarning] if target == "eval" else [])
+    if target == "eval":
         assert all(f"{name} (" in str(caught[0].message) for name in random)
         assert "in module '1'" in str(caught[0].message)
     for graph in (gm, swapped):
@@ -153,7 +137,9 @@ def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
         assert not set(report.stochastic) & {s.node for s in report.sites}
 
 
-@pytest.mark.parametrize("make", [lambda: _export(Net(), "train"), lambda: modeswap.to_eval(_export(Net(), "train"))])
+@pytest.mark.parametrize(
+    "make", [lambda: export(Net(), ARGS, "train"), lambda: modeswap.to_eval(export(Net(), ARGS, "train"))]
+)
 def test_mode_of_reads_only(make: Any) -> None:
     gm = make()
     before = Snapshot.of(gm)

@@ -22,8 +22,10 @@ from modeswap.testing import (
     assert_same_run,
     call_signature,
     export,
+    other,
     run_forward_backward,
 )
+from modeswap.testing.models import Attention
 
 aten = torch.ops.aten
 COUNTER = "num_batches_tracked.add_(1)"
@@ -31,14 +33,6 @@ MODES = ("train", "eval")
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def _export(model: nn.Module, args: tuple[Any, ...], mode: str) -> GraphModule:
-    return torch.export.export(copy.deepcopy(model).train(mode == "train"), args).module()
-
-
-def _other(mode: str) -> str:
-    return "eval" if mode == "train" else "train"
 
 
 def _nodes(gm: GraphModule, *targets: Any) -> list[Node]:
@@ -87,22 +81,6 @@ def _with_stats(norm: nn.Module) -> nn.Module:
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-class Attention(nn.Module):
-    """Self-attention with the eager gating idiom ``dropout_p=self.p if self.training else 0.0``."""
-
-    def __init__(self, p: float, *, causal: bool = False, scale: float | None = None, calls: int = 1) -> None:
-        super().__init__()
-        self.p, self.causal, self.scale, self.calls = p, causal, scale, calls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = {} if self.scale is None else {"scale": self.scale}
-        for _ in range(self.calls):
-            q = x.reshape(x.shape[0], 1, x.shape[1], -1)
-            p = self.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, q, q, dropout_p=p, is_causal=self.causal, **extra).reshape(x.shape)
-        return x
 
 
 class InplaceDropout(nn.Module):
@@ -203,7 +181,7 @@ def test_batchnorm_matches_eager_and_keeps_literals(cls: type, shape: tuple[int,
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_counter_over_several_forwards(mode: str) -> None:
     model = _with_stats(nn.BatchNorm2d(3, momentum=0.3, eps=1e-3))
-    gm = modeswap.swap(_export(model, (_randn(2, 3, 2, 2),), _other(mode)), mode).module
+    gm = modeswap.swap(export(model, (_randn(2, 3, 2, 2),), other(mode)), mode).module
     eager = copy.deepcopy(model).train(mode == "train")
     for seed in range(3):
         x = _randn(2, 3, 2, 2, seed=seed)
@@ -225,8 +203,8 @@ def test_batch_counter_over_several_forwards(mode: str) -> None:
 def test_norm_without_running_stats_is_untouched(norm: nn.Module, shape: tuple[int, ...], exported_in: str) -> None:
     model = nn.Sequential(nn.ReLU(), norm)
     args = (_randn(*shape),)
-    gm = _export(model, args, exported_in)
-    swapped = modeswap.swap(gm, _other(exported_in))
+    gm = export(model, args, exported_in)
+    swapped = modeswap.swap(gm, other(exported_in))
     assert swapped.changes == ()
     assert _calls(swapped.module) == _calls(gm)
     for mode in MODES:
@@ -235,7 +213,7 @@ def test_norm_without_running_stats_is_untouched(norm: nn.Module, shape: tuple[i
 
 def test_shared_batchnorm_counts_twice_in_train() -> None:
     args = (_randn(4, 3),)
-    gm = modeswap.to_train(_export(SharedNorm(), args, "eval"))
+    gm = modeswap.to_train(export(SharedNorm(), args, "eval"))
     assert len(_nodes(gm, aten.add_.Tensor)) == 2
     eager = SharedNorm().train()
     for seed in range(3):
@@ -253,7 +231,7 @@ def test_shared_batchnorm_to_eval() -> None:
 
 def test_shared_batchnorm_round_trips_its_chained_counters() -> None:
     args = (_randn(4, 3),)
-    gm = _export(SharedNorm(), args, "train")
+    gm = export(SharedNorm(), args, "train")
     assert call_signature(modeswap.to_train(modeswap.to_eval(gm))) == call_signature(gm)
 
 
@@ -261,7 +239,7 @@ def test_a_counter_away_from_its_batch_norm_is_found() -> None:
     # prepare_qat_pt2e rewrites conv + batch norm, and leaves the counter before the new conv ops.
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=0.2), nn.Dropout(0.3))
     args = (_randn(4, 3),)
-    gm = _export(model, args, "train")
+    gm = export(model, args, "train")
     (counter,) = _nodes(gm, aten.add_.Tensor)
     (linear,) = _nodes(gm, aten.linear.default)
     linear.prepend(counter)
@@ -274,7 +252,7 @@ def test_a_counter_away_from_its_batch_norm_is_found() -> None:
 
 
 def test_cumulative_momentum_cannot_go_to_train() -> None:
-    gm = _export(nn.BatchNorm1d(3, momentum=None), (_randn(4, 3),), "eval")
+    gm = export(nn.BatchNorm1d(3, momentum=None), (_randn(4, 3),), "eval")
     with pytest.raises(UnsupportedGraphError, match=r"momentum=None") as info:
         modeswap.to_train(gm)
     message = str(info.value)
@@ -311,14 +289,14 @@ def test_rrelu_matches_eager_and_the_other_export(layer: nn.Module, mode: str) -
     args = (_randn(4, 3),)
     swapped = assert_mode_equivalent(model, args, mode)
     # to_train pads the defaults an eval export strips (rrelu(x)); to_eval strips them again.
-    assert _calls(swapped.module) == _calls(_export(model, args, mode))
+    assert _calls(swapped.module) == _calls(export(model, args, mode))
     (node,) = _nodes(swapped.module, aten.rrelu.default, aten.rrelu_.default)
     if mode == "train":
         assert node.args[1:] == (layer.lower, layer.upper, True)
 
 
 def test_rrelu_custom_bounds_kept_in_eval() -> None:
-    gm = modeswap.to_eval(_export(nn.RReLU(0.1, 0.3), (_randn(4, 3),), "train"))
+    gm = modeswap.to_eval(export(nn.RReLU(0.1, 0.3), (_randn(4, 3),), "train"))
     (node,) = _nodes(gm, aten.rrelu.default)
     assert node.args[1:] == (0.1, 0.3)
 
@@ -347,7 +325,7 @@ def test_attention_to_train_with_attention_dropout_matches_eager() -> None:
 
 def test_attention_to_train_without_value_warns_once_and_keeps_zero() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(3), Attention(ATTENTION_P, calls=2))
-    gm = _export(model, (_randn(2, 3, 4),), "eval")
+    gm = export(model, (_randn(2, 3, 4),), "eval")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trained = modeswap.to_train(gm)
@@ -463,9 +441,9 @@ def _to(mode: str) -> Any:
 @pytest.mark.parametrize("exported_in", MODES)
 def test_round_trip_gives_back_the_export(exported_in: str) -> None:
     model = _every_site()
-    gm = _export(model, EVERY_ARGS, exported_in)
+    gm = export(model, EVERY_ARGS, exported_in)
     # From a train export the memo alone restores attention dropout: no attention_dropout=, no warning.
-    there = _to(_other(exported_in))(gm)
+    there = _to(other(exported_in))(gm)
     back = modeswap.to_train(there) if exported_in == "train" else modeswap.to_eval(there)
     assert _calls(back) == _calls(gm)
     eager = copy.deepcopy(model).train(exported_in == "train")
@@ -488,7 +466,7 @@ def test_every_site_matches_eager(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("exported_in", MODES)
 def test_swap_is_idempotent(exported_in: str, mode: str) -> None:
-    once = _to(mode)(_export(_every_site(), EVERY_ARGS, exported_in))
+    once = _to(mode)(export(_every_site(), EVERY_ARGS, exported_in))
     twice = modeswap.swap(once, mode)
     assert twice.changes == ()
     assert _calls(twice.module) == _calls(once)
@@ -519,8 +497,8 @@ def _every_change(before: bool) -> set[Change]:
 
 @pytest.mark.parametrize("exported_in", MODES)
 def test_changes_list_every_edit(exported_in: str) -> None:
-    gm = _export(_every_site(), EVERY_ARGS, exported_in)
-    target = _other(exported_in)
+    gm = export(_every_site(), EVERY_ARGS, exported_in)
+    target = other(exported_in)
     swapped = modeswap.swap(gm, target, attention_dropout=ATTENTION_P if target == "train" else None)
     assert swapped.mode is Mode(target)
     assert len(swapped.changes) == len(set(swapped.changes))
@@ -529,9 +507,9 @@ def test_changes_list_every_edit(exported_in: str) -> None:
 
 @pytest.mark.parametrize("exported_in", MODES)
 def test_swap_leaves_its_input_alone(exported_in: str) -> None:
-    gm = _export(_every_site(), EVERY_ARGS, exported_in)
+    gm = export(_every_site(), EVERY_ARGS, exported_in)
     before = Snapshot.of(gm)
-    _to(_other(exported_in))(gm)
+    _to(other(exported_in))(gm)
     assert Snapshot.of(gm) == before
 
 
@@ -574,7 +552,7 @@ def test_a_functional_batch_norm_on_module_buffers_never_counts() -> None:
     args = (_randn(4, 3),)
     swapped = assert_mode_equivalent(FunctionalNormOnModuleBuffers(), args, "train")
     assert _nodes(swapped.module, aten.add_.Tensor) == []
-    gm = _export(FunctionalNormOnModuleBuffers(), args, "train")
+    gm = export(FunctionalNormOnModuleBuffers(), args, "train")
     assert call_signature(modeswap.to_train(modeswap.to_eval(gm))) == call_signature(gm)
 
 
@@ -582,7 +560,7 @@ def test_attention_dropout_applies_to_a_graph_already_swapped_without_it() -> No
     model = nn.Sequential(nn.Dropout(0.1), Attention(0.3))
     args = (_randn(2, 3, 4),)
     with pytest.warns(UnknownTrainingValueWarning):
-        guessed = modeswap.to_train(_export(model, args, "eval"))
+        guessed = modeswap.to_train(export(model, args, "eval"))
     fixed = modeswap.swap(guessed, "train", attention_dropout=0.3)
     assert [(c.field, c.before, c.after) for c in fixed.changes] == [("dropout_p", 0.0, 0.3)]
     assert_same_run(
@@ -603,7 +581,7 @@ def test_decomposed_graphs_are_refused(exported_in: str, target: str) -> None:
 
 
 def test_attention_dropout_of_one_is_accepted() -> None:
-    gm = _export(Attention(0.5), (_randn(2, 3, 4),), "eval")
+    gm = export(Attention(0.5), (_randn(2, 3, 4),), "eval")
     (node,) = _nodes(modeswap.to_train(gm, attention_dropout=1.0), aten.scaled_dot_product_attention.default)
     assert _arg(node, "dropout_p") == 1.0
 

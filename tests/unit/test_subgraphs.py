@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import modeswap
-from modeswap.testing import assert_same_run, call_signature, run_forward_backward
+from modeswap.testing import assert_same_run, call_signature, export, run_forward_backward
 
 
 class NoGradRegion(nn.Module):
@@ -34,26 +34,22 @@ def model() -> NoGradRegion:
 x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 
 
-def export(model: nn.Module, training: bool) -> torch.fx.GraphModule:
-    return torch.export.export(copy.deepcopy(model).train(training), (x,)).module()
-
-
 def test_the_region_is_a_subgraph(model):
-    gm = export(model, True)
+    gm = export(model, (x,), "train")
     assert any(path.startswith("submod") for path, _ in modeswap.graphs.graph_modules(gm))
     nodes = {site.node for site in modeswap.mode_of(gm).sites}
     assert {"submod_1.batch_norm", "submod_1.dropout", "dropout_1"} <= nodes
 
 
 def test_train_export_swaps_to_eval_inside_the_subgraph(model):
-    evaluated = modeswap.to_eval(export(model, True))
+    evaluated = modeswap.to_eval(export(model, (x,), "train"))
     assert modeswap.mode_of(evaluated).mode is modeswap.Mode.EVAL
     expected = run_forward_backward(copy.deepcopy(model).eval(), (x,), seed=0)
     assert_same_run(expected, run_forward_backward(evaluated, (x,), seed=0), atol=1e-6, rtol=1e-5)
 
 
 def test_round_trip_through_eval_restores_the_subgraph(model):
-    gm = export(model, True)
+    gm = export(model, (x,), "train")
     back = modeswap.to_train(modeswap.to_eval(gm))
     for (_, old), (_, new) in zip(modeswap.graphs.graph_modules(gm), modeswap.graphs.graph_modules(back), strict=True):
         assert call_signature(new) == call_signature(old)
@@ -66,4 +62,4 @@ def test_round_trip_through_eval_restores_the_subgraph(model):
 
 def test_eval_export_cannot_count_batches_inside_a_subgraph(model):
     with pytest.raises(modeswap.UnsupportedGraphError, match=r"submod_1\.batch_norm.*subgraph.*num_batches_tracked"):
-        modeswap.to_train(export(model, False))
+        modeswap.to_train(export(model, (x,), "eval"))

@@ -1,0 +1,136 @@
+"""Eager modules with train/eval behaviour written by hand, as models in the wild write it.
+
+The hypothesis strategies (:mod:`modeswap.testing.strategies`) build their models from
+these; they need only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Self-attention over the flattened spatial positions, with the eager gating idiom.
+
+    ``dropout_p=self.p if self.training else 0.0``, as eager code writes it; ``calls`` applies
+    the attention that many times in a row.
+    """
+
+    def __init__(self, p: float, causal: bool = False, *, scale: float | None = None, calls: int = 1) -> None:
+        super().__init__()
+        self.p = p
+        self.causal = causal
+        self.scale = scale
+        self.calls = calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.calls):
+            n, c = x.shape[:2]
+            q = x.reshape(n, 1, c, -1)
+            out = F.scaled_dot_product_attention(
+                q, q, q, dropout_p=self.p if self.training else 0.0, is_causal=self.causal, scale=self.scale
+            )
+            x = out.reshape(x.shape)
+        return x
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as each library writes it by hand; the identity in eval mode."""
+
+    IDIOMS = ("transformers", "timm", "timm-unscaled", "torchvision")
+
+    def __init__(self, p: float, idiom: str) -> None:
+        super().__init__()
+        self.p = p
+        self.idiom = idiom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        match self.idiom:
+            case "transformers":
+                mask = keep + torch.rand(shape, dtype=x.dtype, device=x.device)
+                mask.floor_()
+                return x.div(keep) * mask
+            case "timm" | "timm-unscaled":
+                mask = x.new_empty(shape).bernoulli_(keep)
+                return x * (mask.div_(keep) if self.idiom == "timm" else mask)
+            case _:
+                noise = torch.empty(list(shape), dtype=x.dtype, device=x.device).bernoulli_(keep)
+                return x * noise.div_(keep)
+
+
+class Recurrent(nn.Module):
+    """An ``nn.LSTM``/``GRU``/``RNN`` over the flattened positions, with dropout between its layers."""
+
+    CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+    def __init__(self, cell: str, width: int, layers: int, p: float, bidirectional: bool, batch_first: bool) -> None:
+        super().__init__()
+        cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}[cell]
+        options = {"nonlinearity": cell.removeprefix("RNN_").lower()} if cell.startswith("RNN_") else {}
+        self.rnn = cls(width, width, layers, dropout=p, bidirectional=bidirectional, batch_first=batch_first, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, positions, width)
+        if not self.rnn.batch_first:
+            sequence = sequence.transpose(0, 1)
+        out: torch.Tensor = self.rnn(sequence)[0]
+        if not self.rnn.batch_first:
+            out = out.transpose(0, 1)
+        return out[..., : x.shape[-1]].reshape(x.shape)
+
+
+class SharedBatchNorm(nn.Module):
+    """A batch norm called twice: one module under two names, or two modules sharing running stats."""
+
+    def __init__(self, norm: type[nn.Module], channels: int, momentum: float, same_module: bool) -> None:
+        super().__init__()
+        self.first = norm(channels, momentum=momentum)
+        self.second = self.first if same_module else norm(channels, momentum=momentum / 2)
+        if not same_module:
+            self.second.running_mean = self.first.running_mean
+            self.second.running_var = self.first.running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))  # type: ignore[no-any-return]
+
+
+class Skip(nn.Module):
+    """A dropout beside the identity: ``drop(x) + x``, as a residual or a U-Net skip reads it."""
+
+    def __init__(self, dropout: nn.Module) -> None:
+        super().__init__()
+        self.drop = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) + x  # type: ignore[no-any-return]
+
+
+class Fresh(nn.Module):
+    """Copies its input, so an in-place layer after it never overwrites a tensor autograd saved."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+class PinnedMode(nn.Module):
+    """Keeps its child in one mode whatever ``train()``/``eval()`` is called with (for mixed graphs)."""
+
+    def __init__(self, child: nn.Module, training: bool) -> None:
+        super().__init__()
+        self.child = child
+        self.pinned = training
+        self.child.train(training)
+
+    def train(self, mode: bool = True) -> PinnedMode:
+        self.training = mode
+        self.child.train(self.pinned)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.child(x)  # type: ignore[no-any-return]

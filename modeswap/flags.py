@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from modeswap import counters
+from modeswap import aliases, counters
 from modeswap.errors import UnknownTrainingValueWarning, UnsupportedGraphError
 from modeswap.graphs import (
     calls,
@@ -177,7 +177,7 @@ def _refuse_aliased(t: Target) -> None:
     if t.node.target not in t.rule.eval_aliases:
         return
     uses = _uses(t.node)
-    if uses <= 1:
+    if uses <= 1 or not aliases.returns_input(t.node):
         return
     msg = (
         f"cannot swap {describe(t.name, t.node)} to train mode: in eval mode this op returns its input itself, so "

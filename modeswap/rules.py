@@ -66,8 +66,9 @@ class Rule:
     # An argument that eager code often zeroes outside training (``p if self.training else 0.0``):
     # at 0.0 in an eval graph its training value is unknown, unless a module of the family made the call.
     gated: str | None = None
-    # Overloads that return their very input in eval mode: export then routes every later use
-    # of the input through the node, and an eval graph cannot tell those uses from the op's own.
+    # Overloads that may return their very input in eval mode (see modeswap.aliases): export then
+    # routes every later use of the input through the node, and an eval graph cannot tell those
+    # uses from the op's own.
     eval_aliases: tuple[torch._ops.OpOverload, ...] = ()
 
     def applies(self, node: Node) -> bool:
@@ -121,8 +122,13 @@ RULES: tuple[Rule, ...] = (
         family=("torch.nn.modules.dropout.",),
         params=("p",),
         gated="p",  # transformers' eager attention: dropout(w, p=0.0 if not self.training else p)
-        # export's aten.dropout copies its input in eval; the in-place variants alias in both modes.
-        eval_aliases=(aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default),
+        # The in-place variants return their input in both modes: their uses are the same in both.
+        eval_aliases=(
+            aten.dropout.default,
+            aten.feature_dropout.default,
+            aten.alpha_dropout.default,
+            aten.feature_alpha_dropout.default,
+        ),
     ),
     Rule(
         "batch_norm",

@@ -6,6 +6,7 @@ Each case is checked against eager PyTorch in both directions.
 from __future__ import annotations
 
 import copy
+import io
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError
+from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError, aliases
 from modeswap.testing import assert_mode_equivalent, assert_same_run, export, quiet, run_forward_backward
 
 X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
@@ -100,15 +101,54 @@ def test_a_train_export_keeps_the_uses_apart_both_ways(model: nn.Module, x: torc
 
 @pytest.mark.parametrize(
     "drop",
-    [nn.Dropout(0.3), nn.Dropout(0.3, inplace=True), nn.AlphaDropout(0.2)],
-    ids=["dropout-residual", "inplace-dropout-residual", "alpha-dropout-alone"],
+    [nn.Dropout(0.3, inplace=True), nn.AlphaDropout(0.2)],
+    ids=["inplace-dropout-residual", "alpha-dropout-alone"],
 )
 def test_dropouts_the_graph_is_clear_about_swap_to_train_exactly(drop: nn.Module) -> None:
-    # aten.dropout copies its input in eval, and an in-place dropout drops the input for every use
-    # in train mode too: neither is ambiguous. A lone aliasing dropout has only its own use.
+    # An in-place dropout drops its input for every later use in train mode too: no ambiguity.
+    # A lone aliasing dropout has only its own use.
     model = Residual(drop) if not isinstance(drop, nn.AlphaDropout) else nn.Sequential(nn.Linear(4, 4), drop)
     with quiet():
         assert_mode_equivalent(model, (X,), "train")
+
+
+class Viewed(nn.Module):
+    """``drop(h) + h`` beside a view, whose fake value shows that the graph records aliasing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.selu(self.fc(x)).unsqueeze(0)
+        return self.drop(h) + h
+
+
+@pytest.mark.parametrize("model", [Residual(nn.Dropout(0.3)), Viewed()], ids=["no-view", "view"])
+def test_an_eval_dropout_is_refused_exactly_when_this_torch_exports_it_as_an_alias(model: nn.Module) -> None:
+    # torch 2.13's export copies in an eval aten.dropout, torch 2.15's returns the input itself.
+    aliased = aliases._exported_as_alias(torch.ops.aten.dropout.default)
+    gm = export(model, (X,), "eval")
+    (node,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert aliases.returns_input(node) is aliased
+    if aliased:
+        with pytest.raises(UnsupportedGraphError, match=r"dropout \(aten\.dropout\.default, in module 'drop'\)"):
+            modeswap.to_train(gm)
+    else:
+        with quiet():
+            assert_mode_equivalent(model, (X,), "train")
+
+
+def test_a_loaded_program_whose_values_record_no_aliasing_is_refused_all_the_same() -> None:
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(Residual(nn.AlphaDropout(0.2)).eval(), (X,)), buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    (node,) = [n for n in loaded.graph.nodes if n.target is torch.ops.aten.alpha_dropout.default]
+    assert node.meta["val"].untyped_storage()._cdata != node.args[0].meta["val"].untyped_storage()._cdata
+    with pytest.raises(UnsupportedGraphError, match="alpha_dropout"):
+        modeswap.to_train(loaded)
 
 
 # --- one batch norm under two names, two batch norms sharing buffers -----------------------

@@ -26,7 +26,7 @@ def returns_input(node: Node) -> bool:
         return True
     if all(isinstance(v, torch.Tensor) for v in values) and _tracks_aliasing(node.graph):
         return False
-    return _exported_as_alias(node.target)
+    return exported_as_alias(node.target)
 
 
 def _shares_storage(a: Any, b: Any) -> bool:
@@ -49,7 +49,7 @@ def _tracks_aliasing(graph: Graph) -> bool:
 
 
 @functools.cache
-def _exported_as_alias(op: torch._ops.OpOverload) -> bool:
+def exported_as_alias(op: torch._ops.OpOverload) -> bool:
     """Whether this torch's export writes ``op(x, p, train=False)`` as a node that returns ``x`` itself."""
 
     class Probe(torch.nn.Module):

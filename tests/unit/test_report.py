@@ -116,7 +116,8 @@ def test_attention_sites() -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
-    model = nn.Sequential(nn.Dropout(0.3), Noise(), nn.Dropout2d(0.2), nn.RReLU())
+    # Each dropout's output is read once: an eval export is unambiguous on every torch (see modeswap.aliases).
+    model = nn.Sequential(Noise(), nn.Dropout(0.3), nn.Dropout2d(0.2), nn.RReLU())
     gm = export(model, ARGS, mode)
     random = {n.name for n in gm.graph.nodes if n.target in (aten.randn_like.default, aten.rand.default)}
     assert len(random) == 2
@@ -128,7 +129,7 @@ def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
     assert [w.category for w in caught] == ([modeswap.NondeterministicEvalWarning] if target == "eval" else [])
     if target == "eval":
         assert all(f"{name} (" in str(caught[0].message) for name in random)
-        assert "in module '1'" in str(caught[0].message)
+        assert "in module '0'" in str(caught[0].message)
     for graph in (gm, swapped):
         report = modeswap.mode_of(graph)
         assert set(report.stochastic) == random

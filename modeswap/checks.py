@@ -14,11 +14,13 @@ import warnings
 from torch.fx import GraphModule
 
 from modeswap.errors import NondeterministicEvalWarning, TrainingBranchWarning
-from modeswap.graphs import describe, graph_modules, module_paths
+from modeswap.graphs import calls, describe, graph_modules, innermost_module, module_paths
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import Context
 from modeswap.report import random_nodes
-from modeswap.rules import ERASED_IN_EVAL, TRAINING_BRANCHES, rule_for
+from modeswap.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, rule_for
+
+_SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
 
 def warn_nondeterministic(gm: GraphModule, context: Context) -> tuple[Change, ...]:
@@ -48,20 +50,19 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode) -> tup
         return ()  # the sites say the graph was captured in this mode: nothing branched the other way
     branches: dict[str, str] = {}
     with_sites: set[str] = set()
-    ran: set[str] = set()
     for _, module in graph_modules(gm):
         for node in module.graph.nodes:
-            stack = node.meta.get("nn_module_stack") or {}
-            for path, module_type in stack.values():
-                for branch in TRAINING_BRANCHES:
-                    if mode in branch.to and str(module_type).startswith(branch.owner):
-                        branches[str(path)] = branch.what
-            paths = module_paths(node)
-            ran.update(paths)
+            # The ops a branch module runs itself are enough to find it: their innermost module is it.
+            path, module_type = innermost_module(node) or ("", "")
+            for branch in TRAINING_BRANCHES:
+                if mode in branch.to and module_type.startswith(branch.owner):
+                    branches[path] = branch.what
+        for node in calls(module.graph, _SITE_OPS):
             if (rule := rule_for(node)) is not None and rule.applies(node):
-                with_sites.update(paths)
+                with_sites.update(module_paths(node))
     found = [f"{path!r} ({what})" for path, what in branches.items() if path not in with_sites]
     if mode is Mode.TRAIN and context.modules is not None:
+        ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
         found += [f"{path!r} (named like a drop path, and left no node)" for path in _erased(context.modules, ran)]
     if found:
         msg = (

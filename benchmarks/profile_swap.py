@@ -43,19 +43,15 @@ def on_copy(step: Callable[[GraphModule], object], source: GraphModule, *, share
 
 def phases(source: GraphModule, swap: Callable[..., GraphModule], mode: str, reps: int) -> None:
     """Print the minimum time of each phase of a swap next to the floor's, repetitions interleaved."""
-    from modeswap.passes import swap_passes
+    from modeswap.passes import set_training, swap_passes
 
-    training = mode == "train"
     steps: dict[str, Prepare] = {
         "copy_module (clone)": lambda: lambda: copy_module(source),
         "copy_module (shared)": lambda: lambda: copy_module(source, share_weights=True),
         "recompile_all": on_copy(recompile_all, source, share_weights=True),
     }
-    for p in swap_passes(mode):
-        steps[f"kernel {p.name}"] = on_copy(p.kernel, source, share_weights=True)
-    steps["training flags loop"] = on_copy(
-        lambda gm: [setattr(m, "training", training) for m in gm.modules()], source, share_weights=True
-    )
+    for p in (*swap_passes(mode), set_training(mode)):
+        steps[f"kernel {p.name}"] = on_copy(p.edit, source, share_weights=True)
     steps["floor: copy_module + recompile_all"] = lambda: lambda: recompile_all(copy_module(source))
     steps["swap (pure)"] = lambda: lambda: swap(source)
     timings = measure(steps, Policy(0.0, reps, reps))
@@ -63,12 +59,12 @@ def phases(source: GraphModule, swap: Callable[..., GraphModule], mode: str, rep
     print(f"{'phase (min of ' + str(reps) + ', interleaved)':<48} {'ms':>9}")
     for name, seconds in best.items():
         print(f"{name:<48} {seconds * 1e3:9.2f}")
-    parts = ("copy_module (clone)", "recompile_all", "training flags loop")
+    parts = ("copy_module (clone)", "recompile_all")
     accounted = sum(best[k] for k in parts) + sum(v for k, v in best.items() if k.startswith("kernel"))
     floor_s, swap_s = best["floor: copy_module + recompile_all"], best["swap (pure)"]
     print(f"{'swap / floor':<48} {swap_s / floor_s:9.2f}x")
     print(f"{'swap - floor':<48} {(swap_s - floor_s) * 1e3:9.2f}")
-    print(f"{'swap - (copy + kernels + recompile + flags)':<48} {(swap_s - accounted) * 1e3:9.2f}")
+    print(f"{'swap - (copy + kernels + recompile)':<48} {(swap_s - accounted) * 1e3:9.2f}")
 
 
 def profile(fn: Callable[[], object], calls: int) -> pstats.Stats:

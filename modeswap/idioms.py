@@ -56,7 +56,7 @@ def swap_in_place(gm: GraphModule, kind: str, mode: Mode) -> list[Change]:
                 changes.append(Change(qualified_name(path, marker), op, kind, found.idiom.name, "identity"))
         else:
             for marker, memo in list(markers(module.graph)):
-                if _idiom(memo).kind != kind:
+                if idiom_of(memo).kind != kind:
                     continue
                 name = qualified_name(path, marker)
                 output = restore(marker, memo)
@@ -89,7 +89,8 @@ def idiom_name(memo: Memo) -> str:
     return name
 
 
-def _idiom(memo: Memo) -> Idiom:
+def idiom_of(memo: Memo) -> Idiom:
+    """The idiom ``memo`` records."""
     name = idiom_name(memo)
     for idiom in IDIOMS:
         if idiom.name == name:

@@ -10,7 +10,7 @@ from torch.fx import GraphModule, Node
 from modeswap import idioms
 from modeswap.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
 from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
-from modeswap.rules import PerNode, rule_for
+from modeswap.rules import Idiom, PerNode, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
@@ -39,22 +39,22 @@ def sites(gm: GraphModule) -> Iterator[Site]:
 
 
 def idiom_sites(gm: GraphModule) -> Iterator[Site]:
-    """Yield a :class:`Site` for every drop path of ``gm``: a train graph's ops, or what an eval swap left."""
+    """Yield a :class:`Site` for every idiom of ``gm`` (drop path): a train graph's ops, or what an eval swap left."""
     for path, module in graph_modules(gm):
-        found: list[tuple[Node, str, Scalar, Mode]] = [
-            (m.output, m.idiom.name, m.keep, Mode.TRAIN) for m in idioms.matches(module.graph)
+        found: list[tuple[Node, Idiom, Scalar, Mode]] = [
+            (m.output, m.idiom, m.keep, Mode.TRAIN) for m in idioms.matches(module.graph)
         ]
         found += [
-            (n, idioms.idiom_name(memo), memo.values["keep"], Mode.EVAL) for n, memo in idioms.markers(module.graph)
+            (n, idioms.idiom_of(memo), memo.values["keep"], Mode.EVAL) for n, memo in idioms.markers(module.graph)
         ]
-        for node, name, keep, mode in found:
+        for node, idiom, keep, mode in found:
             yield Site(
                 node=qualified_name(path, node),
                 op=str(node.target),
-                kind="drop_path",
+                kind=idiom.kind,
                 mode=mode,
                 module_path=module_path(node),
-                params=Params([("keep", keep), ("idiom", name)]),
+                params=Params([("keep", keep), ("idiom", idiom.name)]),
             )
 
 

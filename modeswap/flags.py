@@ -7,6 +7,7 @@ alias their input) is handled here once, for every rule that has it.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -67,14 +68,21 @@ def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, default
     return changes
 
 
-def _of_kind(table: Mapping[str, str], kind: str) -> list[torch._ops.OpOverload]:
-    return resolve(name for name, of_kind in table.items() if of_kind == kind)
+@functools.cache
+def _refused(kind: str) -> tuple[tuple[torch._ops.OpOverload, ...], tuple[torch._ops.OpOverload, ...]]:
+    """The ops of ``kind`` that no swap can handle: decomposed ones, and fused eval-only kernels."""
+
+    def of_kind(table: Mapping[str, str]) -> tuple[torch._ops.OpOverload, ...]:
+        return tuple(resolve(name for name, of_kind in table.items() if of_kind == kind))
+
+    return of_kind(DECOMPOSED), of_kind(EVAL_ONLY)
 
 
 def _targets(gm: GraphModule, context: Context, kind: str, mode: Mode) -> Iterator[Target]:
     rules = [rule for rule in RULES if rule.kind == kind]
-    decomposed = _of_kind(DECOMPOSED, kind)
-    eval_only = _of_kind(EVAL_ONLY, kind) if mode is Mode.TRAIN else []
+    decomposed, eval_only = _refused(kind)
+    if mode is not Mode.TRAIN:
+        eval_only = ()  # an eval swap leaves them as they are: they compute what eager eval does
     for path, module in graph_modules(gm):
         for node in calls(module.graph, decomposed):
             _refuse_decomposed(qualified_name(path, node), node)

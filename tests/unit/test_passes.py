@@ -237,3 +237,15 @@ def test_train_and_eval_of_a_swapped_module_point_to_modeswap(train_gm):
     for method in (evaluated.train, evaluated.eval):
         with pytest.raises(NotImplementedError, match=r"modeswap\.to_train\(gm\)"):
             method()
+
+
+def test_the_pipeline_sets_training_flags_so_it_equals_the_swap(train_gm, x):
+    by_pipeline = passes.swap_pipeline("eval")(train_gm)
+    assert [m.training for m in by_pipeline.modules()] == [False] * len(list(by_pipeline.modules()))
+    assert calls(by_pipeline) == calls(modeswap.to_eval(train_gm))
+    assert all(m.training for m in passes.swap_pipeline("train")(by_pipeline).modules())
+
+
+def test_a_kind_the_table_does_not_know_is_refused_with_the_kinds_it_does():
+    with pytest.raises(modeswap.InvalidOptionError, match=r"unknown kind of site 'dropout2d'.*batch_norm.*rnn"):
+        passes.swap_kind("dropout2d", "eval")

@@ -70,29 +70,29 @@ SMALL = Config(
     },
 )
 
-CONFIGS = (
-    SMALL,
-    # Every dropout on, stochastic depth too, and a padded, shifted last window (32 / 4 / 2 = 4 < 5).
-    Config(
-        "small-all-dropouts",
-        {**SMALL.options, "window_size": [5, 5], "dropout": 0.2, "stochastic_depth_prob": 0.3},
-    ),
-    # torchvision's swin_t with the dropouts (swin_t itself fixes stochastic_depth_prob=0.2).
-    Config(
-        "swin_t",
-        {
-            "patch_size": [4, 4],
-            "embed_dim": 96,
-            "depths": [2, 2, 6, 2],
-            "num_heads": [3, 6, 12, 24],
-            "window_size": [7, 7],
-            "dropout": 0.0,
-            "attention_dropout": 0.1,
-            "stochastic_depth_prob": 0.0,
-        },
-        shape=(1, 3, 224, 224),
-    ),
+#: Every dropout on, stochastic depth too, and a padded, shifted last window (32 / 4 / 2 = 4 < 5).
+ALL_DROPOUTS = Config(
+    "small-all-dropouts",
+    {**SMALL.options, "window_size": [5, 5], "dropout": 0.2, "stochastic_depth_prob": 0.3},
 )
+
+#: torchvision's swin_t with the issue's dropouts (``swin_t`` itself fixes stochastic_depth_prob=0.2).
+SWIN_T = Config(
+    "swin_t",
+    {
+        "patch_size": [4, 4],
+        "embed_dim": 96,
+        "depths": [2, 2, 6, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": [7, 7],
+        "dropout": 0.0,
+        "attention_dropout": 0.1,
+        "stochastic_depth_prob": 0.0,
+    },
+    shape=(1, 3, 224, 224),
+)
+
+CONFIGS = (SMALL, ALL_DROPOUTS, SWIN_T)
 
 
 def torchvision_swin_module() -> types.ModuleType:

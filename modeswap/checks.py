@@ -2,23 +2,44 @@
 
 A swap matches eager, raises, or warns. These kernels warn where the graph
 shows a trace of something a rewrite cannot change: random ops that no rule
-owns left in an eval graph, and modules whose forward branches on
-``self.training`` (export kept only the side that ran). Each warns once per
-swap, naming every node or module and saying what to do.
+owns left in an eval graph, modules whose forward branches on
+``self.training`` (export kept only the side that ran), and sites whose
+training value neither the graph records nor the user states. Each warns once
+per swap, naming every node or module and saying what to do.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Iterable, Iterator
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
-from modeswap.errors import NondeterministicEvalWarning, TrainingBranchWarning
-from modeswap.graphs import calls, describe, graph_modules, innermost_module, module_paths
+from modeswap import flags, stated
+from modeswap.errors import (
+    InvalidOptionError,
+    NondeterministicEvalWarning,
+    TrainingBranchWarning,
+    UnknownTrainingValueWarning,
+    UnsupportedGraphError,
+)
+from modeswap.graphs import (
+    calls,
+    describe,
+    graph_modules,
+    innermost_module,
+    memo_of,
+    module_path,
+    module_paths,
+    qualified_name,
+)
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import Context
-from modeswap.report import random_nodes
-from modeswap.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, rule_for
+from modeswap.report import idiom_sites, random_nodes
+from modeswap.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, PerNode, rule_for
+from modeswap.stated import Stated
 
 _SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
@@ -46,7 +67,7 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode) -> tup
     site inside it, and, on the way to train, a module of the program's module
     call graph that is named like a drop path and left no node at all.
     """
-    if context.captured is mode:
+    if context.captured() is mode:
         return ()  # the sites say the graph was captured in this mode: nothing branched the other way
     branches: dict[str, str] = {}
     with_sites: set[str] = set()
@@ -82,3 +103,146 @@ def _erased(modules: tuple[str, ...], ran: set[str]) -> list[str]:
         return any(word in name for word in ERASED_IN_EVAL)
 
     return [path for path in modules if path and path not in ran and named_like(path)]
+
+
+def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tuple[Change, ...]:
+    """Check ``gm``, and what the user states about it, before a swap to ``mode`` edits it.
+
+    Raises for a graph that ``run_decompositions()`` lowered, when a pattern
+    matches no site it could speak of, or when a stated training value
+    contradicts a recorded one; on the way to train, warns about the sites whose
+    training value is neither recorded nor stated.
+    """
+    refuse_decomposed(gm)
+    paths: list[str] = []  # the module path of every site
+    probabilities: list[str] = []  # of the dropout and attention sites
+    unknown: list[flags.Target] = []
+    for kind in dict.fromkeys(rule.kind for rule in RULES):
+        for target in flags.targets(gm, context, kind, mode, told):
+            path = module_path(target.node)
+            paths.append(path)
+            if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
+                probabilities.append(path)
+            memo = memo_of(target.node)
+            if mode is not Mode.TRAIN or (memo is not None and memo.kept) or told.keeps(path):
+                continue
+            training = flags.training_probability(target)  # raises on a contradiction
+            if training is not None and training[1] is flags.UNKNOWN:
+                unknown.append(target)
+    paths += [site.module_path for site in idiom_sites(gm)]
+    _refuse_unmatched(told.keep, paths, "keep", "no site")
+    _refuse_unmatched(
+        [pattern for pattern, _ in told.dropout], probabilities, "dropout", "no dropout or attention site"
+    )
+    if unknown:
+        _warn_unknown(unknown)
+    return ()
+
+
+def refuse_decomposed(gm: GraphModule) -> None:
+    """Refuse a graph that ``run_decompositions()`` lowered: a node there descends from a site it no longer is.
+
+    A ``GraphModule`` keeps no dialect, but torch records each node's provenance
+    (``meta["from_node"]``, with node names, which export takes from the op):
+    lowering turns an eval ``dropout`` into a ``clone`` whose provenance still
+    names it. Such a graph cannot be swapped site by site.
+    """
+    for path, module in graph_modules(gm):
+        for node in module.graph.nodes:
+            if not isinstance(node.target, torch._ops.OpOverload) or rule_for(node) is not None:
+                continue  # higher-order ops (a subgraph's call) descend from every node they hold
+            site = next((name for name in _ancestors(node) if _SITE_NAME.fullmatch(name)), None)
+            if site is not None:
+                lowered = describe(qualified_name(path, node), node)
+                msg = (
+                    f"the graph was lowered by ExportedProgram.run_decompositions(): {lowered} was node {site!r}. "
+                    "Lowering erases an eval dropout and fuses batch norm, so no swap can tell what the model "
+                    "did. Swap the program torch.export.export returns, then call run_decompositions() on the result."
+                )
+                raise UnsupportedGraphError(msg)
+
+
+#: The name export gives the node of a site's op: the op's name, then a count (``dropout_3``).
+_SITE_NAME = re.compile(rf"(?:{'|'.join(sorted({op._opname for op in _SITE_OPS}))})(?:_\d+)?")
+
+
+def _ancestors(node: Node) -> Iterator[str]:
+    stack = list(node.meta.get("from_node") or ())
+    while stack:
+        source = stack.pop()
+        yield source.name
+        stack += source.from_node
+
+
+def _refuse_unmatched(patterns: Iterable[str], paths: list[str], option: str, what: str) -> None:
+    for pattern in patterns:
+        if not any(stated.matches(pattern, path) for path in paths):
+            known = ", ".join(repr(p) for p in suggest((path, "") for path in paths))
+            msg = (
+                f"{option} pattern {pattern!r} matches {what} of this graph"
+                + (f"; the modules that have one: {known}" if known else "")
+                + " (a pattern matches a module path or an enclosing one; * stays within a path component, "
+                "** matches any number of them)"
+            )
+            raise InvalidOptionError(msg)
+
+
+def _warn_unknown(unknown: list[flags.Target]) -> None:
+    groups: dict[str, list[flags.Target]] = {}
+    for target in unknown:
+        _, module_type = innermost_module(target.node) or ("", "the root module")
+        groups.setdefault(module_type.rpartition(".")[2], []).append(target)
+    paths = {name: list(dict.fromkeys(module_path(t.node) for t in found)) for name, found in groups.items()}
+    listed = "\n".join(
+        f"  {name}: {len(found)} site(s) in {_some(paths[name], 'module')}: "
+        f"{_some([f'{t.name} ({t.node.target})' for t in found], 'node', quote=False)}"
+        for name, found in groups.items()
+    )
+    suggestion = suggest([innermost_module(t.node) or ("", "") for t in unknown])
+    mapping = "\n".join(f"      {pattern!r}: {p}," for pattern, p in suggestion.items())
+    msg = (
+        f"{len(unknown)} dropout or attention site(s) hold a probability of 0.0 in this eval graph and "
+        "record no training value: eager code such as `p if self.training else 0.0` writes 0.0 outside "
+        "training, so the graph cannot tell. They keep 0.0 in train mode:\n"
+        f"{listed}\n"
+        "State their training p, editing the numbers (0.0 is what the graph holds now; the model's config "
+        "or code has the values):\n"
+        f"  modeswap.to_train(gm, dropout={{\n{mapping}\n  }})"
+    )
+    if any(t.rule.train is PerNode.VALUE for t in unknown):
+        msg += "\nor give the attention nodes no pattern states one value: modeswap.to_train(gm, attention_dropout=p)"
+    warning = UnknownTrainingValueWarning(
+        msg, suggestion=suggestion, groups={name: tuple(found) for name, found in paths.items()}
+    )
+    warnings.warn(warning, stacklevel=2)
+
+
+def suggest(modules: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """A ``dropout=`` mapping that reaches the ``(path, type)`` modules, one pattern per module shape, all 0.0.
+
+    Numbered components of paths of one module type that differ only there
+    become ``*`` (``layers.0``, ``layers.1`` -> ``layers.*``), unless that would
+    let one pattern decide a site meant for another; then the paths are given
+    as they are.
+    """
+    shapes: dict[tuple[str, str], list[str]] = {}
+    for path, module_type in dict.fromkeys(modules):
+        shapes.setdefault((_NUMBERED.sub("*", path), module_type), []).append(path)
+    pattern = {path: shape if len(found) > 1 else path for (shape, _), found in shapes.items() for path in found}
+    # Distinct values, so that two patterns equally specific for a path raise.
+    probe = tuple((p, float(i)) for i, p in enumerate(dict.fromkeys(pattern.values())))
+    try:
+        if all((stated.decide(probe, path) or ("",))[0] == shape for path, shape in pattern.items()):
+            return dict.fromkeys(pattern.values(), 0.0)
+    except InvalidOptionError:
+        pass
+    return dict.fromkeys(pattern, 0.0)
+
+
+#: A numbered component of a module path: ``3`` in ``layers.3.attention``.
+_NUMBERED = re.compile(r"(?<![^.])\d+(?![^.])")
+
+
+def _some(items: list[str], what: str, *, quote: bool = True, shown: int = 3) -> str:
+    names = ", ".join(repr(item) if quote else item for item in items[:shown])
+    return names + (f", ... ({len(items)} {what}s)" if len(items) > shown else "")

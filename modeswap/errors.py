@@ -6,6 +6,8 @@ builtin a caller would catch anyway, as ``attrs`` does with its own exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class ModeswapError(Exception):
     """Root of every error modeswap raises."""
@@ -28,7 +30,19 @@ class ModeswapWarning(UserWarning):
 
 
 class UnknownTrainingValueWarning(ModeswapWarning):
-    """A swap to train mode met a value the eval graph no longer records."""
+    """A swap to train mode met sites whose training value the eval graph does not record.
+
+    ``groups`` maps each module type to the paths of its modules that hold such
+    sites; ``suggestion`` is a ``dropout=`` mapping that would state them, with
+    the value each holds now, for the user to edit.
+    """
+
+    def __init__(
+        self, message: str, *, suggestion: Mapping[str, float] = {}, groups: Mapping[str, Sequence[str]] = {}
+    ) -> None:
+        super().__init__(message)
+        self.suggestion = dict(suggestion)
+        self.groups = {name: tuple(paths) for name, paths in groups.items()}
 
 
 class InvalidOptionError(ModeswapError, ValueError):

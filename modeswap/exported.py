@@ -9,6 +9,7 @@ import torch
 from torch.fx import GraphModule
 
 from modeswap.errors import NotExportedError
+from modeswap.modes import Swap
 
 _EXPORT_IT = "export it first with torch.export.export(model, args).module()"
 
@@ -41,6 +42,8 @@ def _not_exported_message(module: object) -> str:
         cls = type(module)
         name = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"{cls.__module__}.{cls.__qualname__}"
         return f"got {name}, an eager module; {_EXPORT_IT}"
+    if isinstance(module, Swap):
+        return "got a modeswap.Swap record; the swapped module is its .module (swapped.module)"
     if isinstance(module, str | os.PathLike):
         return f"got the path {os.fspath(module)!r}; load it first with torch.export.load(path)"
     return f"got {type(module).__name__} {module!r:.80}; modeswap takes an exported GraphModule: {_EXPORT_IT}"

@@ -8,7 +8,6 @@ alias their input) is handled here once, for every rule that has it.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,13 +17,14 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from modeswap import aliases, counters
-from modeswap.errors import UnknownTrainingValueWarning, UnsupportedGraphError
+from modeswap.errors import InvalidOptionError, UnsupportedGraphError
 from modeswap.graphs import (
     calls,
     describe,
     get_argument,
     graph_modules,
     memo_of,
+    module_path,
     qualified_name,
     set_argument,
     set_memo,
@@ -32,9 +32,10 @@ from modeswap.graphs import (
 from modeswap.modes import Change, Memo, Mode
 from modeswap.pass_base import Context
 from modeswap.rules import DECOMPOSED, EVAL_ONLY, RULES, PerNode, Rule, resolve
+from modeswap.stated import Stated
 
 #: The training value of a node that neither the node nor the graph records.
-_UNKNOWN = object()
+UNKNOWN: Any = object()
 
 
 @attrs.frozen
@@ -48,23 +49,25 @@ class Target:
     context: Context
     buffers: Mapping[str, str]  # lifted placeholders of this graph -> the buffers they stand for
     reads: dict[str, Node]  # get_attr target -> node in this graph; shared, kept current by counters
+    stated: Stated  # what the user states that the graph does not record
+    captured: Mode | None  # the mode the graph's fixed sites were captured in, kept sites aside
 
 
-def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, default: float | None) -> list[Change]:
+def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Stated) -> list[Change]:
     """Put every site of ``kind`` in ``gm`` (subgraphs included) in ``mode``, in place; return the changes.
 
-    ``default`` is the training value of sites whose value the graph does not
-    record (attention ``dropout_p``, a gated dropout ``p``).
+    Sites under a module ``stated.keep`` names, or that an earlier swap kept,
+    are left as they are and marked kept. A site whose training value is neither
+    recorded nor stated keeps the value it has: ``preflight`` warns about it.
     """
     changes: list[Change] = []
-    unknown: list[Target] = []
-    for target in _targets(gm, context, kind, mode):
+    for target in targets(gm, context, kind, mode, stated):
+        if _kept(target):
+            continue
         if mode is Mode.EVAL:
             changes += _to_eval(target)
         else:
-            changes += _to_train(target, default, unknown)
-    if unknown:
-        _warn_unknown(unknown)
+            changes += _to_train(target)
     return changes
 
 
@@ -78,11 +81,13 @@ def _refused(kind: str) -> tuple[tuple[torch._ops.OpOverload, ...], tuple[torch.
     return of_kind(DECOMPOSED), of_kind(EVAL_ONLY)
 
 
-def _targets(gm: GraphModule, context: Context, kind: str, mode: Mode) -> Iterator[Target]:
+def targets(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Stated) -> Iterator[Target]:
+    """Every site of ``kind`` in ``gm`` and its subgraphs, refusing the ops no swap to ``mode`` can handle."""
     rules = [rule for rule in RULES if rule.kind == kind]
     decomposed, eval_only = _refused(kind)
     if mode is not Mode.TRAIN:
         eval_only = ()  # an eval swap leaves them as they are: they compute what eager eval does
+    captured = context.captured(stated.keeps)
     for path, module in graph_modules(gm):
         for node in calls(module.graph, decomposed):
             _refuse_decomposed(qualified_name(path, node), node)
@@ -93,17 +98,31 @@ def _targets(gm: GraphModule, context: Context, kind: str, mode: Mode) -> Iterat
         for rule in rules:
             for node in calls(module.graph, rule.ops):
                 if rule.applies(node):
-                    yield Target(node, qualified_name(path, node), rule, module, context, lifted, reads)
+                    name = qualified_name(path, node)
+                    yield Target(node, name, rule, module, context, lifted, reads, stated, captured)
+
+
+def _kept(t: Target) -> bool:
+    """Whether ``t`` is to stay as it is; one that ``keep=`` names is marked, so later swaps keep it too."""
+    memo = memo_of(t.node)
+    if memo is not None and memo.kept:
+        return True
+    if not t.stated.keeps(module_path(t.node)):
+        return False
+    set_memo(t.node, attrs.evolve(memo or Memo(), kept=True))
+    return True
 
 
 def _to_eval(t: Target) -> list[Change]:
     rule, node = t.rule, t.node
     value = _literal_flag(t)
     if value == rule.eval:
-        if rule.train is PerNode.VALUE and t.context.captured is Mode.TRAIN and memo_of(node) is None:
+        if rule.train is PerNode.VALUE and t.captured is Mode.TRAIN and memo_of(node) is None:
             set_memo(node, Memo({rule.flag: value}))  # 0.0 is this node's training value: keep it known
         return []
-    memo = Memo({rule.flag: value})
+    # A value a blind train swap left unknown (None) stays unknown.
+    unknown = {name: None for name, held in getattr(memo_of(node), "values", {}).items() if held is None}
+    memo = Memo({rule.flag: value, **unknown})
     set_argument(node, rule.flag, rule.eval)
     changes = [Change(t.name, str(node.target), rule.flag, value, rule.eval)]
     if rule.counter is not None and (counted := counters.remove(t, rule.counter)) is not None:
@@ -113,53 +132,93 @@ def _to_eval(t: Target) -> list[Change]:
     return changes
 
 
-def _to_train(t: Target, default: float | None, unknown: list[Target]) -> list[Change]:
+def _to_train(t: Target) -> list[Change]:
     rule, node = t.rule, t.node
     value = _literal_flag(t)
     memo = memo_of(node)
-    train = _training_value(t, value, memo, default)
-    if train is _UNKNOWN:
-        unknown.append(t)
-        return []
+    training = training_probability(t)
+    # preflight warns about an unknown value; the memo says it stays unknown, for a later swap to state.
+    unknown = Memo({training[0]: None}) if training is not None and training[1] is UNKNOWN else None
+    if rule.train is PerNode.VALUE:
+        assert training is not None  # a per-node flag is a probability
+        train = training[1]
+        if unknown is not None:
+            set_memo(node, unknown)
+            return []
+    else:
+        train = rule.train
     if memo is None:
         if value == train:
             return []  # in train mode already
         _refuse_untrainable(t)
         _refuse_aliased(t)
-    set_memo(node, None)
-    if value == train:
-        return []
-    set_argument(node, rule.flag, train)
-    changes = [Change(t.name, str(node.target), rule.flag, value, train)]
-    if memo is None and (gated := _gated_off(t)) is not None:
-        if default is None:
-            unknown.append(t)
-        else:
-            set_argument(node, gated, default)
-            changes.append(Change(t.name, str(node.target), gated, 0.0, default))
-    if rule.counter is not None and counters.add(t, rule.counter, memo):
+    set_memo(node, unknown)
+    changes = []
+    if value != train:
+        set_argument(node, rule.flag, train)
+        changes.append(Change(t.name, str(node.target), rule.flag, value, train))
+    if training is not None and training[0] != rule.flag and training[1] is not UNKNOWN:
+        argument, p = training
+        if (held := get_argument(node, argument)) != p:
+            set_argument(node, argument, p)
+            changes.append(Change(t.name, str(node.target), argument, held, p))
+    if value != train and rule.counter is not None and counters.add(t, rule.counter, memo):
         changes.append(Change(t.name, str(node.target), counters.field(rule.counter), False, True))
     return changes
 
 
-def _gated_off(t: Target) -> str | None:
-    """``t``'s gated argument, if it is 0.0 in a call that eager code may have gated on ``self.training``."""
-    if t.rule.gated is None or get_argument(t.node, t.rule.gated) != 0.0:
+def training_probability(t: Target) -> tuple[str, Any] | None:
+    """The probability argument of ``t`` that train mode may set, and its training value, or ``None``.
+
+    The value is the one the graph records, else the one the user states
+    (``dropout=``, then ``attention_dropout=`` for attention), else
+    :data:`UNKNOWN`. A stated value that contradicts a recorded one is an error.
+    """
+    recorded = recorded_probability(t.rule, t.node, t.captured)
+    if recorded is None:
         return None
-    return t.rule.gated if t.rule.functional(t.node) else None
+    argument, value = recorded
+    path = module_path(t.node)
+    stated = t.stated.dropout_for(path)
+    if stated is None:
+        if value is UNKNOWN and t.rule.train is PerNode.VALUE and t.stated.attention_dropout is not None:
+            return argument, t.stated.attention_dropout
+        return recorded
+    pattern, p = stated
+    if value is not UNKNOWN and value != p:
+        msg = (
+            f"dropout={{{pattern!r}: {p}}} contradicts the graph: {describe(t.name, t.node)} records a "
+            f"training {argument} of {value}. Leave that module out of the pattern (add a more specific "
+            f"pattern for it), or state {value}"
+        )
+        raise InvalidOptionError(msg)
+    return argument, p
 
 
-def _training_value(t: Target, value: Any, memo: Memo | None, default: float | None) -> Any:
-    """What ``t``'s flag holds in train mode: remembered, fixed by its rule, or taken from the graph."""
-    if memo is not None and t.rule.flag in memo.values:
-        return memo.values[t.rule.flag]
-    if t.rule.train is not PerNode.VALUE:
-        return t.rule.train
-    if value != t.rule.eval:
-        return value  # it holds a training value already
-    if default is not None:
-        return default
-    return value if t.context.captured is Mode.TRAIN else _UNKNOWN
+def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple[str, Any] | None:
+    """The probability argument of ``node`` that a mode may have zeroed, and its training value as recorded.
+
+    Attention's ``dropout_p`` is 0.0 in eval; a dropout's ``p`` is 0.0 in eval
+    where eager code wrote ``p if self.training else 0.0``. The training value
+    is what a memo or a train-mode literal records, and 0.0 in an
+    ``nn.Dropout`` (whose ``p`` does not depend on the mode); else it is
+    :data:`UNKNOWN`. ``None`` for a node whose probability, if any, no mode zeroes.
+    """
+    memo = memo_of(node)
+    argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
+    if argument is None:
+        return None
+    if memo is not None and argument in memo.values:
+        held = memo.values[argument]  # None: a train swap met it unknown
+        return argument, UNKNOWN if held is None else held
+    value = get_argument(node, argument)
+    if rule.train is PerNode.VALUE:
+        return argument, value if value != rule.eval or captured is Mode.TRAIN else UNKNOWN
+    if value != 0.0:
+        return None
+    in_eval = get_argument(node, rule.flag) == rule.eval
+    known = memo is not None or not in_eval or not rule.functional(node)
+    return argument, 0.0 if known else UNKNOWN
 
 
 def _literal_flag(t: Target) -> Any:
@@ -219,15 +278,3 @@ def _refuse_eval_only(name: str, node: Node) -> None:
         "train mode runs. Export the model with strict=False, or with gradients on, or in train mode."
     )
     raise UnsupportedGraphError(msg)
-
-
-def _warn_unknown(targets: list[Target]) -> None:
-    rule = targets[0].rule
-    flag, value = (rule.gated, 0.0) if rule.gated is not None else (rule.flag, rule.eval)
-    where = ", ".join(describe(t.name, t.node) for t in targets)
-    msg = (
-        f"{len(targets)} node(s) have {flag}={value} and no recorded training value, so they keep "
-        f"{value} in train mode: {where}. If the model uses attention dropout in training, pass it: "
-        "modeswap.to_train(gm, attention_dropout=p)."
-    )
-    warnings.warn(msg, UnknownTrainingValueWarning, stacklevel=2)

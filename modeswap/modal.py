@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, SupportsIndex
 
 import attrs
@@ -22,9 +22,11 @@ from modeswap.errors import UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import copy_module, recompile_all
 from modeswap.modes import Mode, ModeReport
-from modeswap.pass_base import pipeline
+from modeswap.pass_base import Pass, pipeline
 from modeswap.passes import swap_passes
+from modeswap.program import refuse_lowered
 from modeswap.report import report
+from modeswap.stated import Stated
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
 #: code and their bookkeeping. A ``ModalModule`` takes every other attribute of
@@ -111,25 +113,32 @@ class ModalModule(torch.nn.Module):
 
 
 def allow_train_eval(
-    module: GraphModule | torch.export.ExportedProgram, *, attention_dropout: float | None = None
+    module: GraphModule | torch.export.ExportedProgram,
+    *,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
 ) -> ModalModule:
     """Return a new module that behaves as the eager model does after the same ``.train()`` / ``.eval()`` calls.
 
     ``module`` is not modified: the new module owns a copy of its parameters
     and buffers, shared by both modes. It starts in the mode ``module`` was
     captured in, or in eval when its graph shows no mode (then its behaviour is
-    the eval variant's). ``attention_dropout`` is the training ``dropout_p`` of
-    attention nodes that an eval graph does not record (see ``to_train``).
+    the eval variant's). ``attention_dropout`` and ``dropout`` state the
+    training values the graph does not record, for the train variant; ``keep``
+    pins sites in both (see ``modeswap.swap``).
 
     >>> model = modeswap.allow_train_eval(gm)
     >>> evaluated = model.eval()
     """
     if isinstance(module, torch.export.ExportedProgram):
+        refuse_lowered(module)
         gm, modules = module.module(), [entry.fqn for entry in module.module_call_graph]
     else:
         gm, modules = require_exported(module), None
     captured = report(gm)
-    if captured.mixed:
+    pinned = Stated.of(Mode.EVAL, keep=keep)
+    if len({site.mode for site in captured.sites if not (site.kept or pinned.keeps(site.module_path))}) > 1:
         msg = (
             f"allow_train_eval takes a graph in one mode, and this one mixes train and eval sites "
             f"({_mixed_sites(captured)}); swap it first with modeswap.to_train(gm) or modeswap.to_eval(gm)"
@@ -139,20 +148,23 @@ def allow_train_eval(
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:
-        variants[mode], bodies = _variant(state, mode, attention_dropout, modules)
+        if mode is Mode.TRAIN:
+            passes = swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+        else:
+            passes = swap_passes(mode, keep=keep)
+        variants[mode], bodies = _variant(state, mode, passes, modules)
         subgraphs |= bodies
     # A graph that shows no mode computes what its eval variant computes.
     return ModalModule(state, variants, subgraphs, training=captured.mode is Mode.TRAIN)
 
 
 def _variant(
-    state: GraphModule, mode: Mode, attention_dropout: float | None, modules: list[str] | None
+    state: GraphModule, mode: Mode, passes: tuple[Pass, ...], modules: list[str] | None
 ) -> tuple[Variant, dict[str, GraphModule]]:
-    dropout = attention_dropout if mode is Mode.TRAIN else None
     # Edit a copy of our own, not Pass.rewrite: the subgraphs are renamed before
     # the code is generated, so it is generated once.
     swapped = copy_module(state, share_weights=True)
-    pipeline(*swap_passes(mode, attention_dropout=dropout)).edit(swapped, modules=modules)
+    pipeline(*passes).edit(swapped, modules=modules)
     found = report(swapped)
     bodies = _rename_subgraphs(swapped, mode)
     recompile_all(swapped)

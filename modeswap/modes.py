@@ -81,7 +81,11 @@ class Site:
     ``functional`` marks a call made outside a module of the op's own family
     (``F.dropout`` or ``F.batch_norm`` in a user's ``forward``): it may follow
     ``self.training`` or hard-code a mode, and the graph cannot tell which, so
-    its mode is a guess from its arguments.
+    its mode is a guess from its arguments. ``kept`` marks a site a swap was
+    told to leave as it is (``keep=``); later swaps leave it too. ``known`` is
+    false when the graph does not record the value a swap to train would set
+    (an eval dropout's ``p=0.0`` written outside an ``nn.Dropout``): state it
+    with ``dropout=``.
     """
 
     node: str
@@ -91,6 +95,8 @@ class Site:
     module_path: str = ""
     params: Params = attrs.field(factory=Params, converter=Params)
     functional: bool = False
+    kept: bool = False
+    known: bool = True
 
 
 @attrs.frozen
@@ -108,8 +114,9 @@ class Change:
 class ModeReport:
     """What ``mode_of`` reads off a graph.
 
-    ``mode`` is the mode every site agrees on; it is ``None`` when the graph has
-    no sites, or when they disagree, and then ``mixed`` is true. ``stochastic``
+    ``mode`` is the mode every site agrees on, kept sites aside; it is ``None``
+    when the graph has no such sites, or when they disagree, and then ``mixed``
+    is true. ``stochastic``
     names the nodes that draw random numbers and belong to no site, so an eval
     graph with an empty ``stochastic`` is deterministic.
     """
@@ -136,9 +143,11 @@ class Memo:
     Lives in the rewritten node's ``meta["custom"]`` (see ``graphs.MEMO_KEY``).
     ``values`` maps a schema argument name to the value it had in train mode;
     ``counter`` names the node a batch norm incremented as ``num_batches_tracked``;
-    ``removed`` is the JSON of the ops a drop path ran in train mode (see ``idioms``).
+    ``removed`` is the JSON of the ops a drop path ran in train mode (see ``idioms``);
+    ``kept`` marks a site a swap was told to leave as it is, so later swaps leave it too.
     """
 
     values: Params = attrs.field(factory=Params, converter=Params)
     counter: str | None = None
     removed: str | None = None
+    kept: bool | None = None

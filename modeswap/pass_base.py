@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from modeswap.exported import require_exported
-from modeswap.graphs import calls, copy_module, graph_modules, recompile_all
+from modeswap.graphs import calls, copy_module, graph_modules, memo_of, module_path, recompile_all
 from modeswap.modes import Change, Mode
 from modeswap.rules import RULES, PerNode
 
@@ -32,8 +32,9 @@ class Context:
     earlier one changed, and the order of passes cannot change a decision.
     """
 
-    #: The mode of the sites whose training value is fixed by their rule; ``None`` if none or mixed.
-    captured: Mode | None
+    #: The module path and mode of each site whose training value is fixed by its rule, in graph order;
+    #: sites an earlier swap kept (see ``Memo.kept``) are left out.
+    modes: tuple[tuple[str, Mode], ...]
     #: In a lifted graph (``ExportedProgram.graph``): placeholder name -> the buffer it stands for.
     buffers: Mapping[str, str] = attrs.field(factory=dict)
     #: The module paths an ``ExportedProgram`` lists in its ``module_call_graph``; ``None`` for a GraphModule.
@@ -44,20 +45,27 @@ class Context:
         cls, gm: GraphModule, *, buffers: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
     ) -> Context:
         """Read the context of ``gm``, with what its ``ExportedProgram`` says where the caller has one."""
-        return cls(_captured(gm), dict(buffers or {}), None if modules is None else tuple(modules))
+        return cls(_modes(gm), dict(buffers or {}), None if modules is None else tuple(modules))
+
+    def captured(self, kept: Callable[[str], bool] | None = None) -> Mode | None:
+        """The mode the graph was captured in, as its fixed sites say; ``None`` if none or mixed.
+
+        Sites under a module that ``kept`` accepts do not follow the mode, so they do not count.
+        """
+        modes = {mode for path, mode in self.modes if kept is None or not kept(path)}
+        (mode,) = modes if len(modes) == 1 else (None,)
+        return mode
 
 
-def _captured(gm: GraphModule) -> Mode | None:
+def _modes(gm: GraphModule) -> tuple[tuple[str, Mode], ...]:
     fixed = [rule for rule in RULES if rule.train is not PerNode.VALUE]
-    modes = {
-        rule.mode(node)
+    return tuple(
+        (module_path(node), mode)
         for rule in fixed
         for _, module in graph_modules(gm)
         for node in calls(module.graph, rule.ops)
-        if rule.applies(node)
-    }
-    (mode,) = modes if len(modes) == 1 else (None,)
-    return mode
+        if rule.applies(node) and (mode := rule.mode(node)) is not None and not getattr(memo_of(node), "kept", False)
+    )
 
 
 #: An in-place kernel: edits a module the caller owns and returns the changes it made.

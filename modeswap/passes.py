@@ -9,6 +9,9 @@ Each factory takes its options first and returns a :class:`Pass`, a pure
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from torch.fx import GraphModule
 
 from modeswap import checks, flags, idioms
@@ -17,6 +20,7 @@ from modeswap.graphs import graph_modules, recompile_all
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import Context, Kernel, Pass, for_pass_manager, pipeline
 from modeswap.rules import IDIOMS, KINDS, RULES
+from modeswap.stated import Stated
 
 __all__ = [
     "Context",
@@ -25,6 +29,7 @@ __all__ = [
     "eliminate_dead_code",
     "for_pass_manager",
     "pipeline",
+    "preflight",
     "recompile",
     "set_training",
     "swap_attention",
@@ -68,23 +73,35 @@ def set_training(mode: Mode | str) -> Pass:
     return Pass(f"set_training({target.value})", kernel)
 
 
-def swap_kind(kind: str, mode: Mode | str, *, default: float | None = None) -> Pass:
+def swap_kind(
+    kind: str,
+    mode: Mode | str,
+    *,
+    dropout: Mapping[str, float] | None = None,
+    attention_dropout: float | None = None,
+    keep: Sequence[str] = (),
+) -> Pass:
     """Return the pass that puts every site of ``kind`` (one of ``rules.KINDS``) in ``mode``.
 
-    ``default`` is the training value of sites whose value the graph does not
-    record (attention ``dropout_p``, a gated dropout ``p``).
+    ``dropout``, ``attention_dropout`` and ``keep`` are ``modeswap.swap``'s. A
+    site whose training value is neither recorded nor stated keeps the value it
+    has, silently: :func:`preflight` is the pass that warns about it.
     """
     target = Mode.parse(mode)
+    return _swap_kind(kind, target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+
+
+def _swap_kind(kind: str, target: Mode, stated: Stated) -> Pass:
     kernel: Kernel
     if any(rule.kind == kind for rule in RULES):
 
         def kernel(gm: GraphModule, context: Context) -> list[Change]:
-            return flags.swap_flags(gm, context, kind, target, default)
+            return flags.swap_flags(gm, context, kind, target, stated)
 
     elif any(idiom.kind == kind for idiom in IDIOMS):
 
         def kernel(gm: GraphModule, context: Context) -> list[Change]:
-            return idioms.swap_in_place(gm, kind, target)
+            return idioms.swap_in_place(gm, kind, target, stated)
 
     else:
         msg = f"unknown kind of site {kind!r}; expected one of {', '.join(KINDS)}"
@@ -92,49 +109,86 @@ def swap_kind(kind: str, mode: Mode | str, *, default: float | None = None) -> P
     return Pass(f"swap_{kind}({target.value})", kernel)
 
 
-def swap_dropout(mode: Mode | str, *, gated: float | None = None) -> Pass:
-    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``.
+def preflight(
+    mode: Mode | str,
+    *,
+    dropout: Mapping[str, float] | None = None,
+    attention_dropout: float | None = None,
+    keep: Sequence[str] = (),
+) -> Pass:
+    """Return the pass that checks a swap's options against the graph before the swap passes run.
 
-    ``gated`` is the training ``p`` of dropouts that an eval graph records with
-    ``p=0.0`` outside an ``nn.Dropout`` module: code such as transformers' eager
-    attention passes ``p=0.0 if not self.training else p``.
-    """
-    return swap_kind("dropout", mode, default=gated)
-
-
-def swap_batchnorm(mode: Mode | str) -> Pass:
-    """Return the pass that swaps batch norms with running stats, and their batch counters."""
-    return swap_kind("batch_norm", mode)
-
-
-def swap_instance_norm(mode: Mode | str) -> Pass:
-    """Return the pass that sets ``use_input_stats`` of instance norms with running stats."""
-    return swap_kind("instance_norm", mode)
-
-
-def swap_rrelu(mode: Mode | str) -> Pass:
-    """Return the pass that sets ``training`` of every ``rrelu``."""
-    return swap_kind("rrelu", mode)
-
-
-def swap_attention(mode: Mode | str, *, dropout: float | None = None) -> Pass:
-    """Return the pass that sets ``dropout_p`` of every ``scaled_dot_product_attention``.
-
-    Eval sets it to 0.0 and remembers the training value in the node's meta;
-    train restores it, or uses ``dropout`` where nothing was remembered.
+    It raises when a ``dropout`` or ``keep`` pattern matches no site, or when a
+    stated training value contradicts one the graph records; for a swap to
+    train it warns (``UnknownTrainingValueWarning``) about the sites whose
+    training value is neither recorded nor stated, and prints the ``dropout=``
+    mapping that would state them.
     """
     target = Mode.parse(mode)
-    _check_attention_dropout(dropout, target)
-    return swap_kind("attention", target, default=dropout)
+    return _preflight(target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def swap_drop_path(mode: Mode | str) -> Pass:
+def _preflight(target: Mode, stated: Stated) -> Pass:
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return checks.preflight(gm, context, target, stated)
+
+    return Pass(f"preflight({target.value})", kernel)
+
+
+def swap_dropout(mode: Mode | str, *, dropout: Mapping[str, float] | None = None, keep: Sequence[str] = ()) -> Pass:
+    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``, checked.
+
+    ``dropout`` gives the training ``p`` of dropouts that an eval graph records
+    with ``p=0.0`` outside an ``nn.Dropout`` module, by module path: code such as
+    transformers' eager attention passes ``p=0.0 if not self.training else p``.
+    """
+    return _checked("dropout", mode, dropout=dropout, keep=keep)
+
+
+def swap_batchnorm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
+    """Return the pass that swaps batch norms with running stats, and their batch counters."""
+    return swap_kind("batch_norm", mode, keep=keep)
+
+
+def swap_instance_norm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
+    """Return the pass that sets ``use_input_stats`` of instance norms with running stats."""
+    return swap_kind("instance_norm", mode, keep=keep)
+
+
+def swap_rrelu(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
+    """Return the pass that sets ``training`` of every ``rrelu``."""
+    return swap_kind("rrelu", mode, keep=keep)
+
+
+def swap_attention(
+    mode: Mode | str,
+    *,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> Pass:
+    """Return the pass that sets ``dropout_p`` of every ``scaled_dot_product_attention``, checked.
+
+    Eval sets it to 0.0 and remembers the training value in the node's meta;
+    train restores it, or uses the value ``dropout`` states for the node's module,
+    or ``attention_dropout``, where nothing was remembered.
+    """
+    return _checked("attention", mode, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+
+
+def _checked(kind: str, mode: Mode | str, **options: Any) -> Pass:
+    target = Mode.parse(mode)
+    stated = Stated.of(target, **options)
+    return pipeline(_preflight(target, stated), _swap_kind(kind, target, stated))
+
+
+def swap_drop_path(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     """Return the pass that removes drop paths for eval (eager eval is the identity) and rebuilds them for train.
 
     Only drop paths an earlier eval swap removed can be rebuilt: an eval export
     never ran them, so nothing in its graph tells they were there.
     """
-    return swap_kind("drop_path", mode)
+    return swap_kind("drop_path", mode, keep=keep)
 
 
 #: Warn when an eval graph still draws random numbers that no rule owns.
@@ -151,32 +205,35 @@ def warn_training_branches(mode: Mode | str) -> Pass:
     return Pass(f"warn_training_branches({target.value})", kernel)
 
 
-def swap_passes(mode: Mode | str, *, attention_dropout: float | None = None) -> tuple[Pass, ...]:
-    """Return the passes that swap every site of a graph to ``mode``, then check what no swap can fix.
+def swap_passes(
+    mode: Mode | str,
+    *,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> tuple[Pass, ...]:
+    """Return the passes that swap every site of a graph to ``mode``, with the checks around them.
 
-    One swap per kind of site, in the order of ``rules.KINDS``, without
-    ``recompile``. Each pass erases what its own edits leave unused (an eval
+    ``preflight`` first, then one swap per kind of site, in the order of
+    ``rules.KINDS``, then the checks of what no swap can fix; no
+    ``recompile``. Each swap erases what its own edits leave unused (an eval
     batch norm's counter read), so the graph's other nodes, dead or not, stay as
-    they were and no dead-code pass is needed.
+    they were and no dead-code pass is needed. The options are ``modeswap.swap``'s.
     """
     target = Mode.parse(mode)
-    _check_attention_dropout(attention_dropout, target)
-    swaps = tuple(swap_kind(kind, target, default=attention_dropout) for kind in KINDS)
+    stated = Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
     checked = (warn_nondeterministic,) if target is Mode.EVAL else ()
-    return (*swaps, *checked, warn_training_branches(target))
+    return (_preflight(target, stated), *swaps, *checked, warn_training_branches(target))
 
 
-def swap_pipeline(mode: Mode | str, *, attention_dropout: float | None = None) -> Pass:
+def swap_pipeline(
+    mode: Mode | str,
+    *,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> Pass:
     """Return the pass that swaps every site of a ``GraphModule`` to ``mode``, sets its ``training`` and recompiles."""
-    return pipeline(*swap_passes(mode, attention_dropout=attention_dropout), set_training(mode), recompile)
-
-
-def _check_attention_dropout(p: float | None, mode: Mode) -> None:
-    if p is None:
-        return
-    if mode is not Mode.TRAIN:
-        msg = f"attention_dropout={p!r} only applies when swapping to train mode"
-        raise InvalidOptionError(msg)
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-        msg = f"attention_dropout must be a probability in [0, 1], got {p!r}"
-        raise InvalidOptionError(msg)
+    passes = swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    return pipeline(*passes, set_training(mode), recompile)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch.export import ExportedProgram
 from torch.export.exported_program import ModuleCallEntry
 from torch.export.graph_signature import ExportGraphSignature
 
+from modeswap.errors import UnsupportedGraphError
 from modeswap.graphs import copy_module
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import pipeline
@@ -18,15 +20,23 @@ from modeswap.passes import swap_passes
 
 
 def swap_program(
-    ep: ExportedProgram, mode: Mode, *, share_weights: bool, attention_dropout: float | None
+    ep: ExportedProgram,
+    mode: Mode,
+    *,
+    share_weights: bool,
+    attention_dropout: float | None,
+    dropout: Mapping[str, float] | None,
+    keep: Sequence[str],
 ) -> tuple[ExportedProgram, tuple[Change, ...]]:
     """Return a new ``ExportedProgram`` whose graph behaves as eager does in ``mode``, and its changes.
 
     ``ep`` is not modified: the new program has its own graph, signature, module
-    call graph and (unless ``share_weights``) state dict and constants.
+    call graph and (unless ``share_weights``) state dict and constants. The
+    options are ``modeswap.swap``'s.
     """
+    refuse_lowered(ep)
     signature = ep.graph_signature
-    rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout))
+    rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep))
     gm = copy_module(ep.graph_module, share_weights=share_weights)
     modules = [entry.fqn for entry in ep.module_call_graph]
     changes = rewrite.edit(gm, buffers=signature.inputs_to_buffers, modules=modules)
@@ -54,6 +64,17 @@ def swap_program(
     # rebuild those the graph shows (ExportedProgram.module() installs both).
     swapped._guards_code = list(ep._guards_code)
     return swapped, changes
+
+
+def refuse_lowered(ep: ExportedProgram) -> None:
+    """Refuse a program that ``run_decompositions()`` lowered from the training IR (its dialect says so)."""
+    if ep.dialect != "TRAINING":
+        msg = (
+            f"the program is in the {ep.dialect} dialect that ExportedProgram.run_decompositions() lowers to; "
+            "lowering erases an eval dropout and fuses batch norm, so no swap can tell what the model did. "
+            "Swap the program torch.export.export returns, then call run_decompositions() on the result."
+        )
+        raise UnsupportedGraphError(msg)
 
 
 def _copy_entry(entry: ModuleCallEntry) -> ModuleCallEntry:

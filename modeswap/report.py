@@ -8,13 +8,16 @@ import torch
 from torch.fx import GraphModule, Node
 
 from modeswap import idioms
+from modeswap.flags import UNKNOWN, recorded_probability
 from modeswap.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
 from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
+from modeswap.pass_base import Context
 from modeswap.rules import Idiom, PerNode, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
     """Yield a :class:`Site` for every node of ``gm`` (subgraphs included) whose behaviour has a mode."""
+    captured = Context.of(gm).captured()
     for path, module in graph_modules(gm):
         for node in module.graph.nodes:
             rule = rule_for(node)
@@ -27,6 +30,7 @@ def sites(gm: GraphModule) -> Iterator[Site]:
             memo = memo_of(node)
             if rule.train is PerNode.VALUE and memo is not None:
                 params[f"training_{rule.flag}"] = memo.values.get(rule.flag)
+            recorded = recorded_probability(rule, node, captured)
             yield Site(
                 node=qualified_name(path, node),
                 op=str(node.target),
@@ -35,6 +39,8 @@ def sites(gm: GraphModule) -> Iterator[Site]:
                 module_path=module_path(node),
                 params=Params(params),
                 functional=rule.functional(node),
+                kept=bool(memo is not None and memo.kept),
+                known=recorded is None or recorded[1] is not UNKNOWN,
             )
 
 
@@ -48,6 +54,7 @@ def idiom_sites(gm: GraphModule) -> Iterator[Site]:
             (n, idioms.idiom_of(memo), memo.values["keep"], Mode.EVAL) for n, memo in idioms.markers(module.graph)
         ]
         for node, idiom, keep, mode in found:
+            memo = memo_of(node)
             yield Site(
                 node=qualified_name(path, node),
                 op=str(node.target),
@@ -55,6 +62,7 @@ def idiom_sites(gm: GraphModule) -> Iterator[Site]:
                 mode=mode,
                 module_path=module_path(node),
                 params=Params([("keep", keep), ("idiom", idiom.name)]),
+                kept=bool(memo is not None and memo.kept),
             )
 
 
@@ -78,7 +86,7 @@ def random_nodes(gm: GraphModule) -> Iterator[tuple[str, Node]]:
 def report(gm: GraphModule) -> ModeReport:
     """Derive the :class:`ModeReport` of an exported ``GraphModule`` from its graph."""
     found = (*sites(gm), *idiom_sites(gm))
-    modes = {site.mode for site in found}
+    modes = {site.mode for site in found if not site.kept}
     (agreed,) = modes if len(modes) == 1 else (None,)
     return ModeReport(
         mode=agreed,

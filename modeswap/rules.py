@@ -80,7 +80,7 @@ class Rule:
         value = get_argument(node, self.flag)
         if value != self.eval:
             return Mode.TRAIN
-        if self.train is PerNode.VALUE and memo_of(node) is None:
+        if self.train is PerNode.VALUE and getattr(memo_of(node), "values", {}).get(self.flag) is None:
             return None  # e.g. attention with dropout_p=0.0: nothing tells
         return Mode.EVAL
 

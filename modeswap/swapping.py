@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypeVar, cast
+from collections.abc import Mapping, Sequence
+from typing import TypedDict, TypeVar, cast
 
 import torch
 from torch.fx import GraphModule
@@ -24,22 +25,32 @@ def swap(
     *,
     share_weights: bool = False,
     attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
 ) -> Swap[Exported]:
     """Return a :class:`Swap`: a copy of ``module`` that behaves as eager does in ``mode``, and its changes.
 
     ``module`` is not modified. Its parameters and buffers are cloned, unless
-    ``share_weights``, when the new module aliases them. ``attention_dropout``
-    is the ``dropout_p`` that train mode gives attention nodes whose training
-    value the graph does not record.
+    ``share_weights``, when the new module aliases them.
+
+    What the graph does not record, the caller states (see ``modeswap.stated``
+    for how module-path patterns match):
+
+    - ``dropout`` maps module-path patterns to the training ``p`` of dropout and
+      attention sites whose eval graph holds 0.0 and records no training value;
+      a value the graph records is never overridden: contradicting one raises.
+    - ``attention_dropout`` is the training ``dropout_p`` of attention nodes
+      (``scaled_dot_product_attention``) that no ``dropout`` pattern matches.
+    - ``keep`` lists module-path patterns whose sites this swap, and every later
+      one, leaves as they are (Monte Carlo dropout, frozen batch norms).
 
     >>> swapped = modeswap.swap(gm, "eval")
     >>> evaluated = swapped.module
     """
     target = Mode.parse(mode)
+    options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     if isinstance(module, torch.export.ExportedProgram):
-        program, changes = swap_program(
-            module, target, share_weights=share_weights, attention_dropout=attention_dropout
-        )
+        program, changes = swap_program(module, target, share_weights=share_weights, **options)
         return cast(Swap[Exported], Swap(program, target, changes))  # Exported is ExportedProgram here
     if isinstance(module, ModalModule):
         msg = (
@@ -47,25 +58,41 @@ def swap(
             "Swap the exported module it was made from instead"
         )
         raise NotExportedError(msg)
-    rewrite = swap_pipeline(target, attention_dropout=attention_dropout)
+    rewrite = swap_pipeline(target, **options)
     new, changes = rewrite.rewrite(module, share_weights=share_weights)
     return Swap(new, target, changes)
 
 
-def to_eval(module: Exported, *, share_weights: bool = False) -> Exported:
-    """Return a copy of ``module`` that behaves as eager does after ``model.eval()``.
+class Options(TypedDict):
+    """The options of a swap that state what the graph does not record."""
+
+    attention_dropout: float | None
+    dropout: Mapping[str, float] | None
+    keep: Sequence[str]
+
+
+def to_eval(module: Exported, *, share_weights: bool = False, keep: Sequence[str] = ()) -> Exported:
+    """Return a copy of ``module`` that behaves as eager does after ``model.eval()``; see :func:`swap`.
 
     >>> evaluated = modeswap.to_eval(gm)
     """
-    return swap(module, Mode.EVAL, share_weights=share_weights).module
+    return swap(module, Mode.EVAL, share_weights=share_weights, keep=keep).module
 
 
-def to_train(module: Exported, *, share_weights: bool = False, attention_dropout: float | None = None) -> Exported:
-    """Return a copy of ``module`` that behaves as eager does after ``model.train()``.
+def to_train(
+    module: Exported,
+    *,
+    share_weights: bool = False,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> Exported:
+    """Return a copy of ``module`` that behaves as eager does after ``model.train()``; see :func:`swap`.
 
-    >>> trainable = modeswap.to_train(gm, attention_dropout=0.1)
+    >>> trainable = modeswap.to_train(gm, dropout={"encoder.layers.*.attention": 0.1})
     """
-    return swap(module, Mode.TRAIN, share_weights=share_weights, attention_dropout=attention_dropout).module
+    options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    return swap(module, Mode.TRAIN, share_weights=share_weights, **options).module
 
 
 def mode_of(module: GraphModule | torch.export.ExportedProgram | ModalModule) -> ModeReport:

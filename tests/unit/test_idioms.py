@@ -164,12 +164,24 @@ def test_a_gated_dropout_p_lost_by_an_eval_export_warns_and_can_be_given() -> No
     torch.manual_seed(0)
     model, x = EagerAttention(), torch.randn(2, 5, 8)
     gm = export(model, (x,), Mode.EVAL)
-    with pytest.warns(modeswap.UnknownTrainingValueWarning, match=r"p=0\.0 .*attention_dropout=p"):
+    with pytest.warns(
+        modeswap.UnknownTrainingValueWarning, match=r"(?s)EagerAttention: 1 site\(s\) in ''.*dropout=\{\n *'': 0\.0,"
+    ) as caught:
         silent = modeswap.to_train(gm)
-    assert [s.params["p"] for s in modeswap.mode_of(silent).sites] == [0.0]
-    swapped = modeswap.swap(gm, "train", attention_dropout=0.25)
+    (warning,) = [w.message for w in caught if isinstance(w.message, modeswap.UnknownTrainingValueWarning)]
+    assert warning.suggestion == {"": 0.0}
+    assert warning.groups == {"EagerAttention": ("",)}
+    assert [(s.params["p"], s.known) for s in modeswap.mode_of(silent).sites] == [(0.0, False)]
+    # attention_dropout is for attention nodes: a gated dropout stays unknown.
+    with pytest.warns(modeswap.UnknownTrainingValueWarning):
+        modeswap.to_train(gm, attention_dropout=0.25)
+    swapped = modeswap.swap(gm, "train", dropout={"": 0.25})
     assert [(c.field, c.before, c.after) for c in swapped.changes] == [("train", False, True), ("p", 0.0, 0.25)]
     assert_runs_as(model.train(), swapped.module, x, seed=2)
+    # The blind swap remembers that p is unknown, so it can be stated later.
+    stated = modeswap.swap(silent, "train", dropout={"": 0.25})
+    assert [(c.field, c.before, c.after) for c in stated.changes] == [("p", 0.0, 0.25)]
+    assert_runs_as(model.train(), stated.module, x, seed=2)
 
 
 def test_a_dropout_module_with_p_zero_is_not_gated() -> None:

@@ -1,0 +1,429 @@
+"""What the user states that the graph does not record: ``dropout=`` per module, ``keep=`` pins.
+
+Each behaviour is checked against the eager model the graph was exported from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeswap
+from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
+from modeswap.stated import Stated, decide, matches
+from modeswap.testing import export
+from modeswap.testing.models import Attention
+from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
+
+aten = torch.ops.aten
+
+
+def assert_runs_as(eager: nn.Module, module: nn.Module, args: tuple[Any, ...], seed: int = 0) -> None:
+    expected = run_forward_backward(eager, args, seed=seed)
+    assert_same_run(expected, run_forward_backward(module, args, seed=seed), atol=0.0, rtol=0.0)
+
+
+@contextlib.contextmanager
+def silent() -> Iterator[None]:
+    """A block in which any warning fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+class Gated(nn.Module):
+    """Two dropouts in one forward, as transformers' layers write them: one gated on training, one not."""
+
+    def __init__(self, gated: float, plain: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.gated, self.plain = gated, plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(self.fc(x), p=self.gated if self.training else 0.0, training=self.training)
+        return F.dropout(x, p=self.plain, training=self.training)
+
+
+class Layer(nn.Module):
+    def __init__(self, attention: float, activation: float) -> None:
+        super().__init__()
+        self.attention = Gated(attention, 0.1)
+        self.mlp = Gated(activation, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attention(x))
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(0.3, 0.0), Layer(0.3, 0.0)])
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+STACK_ARGS = (torch.randn(3, 8),)
+STACK_TRAINING = {"layers.*.attention": 0.3, "layers.*.mlp": 0.0}
+
+
+# -- how patterns match -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("encoder", "encoder", True),
+        ("encoder", "encoder.layers.0.attention", True),  # an enclosing module's path
+        ("encoder", "encoder_norm", False),
+        ("encoder.layers.*", "encoder.layers.0", True),
+        ("encoder.layers.*", "encoder.layers.0.attention", True),
+        ("*.attention", "encoder.layers.0.attention", False),  # * stays within a component
+        ("**.attention", "encoder.layers.0.attention", True),
+        ("**.attention", "encoder.layers.0.attention.dropout", True),
+        ("**.attention", "attention", True),
+        ("encoder.**.dropout", "encoder.dropout", True),
+        ("", "anything.at.all", True),  # the root encloses everything
+        ("**", "", True),
+        ("*", "", False),
+        ("*", "encoder.layers", True),
+        ("layers.?", "layers.3", True),
+        ("Layers", "layers", False),  # case matters, as in module paths
+    ],
+)
+def test_a_pattern_matches_a_module_or_one_enclosing_it(pattern: str, path: str, expected: bool) -> None:
+    assert matches(pattern, path) is expected
+
+
+def test_the_pattern_matching_the_innermost_module_wins_then_the_more_literal_one() -> None:
+    mapping = (("encoder", 0.1), ("**.attention", 0.2), ("encoder.layers.1.attention", 0.3), ("**", 0.4), ("*", 0.5))
+    assert decide(mapping, "encoder.layers.0.attention") == ("**.attention", 0.2)
+    assert decide(mapping, "encoder.layers.1.attention") == ("encoder.layers.1.attention", 0.3)
+    assert decide(mapping, "encoder.layers.0") == ("**", 0.4)  # ** matches the module itself
+    assert decide(mapping[:3], "encoder.layers.0") == ("encoder", 0.1)
+    assert decide((*mapping[:3], ("*", 0.5)), "encoder.layers.0") == ("encoder", 0.1)  # more literal, same depth
+    assert decide(mapping[:3], "decoder") is None
+    assert decide((("encoder", 0.1),), "decoder") is None
+
+
+def test_equally_specific_patterns_with_different_values_are_an_error() -> None:
+    with pytest.raises(InvalidOptionError, match=r"'a\.\*' \(p=0\.1\) and '\*\.b' \(p=0\.2\) are equally specific"):
+        decide((("a.*", 0.1), ("*.b", 0.2)), "a.b")
+    assert decide((("a.*", 0.1), ("*.b", 0.1)), "a.b") == ("a.*", 0.1)  # they agree
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"dropout": {"a": 1.5}}, r"dropout\['a'\] must be a probability in \[0, 1\], got 1\.5"),
+        ({"dropout": {"a": True}}, r"got True"),
+        ({"dropout": {3: 0.1}}, r"patterns are module paths .* got 3"),
+        ({"dropout": [("a", 0.1)]}, r"dropout takes a mapping"),
+        ({"keep": "encoder"}, r"keep takes a sequence .* write keep=\('encoder',\)"),
+        ({"keep": [None]}, r"keep patterns are module paths"),
+        ({"attention_dropout": -0.1}, r"attention_dropout must be a probability"),
+    ],
+)
+def test_bad_options_are_refused_before_the_graph_is_read(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidOptionError, match=match):
+        Stated.of(Mode.TRAIN, **options)
+
+
+@pytest.mark.parametrize("option", ["dropout", "attention_dropout"])
+def test_training_values_are_refused_for_a_swap_to_eval(option: str) -> None:
+    gm = export(Stack(), STACK_ARGS, "train")
+    value = {"layers": 0.1} if option == "dropout" else 0.1
+    with pytest.raises(InvalidOptionError, match=rf"{option}=.* only applies when swapping to train mode"):
+        modeswap.swap(gm, "eval", **{option: value})
+
+
+# -- dropout= -----------------------------------------------------------------------------------------------
+
+
+def test_an_eval_export_warns_with_a_mapping_that_states_its_unknown_sites() -> None:
+    gm = export(Stack(), STACK_ARGS, "eval")
+    with pytest.warns(UnknownTrainingValueWarning) as caught:
+        trained = modeswap.to_train(gm)
+    (warning,) = [w.message for w in caught]
+    assert isinstance(warning, UnknownTrainingValueWarning)
+    # The gated dropouts only: the plain ones record their p, the nn.Dropout(0.0) is a module's own p.
+    assert warning.groups == {"Gated": ("layers.0.attention", "layers.0.mlp", "layers.1.attention", "layers.1.mlp")}
+    assert warning.suggestion == {"layers.*.attention": 0.0, "layers.*.mlp": 0.0}
+    text = str(warning)
+    assert "Gated: 4 site(s) in 'layers.0.attention', 'layers.0.mlp', 'layers.1.attention', ... (4 modules)" in text
+    assert "modeswap.to_train(gm, dropout={\n      'layers.*.attention': 0.0,\n      'layers.*.mlp': 0.0,\n  })" in text
+    assert [s.known for s in modeswap.mode_of(gm).sites] == [False, True, False, True] * 2 + [True]
+    assert [s.params["p"] for s in modeswap.mode_of(trained).sites] == [0.0, 0.1, 0.0, 0.2] * 2 + [0.0]
+
+
+def test_the_suggested_mapping_with_its_values_filled_in_matches_eager_train() -> None:
+    torch.manual_seed(0)
+    model = Stack()
+    gm = export(model, STACK_ARGS, "eval")
+    with silent():
+        swapped = modeswap.swap(gm, "train", dropout=STACK_TRAINING)
+    assert sorted({(c.field, c.before, c.after) for c in swapped.changes}) == [
+        ("p", 0.0, 0.3),
+        ("train", False, True),
+    ]
+    assert_runs_as(copy.deepcopy(model).train(), swapped.module, STACK_ARGS, seed=3)
+    back = modeswap.to_eval(swapped.module)
+    assert_runs_as(copy.deepcopy(model).eval(), back, STACK_ARGS)
+    with silent():  # the eval swap remembered the stated values
+        again = modeswap.to_train(back)
+    assert call_signature(again) == call_signature(swapped.module)
+
+
+def test_a_mapping_never_changes_a_value_the_graph_records() -> None:
+    # "layers" matches the plain dropouts (0.1, 0.2) and the nn.Dropout(0.0) too; only unknown sites take 0.3.
+    torch.manual_seed(0)
+    model = Stack()
+    model.layers[0].mlp.gated = model.layers[1].mlp.gated = 0.3
+    with silent():
+        trained = modeswap.to_train(export(model, STACK_ARGS, "eval"), dropout={"layers": 0.3})
+    assert [s.params["p"] for s in modeswap.mode_of(trained).sites] == [0.3, 0.1, 0.3, 0.2] * 2 + [0.0]
+    assert_runs_as(copy.deepcopy(model).train(), trained, STACK_ARGS, seed=1)
+
+
+def test_a_mapping_that_contradicts_a_train_literal_names_both_values() -> None:
+    gm = export(Stack(), STACK_ARGS, "train")
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"dropout=\{'layers\.\*\.mlp': 0\.1\} contradicts the graph: .*'layers\.0\.mlp'.* records a "
+        r"training p of 0\.0",
+    ):
+        modeswap.to_train(gm, dropout={"layers.*.mlp": 0.1})
+    with silent():  # stating what the graph records is fine
+        modeswap.to_train(gm, dropout=STACK_TRAINING)
+
+
+def test_a_mapping_that_contradicts_a_remembered_attention_value_is_an_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), Attention(0.3))
+    evaluated = modeswap.to_eval(export(model, (torch.randn(2, 3, 4),), "train"))
+    with pytest.raises(InvalidOptionError, match=r"dropout=\{'1': 0\.2\} contradicts .* dropout_p of 0\.3"):
+        modeswap.to_train(evaluated, dropout={"1": 0.2})
+
+
+def test_a_nn_dropout_with_p_zero_records_it() -> None:
+    gm = export(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)), (torch.randn(2, 3),), "eval")
+    with pytest.raises(InvalidOptionError, match=r"module '1'.* records a training p of 0\.0"):
+        modeswap.to_train(gm, dropout={"1": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"dropout": {"layers.*.atention": 0.3}}, r"dropout pattern 'layers\.\*\.atention' matches no dropout or"),
+        ({"dropout": {"layers.0.attention.fc": 0.3}}, r"matches no dropout or attention site"),
+        ({"dropout": {"head.0": 0.3}}, r"matches no dropout or attention site"),
+        ({"keep": ["head.2"]}, r"keep pattern 'head\.2' matches no site of this graph"),
+    ],
+)
+def test_a_pattern_that_matches_no_site_is_an_error_listing_the_modules_that_have_one(
+    options: dict[str, Any], match: str
+) -> None:
+    gm = export(Stack(), STACK_ARGS, "eval")
+    with pytest.raises(InvalidOptionError, match=match) as raised:
+        modeswap.to_train(gm, **options)
+    assert "'layers.*.attention'" in str(raised.value)
+
+
+def test_a_dropout_pattern_leaves_sites_that_hold_another_p_alone() -> None:
+    # dropout= speaks of sites whose graph holds 0.0; a plain F.dropout(p=0.1) records its p in both modes.
+    class Plain(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(x, p=0.1, training=self.training)
+
+    torch.manual_seed(0)
+    model, args = nn.Sequential(nn.Linear(3, 3), Plain()), (torch.randn(2, 3),)
+    with silent():
+        trained = modeswap.to_train(export(model, args, "eval"), dropout={"1": 0.5})
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
+
+
+def test_dropout_states_attention_per_module_and_attention_dropout_the_rest() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(0.2), Attention(0.4))
+    args = (torch.randn(2, 3, 4),)
+    gm = export(model, args, "eval")
+    with pytest.warns(UnknownTrainingValueWarning, match=r"attention_dropout=p") as caught:
+        modeswap.to_train(gm)
+    assert caught[0].message.suggestion == {"*": 0.0}  # type: ignore[union-attr]
+    with silent():
+        trained = modeswap.to_train(gm, dropout={"1": 0.4}, attention_dropout=0.2)
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=5)
+
+
+def test_the_exported_program_and_allow_train_eval_take_the_mapping() -> None:
+    torch.manual_seed(0)
+    model = Stack()
+    ep = torch.export.export(copy.deepcopy(model).eval(), STACK_ARGS)
+    with silent():
+        program = modeswap.to_train(ep, dropout=STACK_TRAINING)
+        modal = modeswap.allow_train_eval(ep, dropout=STACK_TRAINING)
+    assert_runs_as(copy.deepcopy(model).train(), program.module(), STACK_ARGS, seed=2)
+    assert_runs_as(copy.deepcopy(model).train(), modal.train(), STACK_ARGS, seed=2)
+    assert_runs_as(copy.deepcopy(model).eval(), modal.eval(), STACK_ARGS)
+
+
+# -- keep= --------------------------------------------------------------------------------------------------
+
+
+class MonteCarlo(nn.Module):
+    """Dropout on in both modes: Monte Carlo dropout for uncertainty estimates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=0.3, training=True)
+
+
+class WithMonteCarlo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.2)
+        self.mc = MonteCarlo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mc(self.drop(self.fc(x)))  # type: ignore[no-any-return]
+
+
+def test_monte_carlo_dropout_is_kept_on_in_eval_and_stays_kept() -> None:
+    torch.manual_seed(0)
+    model, args = WithMonteCarlo(), (torch.randn(4, 6),)
+    gm = export(model, args, "train")
+    evaluated = modeswap.swap(gm, "eval", keep=["mc"])
+    assert [c.node for c in evaluated.changes] == ["dropout"]  # the kept one is not listed
+    assert_runs_as(copy.deepcopy(model).eval(), evaluated.module, args, seed=1)
+    report = modeswap.mode_of(evaluated.module)
+    assert [(s.module_path, s.mode, s.kept) for s in report.sites] == [
+        ("drop", Mode.EVAL, False),
+        ("mc", Mode.TRAIN, True),
+    ]
+    assert report.mode is Mode.EVAL  # kept sites do not make a graph mixed
+    assert not report.mixed
+    # Later swaps keep it without being told again, both ways.
+    assert_runs_as(copy.deepcopy(model).train(), modeswap.to_train(evaluated.module), args, seed=2)
+    assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(evaluated.module), args, seed=3)
+    # Without keep=, it follows the mode as every other site, and eager eval disagrees.
+    plain = modeswap.to_eval(gm)
+    with pytest.raises(AssertionError):
+        assert_runs_as(copy.deepcopy(model).eval(), plain, args, seed=1)
+
+
+def test_a_kept_site_survives_save_and_load(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model, args = WithMonteCarlo(), (torch.randn(4, 6),)
+    ep = modeswap.to_eval(torch.export.export(copy.deepcopy(model).train(), args), keep=["mc"])
+    torch.export.save(ep, tmp_path / "kept.pt2")
+    loaded = torch.export.load(tmp_path / "kept.pt2")
+    assert [s.kept for s in modeswap.mode_of(loaded).sites] == [False, True]
+    assert_runs_as(copy.deepcopy(model).train(), modeswap.to_train(loaded).module(), args, seed=4)
+
+
+class Backbone(nn.Module):
+    """A detection backbone's ``norm_eval``: its batch norm stays in eval mode while the model trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+
+class Detector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Backbone()
+        self.neck = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("exported_in", ["train", "eval"])
+def test_a_norm_eval_batch_norm_stays_in_eval_in_a_train_swap(exported_in: str) -> None:
+    torch.manual_seed(0)
+    model, args = Detector(), (torch.randn(2, 3, 6, 6),)
+    model.backbone.bn.running_mean.uniform_()  # not the initial statistics, so a train-mode norm would differ
+    gm = export(model, args, exported_in)
+    with silent():
+        trained = modeswap.swap(gm, "train", keep=["backbone.bn"])
+    assert not any(c.node == "batch_norm" for c in trained.changes)
+    back = modeswap.to_eval(trained.module)  # before a train forward updates the running stats
+    assert_runs_as(copy.deepcopy(model).train(), trained.module, args, seed=1)
+    assert_runs_as(copy.deepcopy(model).eval(), back, args)
+    # The graph of a train export mixes the modes; keeping the frozen norm makes it say train.
+    if exported_in == "train":
+        assert modeswap.mode_of(gm).mixed
+        assert modeswap.mode_of(trained.module).mode is Mode.TRAIN
+
+
+class BatchStatistics(nn.Module):
+    """``F.batch_norm(..., training=True)`` on purpose: batch statistics in both modes, running stats updated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, training=True, momentum=0.2)
+
+
+def test_a_hard_coded_training_batch_norm_is_kept() -> None:
+    torch.manual_seed(0)
+    model, args = nn.Sequential(nn.Linear(4, 4), BatchStatistics(), nn.Dropout(0.1)), (torch.randn(5, 4),)
+    gm = export(model, args, "train")
+    evaluated = modeswap.swap(gm, "eval", keep=["1"])
+    assert [c.node for c in evaluated.changes] == ["dropout"]
+    back = modeswap.to_train(evaluated.module)
+    assert_runs_as(copy.deepcopy(model).eval(), evaluated.module, args)
+    assert_runs_as(copy.deepcopy(model).train(), back, args, seed=1)
+
+
+def test_allow_train_eval_keeps_in_both_modes() -> None:
+    torch.manual_seed(0)
+    model, args = WithMonteCarlo(), (torch.randn(4, 6),)
+    modal = modeswap.allow_train_eval(export(model, args, "eval"), keep=["mc"])
+    assert_runs_as(copy.deepcopy(model).train(), modal.train(), args, seed=1)
+    assert_runs_as(copy.deepcopy(model).eval(), modal.eval(), args, seed=2)
+    assert [s.kept for s in modeswap.mode_of(modal).sites] == [False, True]
+
+
+# -- first-run fixes in the library ------------------------------------------------------------------------
+
+
+def test_mode_of_a_swap_record_points_at_its_module() -> None:
+    swapped = modeswap.swap(export(Stack(), STACK_ARGS, "train"), "eval")
+    with pytest.raises(modeswap.NotExportedError, match=r"^got a modeswap\.Swap record; .*\(swapped\.module\)$"):
+        modeswap.mode_of(swapped)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["program", "module"])
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_module: bool, strict: bool) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
+    lowered = torch.export.export(model, (torch.randn(2, 3),), strict=strict).run_decompositions()
+    assert not any("dropout" in str(node.target) for node in lowered.graph.nodes)
+    target = lowered.module() if as_module else lowered
+    match = r"clone .* was node 'dropout'" if as_module else r"in the ATEN dialect"
+    with pytest.raises(modeswap.UnsupportedGraphError, match=match):
+        modeswap.to_train(target)

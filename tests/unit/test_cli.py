@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,21 @@ def model() -> nn.Module:
 X = torch.randn(2, 3, 6, 6)
 
 
+def aoti_package(path: Path) -> None:
+    """Write a zip laid out as torch._inductor.aoti_compile_and_package lays out its .pt2 (building one takes ~40 s)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in [
+            ("data/aotinductor/model/c7qy.wrapper.cpp", b"// generated"),
+            ("data/aotinductor/model/c7qy.wrapper.so", b"\x7fELF"),
+            ("data/aotinductor/model/c7qy.wrapper_metadata.json", b"{}"),
+            ("archive_format", b"pt2"),
+            ("archive_version", b"1"),
+            (".data/version", b"2"),
+            ("byteorder", b"little"),
+        ]:
+            archive.writestr(f"{path.stem}/{name}", data)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of good and bad .pt2 files."""
@@ -43,6 +59,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "empty.pt2").write_bytes(b"")
     whole = (folder / "train.pt2").read_bytes()
     (folder / "truncated.pt2").write_bytes(whole[: len(whole) // 2])
+    (folder / "train.bin").write_bytes(whole)
+    aoti_package(folder / "compiled.pt2")
+    with zipfile.ZipFile(folder / "zip.pt2", "w") as archive:
+        archive.writestr("notes/readme.txt", "a zip, not a program")
     return folder
 
 
@@ -131,6 +151,8 @@ def test_convert_does_not_overwrite_without_force(files, tmp_path):
         ("text.pt2", ("text.pt2", "not a program saved with torch.export.save")),
         ("truncated.pt2", ("truncated.pt2", "not a program saved with torch.export.save")),
         ("weights.pt2", ("weights.pt2", "torch.save() file")),
+        ("compiled.pt2", ("compiled.pt2", "compiled by AOTInductor", "Swap the ExportedProgram, then compile")),
+        ("zip.pt2", ("zip.pt2", "a zip archive that holds no exported program")),
     ],
 )
 @pytest.mark.parametrize("command", ["inspect", "convert"])
@@ -161,7 +183,7 @@ def test_converting_onto_the_input_is_refused(files):
 
 def test_a_decomposed_program_is_refused(files, tmp_path):
     result = run("convert", files / "decomposed.pt2", "--to", "train", "-o", tmp_path / "out.pt2")
-    assert_bad_input(result, "Swap before run_decompositions()")
+    assert_bad_input(result, "run_decompositions()")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,3 +197,15 @@ def test_debug_shows_the_traceback(files):
     result = run("--debug", "inspect", files / "empty.pt2")
     assert result.returncode == 2
     assert "Traceback" in result.stderr
+
+
+def test_an_output_not_named_pt2_is_refused_before_anything_is_written(files, tmp_path):
+    result = run("convert", files / "train.pt2", "--to", "eval", "-o", tmp_path / "out.bin")
+    assert_bad_input(result, "out.bin", "ends in .pt2", "write out.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_not_named_pt2_loads_without_torchs_log_line(files):
+    result = run("inspect", files / "train.bin")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "mode: train" in result.stdout

@@ -2,37 +2,79 @@
 
 >>> evaluated = modeswap.to_eval(gm)
 >>> report = modeswap.mode_of(evaluated)
+
+The names below load on first use (PEP 562), so that ``import modeswap`` and
+``modeswap --version`` do not pay for importing torch.
 """
 
-from modeswap import passes
-from modeswap.errors import (
-    InvalidOptionError,
-    ModeswapError,
-    ModeswapWarning,
-    NondeterministicEvalWarning,
-    NotExportedError,
-    TrainingBranchWarning,
-    UnknownModeError,
-    UnknownTrainingValueWarning,
-    UnsupportedGraphError,
-)
-from modeswap.exported import is_exported
-from modeswap.modal import ModalModule, allow_train_eval
-from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
-from modeswap.pass_base import Pass, pipeline
-from modeswap.swapping import mode_of, swap, to_eval, to_train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modeswap import passes, testing
+    from modeswap.errors import (
+        InvalidOptionError,
+        ModeswapError,
+        ModeswapWarning,
+        NondeterministicEvalWarning,
+        NotExportedError,
+        TrainingBranchWarning,
+        UnknownModeError,
+        UnknownTrainingValueWarning,
+        UnsupportedGraphError,
+    )
+    from modeswap.exported import is_exported
+    from modeswap.modal import ModalModule, allow_train_eval
+    from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
+    from modeswap.pass_base import Pass, pipeline
+    from modeswap.swapping import mode_of, swap, to_eval, to_train
 
 __version__ = "0.1.0"
 
+#: Where each public name lives; the imports above say the same to type checkers.
+_HOMES = {
+    "modeswap.errors": (
+        "InvalidOptionError",
+        "ModeswapError",
+        "ModeswapWarning",
+        "NondeterministicEvalWarning",
+        "NotExportedError",
+        "TrainingBranchWarning",
+        "UnknownModeError",
+        "UnknownTrainingValueWarning",
+        "UnsupportedGraphError",
+    ),
+    "modeswap.exported": ("is_exported",),
+    "modeswap.modal": ("ModalModule", "allow_train_eval"),
+    "modeswap.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
+    "modeswap.pass_base": ("Pass", "pipeline"),
+    "modeswap.swapping": ("mode_of", "swap", "to_eval", "to_train"),
+}
+_HOME_OF = {name: home for home, names in _HOMES.items() for name in names}
 
-def __getattr__(name: str) -> object:
-    # modeswap.testing needs hypothesis for its strategies; import it on first use only.
-    if name == "testing":
-        import importlib
 
-        return importlib.import_module("modeswap.testing")
-    msg = f"module 'modeswap' has no attribute {name!r}"
-    raise AttributeError(msg)
+# Hidden from type checkers, which see the imports above and flag a misspelt name instead of typing it object.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        if name in _HOME_OF:
+            value = getattr(importlib.import_module(_HOME_OF[name]), name)
+            globals()[name] = value  # later lookups find it without coming here
+            return value
+        # A submodule (modeswap.passes, modeswap.testing, modeswap.graphs) loads on first use too.
+        try:
+            return importlib.import_module(f"modeswap.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"modeswap.{name}":
+                raise
+        msg = f"module 'modeswap' has no attribute {name!r}"
+        raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

@@ -1,47 +1,37 @@
-"""The ``modeswap`` command."""
+"""The ``modeswap`` command.
+
+The parser is built without importing torch, so that ``--help`` and ``--version``
+answer at once; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
+import re
+import shlex
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import attrs
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 import modeswap
-from modeswap.errors import ModeswapError, ProgramFileError
-from modeswap.files import load_program, save_program
-from modeswap.modes import Change, ModeReport
-from modeswap.testing.oracle import Snapshot, call_signature, run_forward_backward
+from modeswap.errors import ModeswapError, ModeswapWarning, ProgramFileError, UnknownTrainingValueWarning
 
+if TYPE_CHECKING:
+    from modeswap.modes import Change, ModeReport
 
-class DemoNet(nn.Module):
-    """The demo's model: conv, batch norm with custom momentum and eps, dropout, attention."""
+MODES = ("train", "eval")  # the values of modeswap.Mode, written out: reading the enum would import torch
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8, momentum=0.05, eps=1e-3)
-        self.drop = nn.Dropout(0.2)
-        self.attention_p = 0.1
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(F.relu(self.bn(self.conv(x))))
-        tokens = x.flatten(2).transpose(1, 2).unsqueeze(1)  # (batch, 1 head, positions, channels)
-        p = self.attention_p if self.training else 0.0
-        attended = F.scaled_dot_product_attention(tokens, tokens, tokens, dropout_p=p)
-        return self.head(attended.mean(dim=2).squeeze(1))  # type: ignore[no-any-return]
+LEGEND = {
+    "call=functional": "an F.* call outside a module of its kind: its mode may be hard-coded, not follow "
+    "training (convert --keep PATTERN leaves it as it is)",
+    "training value=unknown": "the graph does not record the value a swap to train would set (an eval p=0.0 "
+    "written outside nn.Dropout): state it with convert --dropout PATTERN=P",
+    "kept=yes": "a swap was told to leave the site as it is (convert --keep); later swaps leave it too",
+}
 
 
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -53,7 +43,7 @@ def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 
 def report_table(report: ModeReport) -> str:
-    """Render a :class:`ModeReport` as a text table."""
+    """Return a :class:`ModeReport` as a text table, with a legend line for each marker it uses."""
     overall = "none" if report.mode is None else report.mode.value
     rows = [
         (
@@ -62,101 +52,47 @@ def report_table(report: ModeReport) -> str:
             s.mode.value,
             s.module_path or "(root)",
             "functional" if s.functional else "module",
+            "known" if s.known else "unknown",
+            "yes" if s.kept else "no",
             ", ".join(f"{k}={v}" for k, v in s.params.items()),
         )
         for s in report.sites
     ]
     lines = [
         f"mode: {overall}{' (mixed)' if report.mixed else ''}",
-        _table(rows, ("node", "kind", "mode", "module", "call", "params")),
+        _table(rows, ("node", "kind", "mode", "module", "call", "training value", "kept", "params")),
     ]
-    if any(s.functional for s in report.sites):
-        lines.append(
-            "call=functional: an F.* call outside a module of its kind; its mode may be hard-coded, not follow training"
-        )
+    used = {
+        "call=functional": any(s.functional for s in report.sites),
+        "training value=unknown": any(not s.known for s in report.sites),
+        "kept=yes": any(s.kept for s in report.sites),
+    }
+    lines += [f"{marker}: {LEGEND[marker]}" for marker, present in used.items() if present]
     if report.stochastic:
         lines.append(f"random ops outside any site: {', '.join(report.stochastic)}")
     return "\n".join(lines)
 
 
 def changes_table(changes: Sequence[Change]) -> str:
-    """Render the changes of a swap as a text table."""
+    """Return the changes of a swap as a text table."""
     return _table(
         [(c.node, c.op, c.field, f"{c.before} -> {c.after}") for c in changes], ("node", "op", "field", "edit")
     )
 
 
-def _max_difference(expected: dict[str, Any], actual: dict[str, Any]) -> float:
-    pairs = list(zip(expected["outputs"], actual["outputs"], strict=True))
-    pairs += [(expected["buffers"][k], actual["buffers"][k]) for k in expected["buffers"]]
-    pairs += [(expected["grads"][k], actual["grads"][k]) for k in expected["grads"] if expected["grads"][k] is not None]
-    return max(float((e.double() - a.double()).abs().max()) for e, a in pairs)
-
-
-def _median_seconds(fn: Callable[[], object], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def demo() -> int:
+def demo(args: argparse.Namespace) -> int:
     """Export a model in train mode, swap it to eval and back, and check every step against eager."""
-    torch.manual_seed(0)
-    model = DemoNet()
-    x = torch.randn(4, 3, 8, 8)
-    checks: list[tuple[str, bool]] = []
+    from modeswap.demo import demo
 
-    def check(what: str, ok: bool) -> None:
-        checks.append((what, ok))
-        print(f"  [{'ok' if ok else 'FAILED'}] {what}")
-
-    print("1. Export DemoNet (conv, batch norm momentum=0.05 eps=1e-3, dropout p=0.2, attention p=0.1) in train mode")
-    gm = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
-    before = Snapshot.of(gm)
-    print(report_table(modeswap.mode_of(gm)))
-
-    print("\n2. Swap to eval")
-    evaluated = modeswap.swap(gm, "eval")
-    print(changes_table(evaluated.changes))
-    expected = run_forward_backward(copy.deepcopy(model).eval(), (x,), seed=1)
-    actual = run_forward_backward(evaluated.module, (x,), seed=1)
-    difference = _max_difference(expected, actual)
-    print(f"  max |eager eval - swapped| over outputs, buffers and gradients: {difference:.3g}")
-    check("eval graph matches eager model.eval() (outputs, buffers, gradients)", difference == 0.0)
-    check("mode_of says eval", modeswap.mode_of(evaluated.module).mode is modeswap.Mode.EVAL)
-
-    print("\n3. Swap back to train")
-    trained = modeswap.to_train(evaluated.module)
-    eager_train = copy.deepcopy(model).train()
-    expected = run_forward_backward(eager_train, (x,), seed=2)
-    actual = run_forward_backward(trained, (x,), seed=2)
-    difference = _max_difference(expected, actual)
-    print(f"  max |eager train - swapped| under one seed: {difference:.3g}")
-    print(f"  num_batches_tracked after one forward: {int(actual['buffers']['bn.num_batches_tracked'])}")
-    check("train graph matches eager model.train() (outputs, buffers, gradients, dropout masks)", difference == 0.0)
-    check(
-        "round trip gives back the exported train graph",
-        call_signature(trained) == call_signature(gm),
-    )
-
-    print("\n4. The input was never touched")
-    check("exported module: same code, nodes, meta, tensors and storage", Snapshot.of(gm) == before)
-
-    print("\n5. Time")
-    swap_time = _median_seconds(lambda: modeswap.to_eval(gm))
-    floor_time = _median_seconds(lambda: modeswap.pipeline()(gm))
-    print(f"  to_eval: {swap_time * 1e3:.1f} ms (copy + recompile alone: {floor_time * 1e3:.1f} ms)")
-
-    failed = [what for what, ok in checks if not ok]
-    print(f"\n{len(checks) - len(failed)} of {len(checks)} checks held.")
-    return 1 if failed else 0
+    return demo()
 
 
 def inspect(args: argparse.Namespace) -> int:
     """Print the mode report of a saved program."""
+    import attrs
+
+    from modeswap.files import load_program
+
     report = modeswap.mode_of(load_program(args.file))
     if args.json:
         print(json.dumps({"file": str(args.file), **attrs.asdict(report)}, indent=2))
@@ -168,15 +104,52 @@ def inspect(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     """Swap a saved program to train or eval mode and save the result."""
+    from modeswap.files import check_output, load_program, save_program
+
     if args.output.exists() and args.output.resolve() == args.file.resolve():
         raise ProgramFileError(f"{args.output}: is the input file; write the result to another file")
+    check_output(args.output, force=args.force)
     program = load_program(args.file)
-    swapped = modeswap.swap(program, args.to, attention_dropout=args.attention_dropout)
+    swapped = modeswap.swap(
+        program,
+        args.to,
+        attention_dropout=args.attention_dropout,
+        dropout=dict(args.dropout) if args.dropout else None,
+        keep=tuple(args.keep),
+    )
     save_program(swapped.module, args.output, force=args.force)
     print(f"{args.file} -> {args.output}: {args.to} mode, {len(swapped.changes)} change(s)")
     if swapped.changes:
         print(changes_table(swapped.changes))
     return 0
+
+
+def probability(text: str) -> float:
+    """Return ``text`` as a dropout probability; raise ``argparse.ArgumentTypeError`` saying what to write."""
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 0.0 <= p <= 1.0:
+        msg = f"{text!r} is not a probability: write a number from 0 to 1, such as 0.1"
+        raise argparse.ArgumentTypeError(msg)
+    return p
+
+
+def dropout_entry(text: str) -> tuple[str, float]:
+    """Return ``PATTERN=P`` as ``(pattern, p)``; raise ``argparse.ArgumentTypeError`` saying what to write."""
+    pattern, equals, value = text.rpartition("=")
+    if not equals:
+        msg = (
+            f"{text!r} has no '=': write PATTERN=P, a module path pattern and its training dropout "
+            "probability, such as 'encoder.layers.*.attention=0.1'"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        return pattern, probability(value)
+    except argparse.ArgumentTypeError:
+        msg = f"{text!r}: after the '=' write the training dropout probability, a number from 0 to 1, such as 0.1"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,49 +159,141 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Loading a .pt2 file runs torch's deserializer on it: use files you trust.",
     )
     parser.add_argument("--version", action="version", version=f"modeswap {modeswap.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback when a command fails")
+    debug = "show the traceback when a command fails"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    # The same flag after the command; SUPPRESS keeps a subcommand from resetting one given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "demo",
+        parents=[after],
         help="swap an embedded model to eval and back, checking each step against eager PyTorch",
         description=demo.__doc__,
-    ).set_defaults(run=lambda args: demo())
-    show = commands.add_parser("inspect", help="print the mode of a saved program", description=inspect.__doc__)
+    ).set_defaults(run=demo)
+    show = commands.add_parser(
+        "inspect", parents=[after], help="print the mode of a saved program", description=inspect.__doc__
+    )
     show.add_argument("file", type=Path, metavar="FILE.pt2", help="a program saved with torch.export.save")
     show.add_argument("--json", action="store_true", help="print the report as JSON")
     show.set_defaults(run=inspect)
-    swap = commands.add_parser("convert", help="swap a saved program to train or eval", description=convert.__doc__)
+    swap = commands.add_parser(
+        "convert",
+        parents=[after],
+        help="swap a saved program to train or eval",
+        description=convert.__doc__,
+        epilog="A PATTERN matches the module path of a site (as inspect prints it) or of a module enclosing "
+        "it: * and ? match within one component (layers.* matches layers.3), ** any number of components "
+        "(**.attn matches encoder.layers.3.attn). Of the --dropout patterns that match, the innermost module's "
+        "wins, then the one with more literal characters.",
+    )
     swap.add_argument("file", type=Path, metavar="IN.pt2", help="a program saved with torch.export.save")
-    swap.add_argument("--to", required=True, choices=[m.value for m in modeswap.Mode], help="the target mode")
+    swap.add_argument("--to", required=True, choices=MODES, help="the target mode")
     swap.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pt2", help="where to write it")
     swap.add_argument(
+        "--dropout",
+        action="append",
+        default=[],
+        type=dropout_entry,
+        metavar="PATTERN=P",
+        help="the training p of dropout and attention sites under PATTERN whose training value the file does "
+        "not record (train only; repeatable)",
+    )
+    swap.add_argument(
         "--attention-dropout",
-        type=float,
+        type=probability,
         metavar="P",
-        help="dropout_p for attention whose training value the file does not record (train only)",
+        help="dropout_p for attention whose training value the file does not record and no --dropout "
+        "pattern gives (train only)",
+    )
+    swap.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave the sites under PATTERN as they are, in this swap and later ones "
+        "(Monte Carlo dropout, frozen batch norms; repeatable)",
     )
     swap.add_argument("--force", action="store_true", help="overwrite OUT.pt2 if it exists")
-    swap.set_defaults(run=convert)
+    swap.set_defaults(run=convert, check=_check_convert, usage_error=swap.error)
     return parser
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    """Refuse, as usage errors (exit 2), options that parse one by one but mean nothing together."""
+    patterns = [pattern for pattern, _ in args.dropout]
+    repeated = sorted({pattern for pattern in patterns if patterns.count(pattern) > 1})
+    if repeated:
+        args.usage_error(f"--dropout gives {repeated[0]!r} more than once; give each pattern one value")
+    if args.to == "eval" and (args.dropout or args.attention_dropout is not None):
+        args.usage_error("--dropout and --attention-dropout give training values: use them with --to train")
+
+
+# Python in modeswap's messages, and what the command line says instead.
+_CLI_WORDS = (
+    (re.compile(r"modeswap\.mode_of\(\w+\)\.stochastic"), "modeswap inspect"),
+    (re.compile(r"modeswap\.to_train\(\w+, attention_dropout=p\)"), "--attention-dropout P"),
+    (re.compile(r"\b(?:attention_dropout|dropout|keep)(?= patterns?\b)"), lambda m: f"--{m[0].replace('_', '-')}"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """Return ``message`` on one line, its Python calls and keywords put as the command line's flags."""
+    line = " ".join(message.split())
+    for python, flags in _CLI_WORDS:
+        line = python.sub(flags, line)
+    return line
+
+
+def warning_line(warning: Warning | str) -> str:
+    """Return ``warning`` as one line in the command line's words: flags, not Python calls."""
+    suggestion = getattr(warning, "suggestion", None)
+    groups = getattr(warning, "groups", None)
+    if isinstance(warning, UnknownTrainingValueWarning) and suggestion and groups:
+        where = "; ".join(f"{kind}: {_some(paths)}" for kind, paths in groups.items())
+        flags = " ".join(f"--dropout {shlex.quote(f'{pattern}={p}')}" for pattern, p in suggestion.items())
+        modules = sum(len(paths) for paths in groups.values())
+        # The Python advice ends with attention_dropout= when some of the sites are attention nodes.
+        attention = "; or --attention-dropout P for every attention node" if "attention_dropout" in str(warning) else ""
+        return (
+            f"dropout or attention sites in {modules} module(s) hold a probability of 0.0 and record no "
+            f"training value, so they keep 0.0 in train mode ({where}). State their training p, editing the "
+            f"numbers (the model's config or code has them): {flags}{attention}"
+        )
+    return in_cli_words(str(warning))
+
+
+def _some(items: Sequence[str], shown: int = 3) -> str:
+    names = ", ".join(item or "(root)" for item in items[:shown])
+    return names + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modeswap`` command line; return its exit code (0 done, 2 bad input or usage, 1 a bug)."""
     args = _parser().parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except ModeswapError as error:
-        print(f"modeswap {args.command}: {error}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        return 2
-    except Exception as error:
-        print(f"modeswap {args.command}: internal error, please report it: {error!r}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
+    if "check" in args:
+        args.check(args)
+    failure: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModeswapWarning)
+        try:
+            code: int = args.run(args)
+        except ModeswapError as error:
+            failure.append(f"modeswap {args.command}: {in_cli_words(str(error))}")
+            if args.debug:
+                failure.append(traceback.format_exc())
+            code = 2
+        except Exception as error:
+            failure.append(f"modeswap {args.command}: internal error, please report it: {error!r}")
+            failure.append(traceback.format_exc() if args.debug else "(rerun with --debug for the traceback)")
+            code = 1
+    for record in caught:
+        if issubclass(record.category, ModeswapWarning) and not args.debug:
+            print(f"modeswap {args.command}: warning: {warning_line(record.message)}", file=sys.stderr)
         else:
-            print("(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+            warnings.showwarning(record.message, record.category, record.filename, record.lineno)
+    for line in failure:
+        print(line.rstrip(), file=sys.stderr)
     return code
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import modeswap
+from modeswap.testing.models import Attention
 
 EXECUTABLE = shutil.which("modeswap")
 pytestmark = pytest.mark.skipif(EXECUTABLE is None, reason="the modeswap executable is not installed")
@@ -30,6 +34,23 @@ def model() -> nn.Module:
 
 
 X = torch.randn(2, 3, 6, 6)
+
+
+class Block(nn.Module):
+    """Attention, then a dropout written as eager code writes it: its eval graph records no training p."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = Attention(0.1)
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.linear(self.attn(x)), p=0.2 if self.training else 0.0, training=self.training)
+
+
+class Noise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.randn_like(x) if self.training else x
 
 
 def aoti_package(path: Path) -> None:
@@ -63,6 +84,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     aoti_package(folder / "compiled.pt2")
     with zipfile.ZipFile(folder / "zip.pt2", "w") as archive:
         archive.writestr("notes/readme.txt", "a zip, not a program")
+    blocks = nn.Sequential(Block(), Block()).eval()
+    torch.export.save(torch.export.export(blocks, (torch.randn(2, 6, 6),)), folder / "blocks.pt2")
+    noisy = nn.Sequential(nn.Linear(6, 6), Noise(), nn.Dropout(0.1)).train()
+    torch.export.save(torch.export.export(noisy, (torch.randn(2, 6),)), folder / "noisy.pt2")
     return folder
 
 
@@ -75,19 +100,49 @@ def assert_bad_input(result: subprocess.CompletedProcess[str], *phrases: str) ->
         assert phrase in lines[0], lines[0]
 
 
-def test_demo_passes_every_check():
+def test_demo_passes_every_check_times_against_the_floor_and_says_what_next():
     result = run("demo")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 of 5 checks held." in result.stdout
     assert "FAILED" not in result.stdout
     assert "num_batches_tracked.add_(1)  True -> False" in result.stdout
     assert "momentum=0.05, eps=0.001" in result.stdout
+    assert "Time (fastest of 7 runs)" in result.stdout
+    [timing] = [line for line in result.stdout.splitlines() if line.strip().startswith("to_eval:")]
+    assert "; floor: " in timing
+    after = result.stdout.split("checks held.")[1]
+    for next_step in ("modeswap inspect", "modeswap convert", "modeswap.to_eval(gm)"):
+        assert next_step in after
 
 
 def test_version():
     result = run("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"modeswap {modeswap.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["convert", "--help"]])
+def test_version_and_help_do_not_import_torch(argv):
+    probe = (
+        "import sys\n"
+        "from modeswap.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'attrs', 'toolz'))\n"
+        "print('imported:', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "imported: []" in result.stdout
+
+
+def test_python_dash_m_modeswap_is_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "modeswap", "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, f"modeswap {modeswap.__version__}")
 
 
 def test_help_lists_the_demo():
@@ -195,6 +250,130 @@ def test_an_unknown_mode_is_a_usage_error(files, tmp_path):
 
 def test_debug_shows_the_traceback(files):
     result = run("--debug", "inspect", files / "empty.pt2")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+
+
+def test_inspect_shows_training_values_and_pins_with_a_legend(files, tmp_path):
+    result = run("inspect", files / "blocks.pt2")
+    assert result.returncode == 0, result.stderr
+    header, _, *rows = result.stdout.splitlines()[2:6]
+    assert header.split() == ["node", "kind", "mode", "module", "call", "training", "value", "kept", "params"]
+    assert [row.split()[3:7] for row in rows[:2]] == [["0", "functional", "unknown", "no"]] * 1 + [
+        ["1", "functional", "unknown", "no"]
+    ]
+    assert "training value=unknown: " in result.stdout
+    assert "call=functional: " in result.stdout
+    assert "kept=yes" not in result.stdout
+
+    kept = tmp_path / "kept.pt2"
+    assert run("convert", files / "train.pt2", "--to", "eval", "--keep", "2", "-o", kept).returncode == 0
+    result = run("inspect", kept)
+    [dropout] = [line.split() for line in result.stdout.splitlines() if line.startswith("dropout ")]
+    assert dropout[1:7] == ["dropout", "train", "2", "module", "known", "yes"]
+    assert "kept=yes: " in result.stdout
+    sites = json.loads(run("inspect", kept, "--json").stdout)["sites"]
+    assert [(s["kind"], s["mode"], s["known"], s["kept"]) for s in sites] == [
+        ("batch_norm", "eval", True, False),
+        ("dropout", "train", True, True),
+    ]
+
+
+def warning_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("modeswap convert: warning: ") for line in lines), result.stderr
+    return lines
+
+
+def test_a_warning_is_one_line_of_flags_that_the_user_can_paste(files, tmp_path):
+    result = run("convert", files / "blocks.pt2", "--to", "train", "-o", tmp_path / "guessed.pt2")
+    assert result.returncode == 0, result.stderr
+    [line] = warning_lines(result)
+    assert "modeswap.to_train" not in line
+    assert "Warning:" not in line
+    assert ".py:" not in line  # no source location
+    flags = shlex.split(line.partition("code has them): ")[2].partition(";")[0])
+    assert flags == ["--dropout", "*=0.0", "--dropout", "*.attn=0.0"]
+
+    edited = [flag.replace("=0.0", "=0.2") if flag.startswith("*=") else flag.replace("=0.0", "=0.1") for flag in flags]
+    out = tmp_path / "stated.pt2"
+    result = run("convert", files / "blocks.pt2", "--to", "train", *edited, "-o", out)
+    assert (result.returncode, result.stderr) == (0, "")
+    sites = modeswap.mode_of(torch.export.load(out)).sites
+    assert sorted((s.kind, s.module_path, *s.params.values())[:3] for s in sites) == [
+        ("attention", "0.attn", 0.1),
+        ("attention", "1.attn", 0.1),
+        ("dropout", "0", 0.2),
+        ("dropout", "1", 0.2),
+    ]
+
+
+def test_attention_dropout_states_the_attention_nodes(files, tmp_path):
+    out = tmp_path / "stated.pt2"
+    result = run("convert", files / "blocks.pt2", "--to", "train", "--attention-dropout", "0.1", "-o", out)
+    assert result.returncode == 0, result.stderr
+    report = modeswap.mode_of(torch.export.load(out))
+    assert sorted(s.params.get("dropout_p") for s in report.sites if s.kind == "attention") == [0.1, 0.1]
+
+
+def test_other_warnings_speak_the_command_line_too(files, tmp_path):
+    result = run("convert", files / "noisy.pt2", "--to", "eval", "-o", tmp_path / "eval.pt2")
+    assert result.returncode == 0, result.stderr
+    [line] = warning_lines(result)
+    assert "randn_like" in line
+    assert "modeswap inspect lists them" in line
+    assert "mode_of" not in line
+
+
+def test_debug_shows_warnings_as_python_gives_them(files, tmp_path):
+    result = run("convert", files / "noisy.pt2", "--to", "eval", "-o", tmp_path / "eval.pt2", "--debug")
+    assert result.returncode == 0, result.stderr
+    assert "NondeterministicEvalWarning: " in result.stderr
+    assert "modeswap.mode_of(gm).stochastic" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "phrases"),
+    [
+        ("encoder", ("'encoder' has no '='", "write PATTERN=P")),
+        ("encoder=high", ("'encoder=high'", "after the '=' write the training dropout probability")),
+        ("encoder=1.5", ("'encoder=1.5'", "a number from 0 to 1")),
+    ],
+)
+def test_bad_dropout_flags_are_usage_errors_that_say_what_to_write(files, tmp_path, flag, phrases):
+    result = run("convert", files / "blocks.pt2", "--to", "train", "--dropout", flag, "-o", tmp_path / "out.pt2")
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error.startswith("modeswap convert: error: argument --dropout: ")
+    for phrase in phrases:
+        assert phrase in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "phrase"),
+    [
+        (["--to", "eval", "--dropout", "0=0.1"], "give training values: use them with --to train"),
+        (["--to", "eval", "--attention-dropout", "0.1"], "give training values: use them with --to train"),
+        (["--to", "train", "--dropout", "0=0.1", "--dropout", "0=0.2"], "--dropout gives '0' more than once"),
+    ],
+)
+def test_options_that_mean_nothing_together_are_usage_errors(files, tmp_path, flags, phrase):
+    result = run("convert", files / "blocks.pt2", *flags, "-o", tmp_path / "out.pt2")
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("modeswap convert: error: ")]
+    assert phrase in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pattern_that_matches_nothing_is_named_by_its_flag(files, tmp_path):
+    result = run("convert", files / "train.pt2", "--to", "eval", "--keep", "encoder.*", "-o", tmp_path / "out.pt2")
+    assert_bad_input(result, "--keep pattern 'encoder.*' matches no")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_works_after_the_command_too(files):
+    result = run("inspect", files / "empty.pt2", "--debug")
     assert result.returncode == 2
     assert "Traceback" in result.stderr
 

@@ -1,0 +1,7 @@
+"""``python -m modeswap``: the ``modeswap`` command."""
+
+import sys
+
+from modeswap.cli import main
+
+sys.exit(main())

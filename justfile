@@ -9,8 +9,8 @@ test-fast:
     MODESWAP_PROFILE=dev python -m pytest
 
 lint:
-    ruff check modeswap tests benchmarks
-    ruff format --check modeswap tests benchmarks
+    ruff check modeswap tests benchmarks docs
+    ruff format --check modeswap tests benchmarks docs
 
 typecheck:
     mypy modeswap
@@ -20,7 +20,16 @@ demo:
 
 # Swap cost next to torchao, re-export and the copy floor; allow_train_eval switch cost.
 # Full run (10-15 min) rewrites docs/performance/; `just bench --quick` (about a minute) writes build/bench/.
+# Needs the bench extra: checked first, so that a missing package is not found after minutes of measuring.
 bench *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for module in matplotlib transformers torchao; do
+        if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
+            echo "just bench needs the bench extra, and $module is not installed: pip install -e '.[bench]'" >&2
+            exit 1
+        fi
+    done
     python benchmarks/bench.py {{args}}
 
 # docs/coverage.md: every architecture of the integration zoo, swapped both ways, against eager.

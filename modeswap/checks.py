@@ -117,10 +117,12 @@ def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tu
     paths: list[str] = []  # the module path of every site
     probabilities: list[str] = []  # of the dropout and attention sites
     unknown: list[flags.Target] = []
+    attention = False
     for kind in dict.fromkeys(rule.kind for rule in RULES):
         for target in flags.targets(gm, context, kind, mode, told):
             path = module_path(target.node)
             paths.append(path)
+            attention |= target.rule.train is PerNode.VALUE
             if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
                 probabilities.append(path)
             memo = memo_of(target.node)
@@ -134,6 +136,12 @@ def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tu
     _refuse_unmatched(
         [pattern for pattern, _ in told.dropout], probabilities, "dropout", "no dropout or attention site"
     )
+    if told.attention_dropout is not None and not attention:
+        msg = (
+            f"attention_dropout={told.attention_dropout} is for attention nodes (scaled_dot_product_attention), "
+            "and this graph has none; state the training p of other sites with dropout={module pattern: p}"
+        )
+        raise InvalidOptionError(msg)
     if unknown:
         _warn_unknown(unknown)
     return ()
@@ -202,8 +210,9 @@ def _warn_unknown(unknown: list[flags.Target]) -> None:
     mapping = "\n".join(f"      {pattern!r}: {p}," for pattern, p in suggestion.items())
     msg = (
         f"{len(unknown)} dropout or attention site(s) hold a probability of 0.0 in this eval graph and "
-        "record no training value: eager code such as `p if self.training else 0.0` writes 0.0 outside "
-        "training, so the graph cannot tell. They keep 0.0 in train mode:\n"
+        "record no training value: an eval export writes 0.0 both where the model's p is 0.0 and where "
+        "eager code passes `p if self.training else 0.0`, and the graph cannot tell which. "
+        "They keep 0.0 in train mode:\n"
         f"{listed}\n"
         "State their training p, editing the numbers (0.0 is what the graph holds now; the model's config "
         "or code has the values):\n"

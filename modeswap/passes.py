@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from torch.fx import GraphModule
 
 from modeswap import checks, flags, idioms
@@ -179,7 +180,8 @@ def swap_attention(
 def _checked(kind: str, mode: Mode | str, **options: Any) -> Pass:
     target = Mode.parse(mode)
     stated = Stated.of(target, **options)
-    return pipeline(_preflight(target, stated), _swap_kind(kind, target, stated))
+    checked = pipeline(_preflight(target, stated), _swap_kind(kind, target, stated))
+    return attrs.evolve(checked, name=f"swap_{kind}({target.value})")
 
 
 def swap_drop_path(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -152,6 +152,8 @@ def assert_mode_equivalent(
     *,
     exported_in: Mode | str | None = None,
     attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
     seed: int = 0,
     atol: float = 1e-6,
     rtol: float = 1e-5,
@@ -161,14 +163,15 @@ def assert_mode_equivalent(
     The model is exported in ``exported_in`` (by default the other mode),
     swapped to ``mode``, and both are run under ``seed``: outputs, buffers after
     the forward, and parameter and input gradients after a backward must agree.
-    ``model`` itself is not modified. Returns the :class:`modeswap.Swap`.
+    ``model`` itself is not modified. ``attention_dropout``, ``dropout`` and
+    ``keep`` are passed to :func:`modeswap.swap`. Returns the :class:`modeswap.Swap`.
 
     >>> swapped = assert_mode_equivalent(model, (x,), "eval")
     """
     target = Mode.parse(mode)
     source = Mode.parse(exported_in) if exported_in is not None else other(target)
     gm = export(model, args, source)
-    swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout)
+    swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     eager = copy.deepcopy(model).train(target is Mode.TRAIN)
     expected = run_forward_backward(eager, args, seed=seed)
     actual = run_forward_backward(swapped.module, args, seed=seed)

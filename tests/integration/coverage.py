@@ -14,7 +14,7 @@ eager, the warnings the swap raised, and the median time of five swaps.
 Drop-path models get two eval-to-train rows: from ``to_eval`` of a train export
 (which keeps the drop path), and from a plain eval export (which erased it, so
 it cannot match). Models whose attention dropout an eval export records as 0.0
-get one more row: ``to_train`` without ``attention_dropout=``.
+get one more row: ``to_train`` without the ``dropout=`` mapping its warning suggests.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Direction:
     label: str
     start: Start
     target: modeswap.Mode
+    #: The training p of every site whose training value the graph does not record (see ``stated``).
     attention_dropout: float | None = None
 
 
@@ -117,16 +118,28 @@ def sites_by_kind(gm: GraphModule) -> str:
     return ", ".join(f"{kind} {counts[kind]}" for kind in order) or "none"
 
 
+def stated(gm: GraphModule, p: float | None) -> dict[str, float] | None:
+    """The ``dropout=`` mapping that ``to_train``'s warning suggests for ``gm``, every value set to ``p``."""
+    if p is None:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        modeswap.to_train(gm)
+    suggestions = [w.message.suggestion for w in caught if isinstance(w.message, modeswap.UnknownTrainingValueWarning)]
+    return dict.fromkeys(suggestions[0] if suggestions else {}, p) or None
+
+
 def timed_swaps(
     gm: GraphModule, target: modeswap.Mode, attention_dropout: float | None
 ) -> tuple[modeswap.Swap[GraphModule], list[warnings.WarningMessage], float]:
     """Swap ``gm`` :data:`SWAP_REPEATS` times: the first swap, the warnings it raised, the median time in ms."""
     results: list[tuple[modeswap.Swap[GraphModule], list[warnings.WarningMessage], float]] = []
+    dropout = stated(gm, attention_dropout)
     for _ in range(SWAP_REPEATS):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             start = time.perf_counter()
-            swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout)
+            swapped = modeswap.swap(gm, target, dropout=dropout)
             elapsed = time.perf_counter() - start
         results.append((swapped, list(caught), elapsed))
     first, raised, _ = results[0]
@@ -203,7 +216,7 @@ def directions(case: Case) -> list[Direction]:
     else:
         rows.append(Direction("eval export → to_train", "eval export", train, p))
     if p is not None:
-        rows.append(Direction("eval export → to_train without attention_dropout ²", "eval export", train))
+        rows.append(Direction("eval export → to_train without dropout= ²", "eval export", train))
     return rows
 
 
@@ -329,10 +342,11 @@ def page(rows: list[Row], runtime_s: float, when: datetime) -> str:
         "",
         "² An eval export records the training `dropout_p` of `F.scaled_dot_product_attention` (and the `p` of "
         "transformers' eager attention dropout, as in `bert_eager`) as 0.0, so `to_train` of an eval export "
-        "must be told it with `attention_dropout=`. Without it, `to_train` emits an "
-        "`UnknownTrainingValueWarning` and leaves attention dropout off, and the graph no longer trains as eager "
-        "does: these rows. Every other eval export row passes `attention_dropout=` the model's value. For the "
-        "drop-path models (swin, dinov2) this row also lacks the drop path (¹).",
+        "must be told it. Without it, `to_train` emits an `UnknownTrainingValueWarning` that lists the sites "
+        "and the `dropout=` mapping that would state them, and leaves attention dropout off, so the graph no "
+        "longer trains as eager does: these rows. Every other eval export row passes that mapping with the "
+        "model's attention dropout filled in. For the drop-path models (swin, dinov2) this row also lacks the "
+        "drop path (¹).",
         "",
     ]
     return "\n".join(lines)

@@ -114,12 +114,18 @@ def test_the_suggested_mapping_filled_from_the_config_trains_as_eager(swin: type
 
 
 def test_attention_dropout_leaves_the_projection_dropouts_alone(swin: types.ModuleType) -> None:
-    """(c) The issue's bug: ``attention_dropout=0.1`` made every projection dropout p=0.1 (off by 0.003 here)."""
+    """(c) The issue's bug: ``attention_dropout=0.1`` made every projection dropout p=0.1 (off by 0.003 here).
+
+    It now applies to attention nodes only, and Swin has none: the option is refused.
+    """
     model = SMALL.build(swin)
     args = SMALL.inputs()
     gm = export(model, args, "eval")
-    with pytest.warns(modeswap.UnknownTrainingValueWarning):  # Swin has no attention node: the sites stay unknown
-        trained = modeswap.to_train(gm, attention_dropout=SMALL.options["attention_dropout"])
+    # Swin has no attention node (scaled_dot_product_attention): the option is refused, not spread.
+    with pytest.raises(modeswap.InvalidOptionError, match=r"attention_dropout=0\.1 is for attention nodes"):
+        modeswap.to_train(gm, attention_dropout=SMALL.options["attention_dropout"])
+    with pytest.warns(modeswap.UnknownTrainingValueWarning):
+        trained = modeswap.to_train(gm)
     sites = modeswap.mode_of(trained).sites
     assert [s.params["p"] for s in sites if s.functional] == [0.1, 0.0] * 4
     expected = run_forward_backward(copy.deepcopy(model).train(), args, seed=0)

@@ -172,8 +172,8 @@ def test_a_gated_dropout_p_lost_by_an_eval_export_warns_and_can_be_given() -> No
     assert warning.suggestion == {"": 0.0}
     assert warning.groups == {"EagerAttention": ("",)}
     assert [(s.params["p"], s.known) for s in modeswap.mode_of(silent).sites] == [(0.0, False)]
-    # attention_dropout is for attention nodes: a gated dropout stays unknown.
-    with pytest.warns(modeswap.UnknownTrainingValueWarning):
+    # attention_dropout is for attention nodes, and this graph has none.
+    with pytest.raises(modeswap.InvalidOptionError, match=r"attention_dropout=0\.25 is for attention nodes"):
         modeswap.to_train(gm, attention_dropout=0.25)
     swapped = modeswap.swap(gm, "train", dropout={"": 0.25})
     assert [(c.field, c.before, c.after) for c in swapped.changes] == [("train", False, True), ("p", 0.0, 0.25)]
@@ -189,8 +189,10 @@ def test_a_dropout_module_with_p_zero_is_not_gated() -> None:
     gm = export(model, (torch.randn(2, 3),), Mode.EVAL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        swapped = modeswap.swap(gm, "train", attention_dropout=0.5)
+        swapped = modeswap.swap(gm, "train")
     assert [(c.field, c.after) for c in swapped.changes] == [("train", True)]
+    with pytest.raises(modeswap.InvalidOptionError, match=r"attention_dropout=0\.5 is for attention nodes .* has none"):
+        modeswap.swap(gm, "train", attention_dropout=0.5)
 
 
 def test_a_gated_dropout_from_a_train_graph_round_trips_without_warning() -> None:

@@ -29,8 +29,9 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
     if file.stat().st_size == 0:
         raise ProgramFileError(f"{file}: the file is empty")
     # torch.export.load logs the error it met as a traceback, then raises a vaguer one; its package
-    # reader logs "Unable to load package" for a name not ending in .pt2, then loads the file anyway.
-    with _captured("torch.export", "torch.export.pt2_archive._package") as logged:
+    # reader (a child logger, whose records reach this one's handlers) logs "Unable to load package"
+    # for a name not ending in .pt2, then loads the file anyway.
+    with _captured("torch.export") as logged:
         try:
             program = torch.export.load(file)
         except Exception as error:
@@ -92,18 +93,16 @@ class _Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def _captured(*loggers: str) -> Iterator[list[logging.LogRecord]]:
-    """Collect what ``loggers`` log, instead of letting it reach the terminal."""
+def _captured(logger: str) -> Iterator[list[logging.LogRecord]]:
+    """Collect what ``logger`` and its children log, instead of letting it reach the terminal."""
     collect = _Records()
-    logs = [logging.getLogger(name) for name in loggers]
-    saved = [(log.handlers, log.propagate) for log in logs]
-    for log in logs:
-        log.handlers, log.propagate = [collect], False
+    log = logging.getLogger(logger)
+    handlers, propagate = log.handlers, log.propagate
+    log.handlers, log.propagate = [collect], False
     try:
         yield collect.records
     finally:
-        for log, (handlers, propagate) in zip(logs, saved, strict=True):
-            log.handlers, log.propagate = handlers, propagate
+        log.handlers, log.propagate = handlers, propagate
 
 
 def _what_instead(file: Path) -> str | None:

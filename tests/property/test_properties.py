@@ -141,6 +141,23 @@ def test_an_ambiguous_eval_graph_is_refused_and_a_train_export_goes_both_ways(ca
     assert_same_run(expected, run_forward_backward(trained, case.args, seed=seed), atol=1e-6, rtol=1e-5)
 
 
+@given(case=cases(mixed=True), source=modes, seed=st.integers(0, 1000))
+def test_layers_a_swap_keeps_stay_in_the_mode_eager_pins_them_to(case: Case, source: Mode, seed: int) -> None:
+    """Layers pinned to one mode (a norm_eval batch norm, Monte Carlo dropout), named in keep=: eager is the oracle."""
+    target = other(source)
+    via_train = source is Mode.EVAL and case.drop_path  # an eval export never ran its drop paths
+    exported = export(case, Mode.TRAIN if via_train else source)
+    pinned = {str(i) for i, layer in enumerate(case.layers) if layer.mode is not None}
+    keep = sorted(pinned & {site.module_path.partition(".")[0] for site in modeswap.mode_of(exported).sites})
+    gm = modeswap.to_eval(exported, keep=keep) if via_train else exported
+    swapped = modeswap.swap(gm, target, keep=keep, attention_dropout=attention_dropout(case, target))
+    expected = run_forward_backward(eager(case, target), case.args, seed=seed)
+    assert_same_run(expected, run_forward_backward(swapped.module, case.args, seed=seed), atol=1e-6, rtol=1e-5)
+    kept = [site for site in modeswap.mode_of(swapped.module).sites if site.kept]
+    assert {site.module_path.partition(".")[0] for site in kept} == set(keep)
+    assert not {change.node for change in swapped.changes} & {site.node for site in kept}
+
+
 def _is_site(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm | torch.nn.modules.instancenorm._InstanceNorm):
         return module.track_running_stats

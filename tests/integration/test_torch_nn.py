@@ -127,8 +127,11 @@ def test_attention_weights_exported_in_eval_warn_that_their_dropout_is_gone() ->
     torch.manual_seed(0)
     model = Output(nn.MultiheadAttention(8, 2, dropout=0.25), inputs=3, need_weights=True)
     args = _tokens(5, 2, 8)()
+    gm = export(model, args, "eval")
+    with pytest.raises(modeswap.InvalidOptionError, match=r"attention_dropout=0\.25 is for attention nodes"):
+        modeswap.to_train(gm, attention_dropout=0.25)  # need_weights=True computes attention by hand
     with pytest.warns(modeswap.TrainingBranchWarning, match=r"'layer' \(with need_weights=True"):
-        trained = modeswap.to_train(export(model, args, "eval"), attention_dropout=0.25)
+        trained = modeswap.to_train(gm)
     expected = run_forward_backward(copy.deepcopy(model).train(), args, seed=0)
     with pytest.raises(AssertionError):  # the warning is not a false alarm
         assert_same_run(expected, run_forward_backward(trained, args, seed=0), atol=1e-6, rtol=1e-5)

@@ -20,7 +20,7 @@ import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
 from modeswap.stated import Stated, decide, matches
 from modeswap.testing import export
-from modeswap.testing.models import Attention
+from modeswap.testing.models import Attention, PinnedMode
 from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
 
 aten = torch.ops.aten
@@ -427,3 +427,16 @@ def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_
     match = r"clone .* was node 'dropout'" if as_module else r"in the ATEN dialect"
     with pytest.raises(modeswap.UnsupportedGraphError, match=match):
         modeswap.to_train(target)
+
+
+def test_a_kept_attention_at_zero_stays_although_mode_of_cannot_place_it() -> None:
+    # Shrunk by hypothesis: an attention pinned to eval, in an eval export, is no site of mode_of
+    # (dropout_p=0.0 tells no mode), but keep= still reaches it and attention_dropout= leaves it alone.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 1, 1), PinnedMode(Attention(0.5), training=False), Attention(0.5))
+    args = (torch.randn(2, 1, 2),)
+    gm = export(model, args, "eval")
+    assert modeswap.mode_of(gm).sites == ()
+    with silent():
+        trained = modeswap.to_train(gm, keep=["1"], attention_dropout=0.5)
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)

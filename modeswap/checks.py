@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -60,14 +61,14 @@ def warn_nondeterministic(gm: GraphModule, context: Context) -> tuple[Change, ..
     return ()
 
 
-def warn_training_branches(gm: GraphModule, context: Context, mode: Mode) -> tuple[Change, ...]:
+def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned: Stated) -> tuple[Change, ...]:
     """Warn about modules of ``gm`` whose forward branches on ``self.training`` where no swap reaches.
 
     Two traces tell: a module of a type in ``rules.TRAINING_BRANCHES`` with no
     site inside it, and, on the way to train, a module of the program's module
     call graph that is named like a drop path and left no node at all.
     """
-    if context.captured() is mode:
+    if context.captured(pinned.keeps) is mode:
         return ()  # the sites say the graph was captured in this mode: nothing branched the other way
     branches: dict[str, str] = {}
     with_sites: set[str] = set()
@@ -105,8 +106,10 @@ def _erased(modules: tuple[str, ...], ran: set[str]) -> list[str]:
     return [path for path in modules if path and path not in ran and named_like(path)]
 
 
-def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tuple[Change, ...]:
-    """Check ``gm``, and what the user states about it, before a swap to ``mode`` edits it.
+def preflight(
+    gm: GraphModule, context: Context, mode: Mode, told: Stated, kinds: tuple[str, ...]
+) -> tuple[Change, ...]:
+    """Check ``gm``, and what the user states about it, before a swap of its sites of ``kinds`` to ``mode``.
 
     Raises for a graph that ``run_decompositions()`` lowered, when a pattern
     matches no site it could speak of, or when a stated training value
@@ -126,7 +129,7 @@ def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tu
             if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
                 probabilities.append(path)
             memo = memo_of(target.node)
-            if mode is not Mode.TRAIN or (memo is not None and memo.kept) or told.keeps(path):
+            if kind not in kinds or mode is not Mode.TRAIN or (memo is not None and memo.kept) or told.keeps(path):
                 continue
             training = flags.training_probability(target)  # raises on a contradiction
             if training is not None and training[1] is flags.UNKNOWN:
@@ -148,38 +151,53 @@ def preflight(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tu
 
 
 def refuse_decomposed(gm: GraphModule) -> None:
-    """Refuse a graph that ``run_decompositions()`` lowered: a node there descends from a site it no longer is.
+    """Refuse a graph that ``run_decompositions()`` lowered: a site it came from is gone, and a node descends from it.
 
     A ``GraphModule`` keeps no dialect, but torch records each node's provenance
-    (``meta["from_node"]``, with node names, which export takes from the op):
-    lowering turns an eval ``dropout`` into a ``clone`` whose provenance still
-    names it. Such a graph cannot be swapped site by site.
+    (``meta["from_node"]``: the nodes, and their ops, it was made from).
+    Lowering turns an eval ``dropout`` into a ``clone`` whose provenance still
+    names the dropout, and leaves no dropout behind. A node that merely copied a
+    site's provenance (an observer after a batch norm) is no sign: the site is
+    still there.
     """
+    survivors: set[tuple[str, int]] = set()  # the provenance of every site still in the graph
+    descendants: list[tuple[str, Node, Any]] = []  # (subgraph path, node, the site source it descends from)
     for path, module in graph_modules(gm):
         for node in module.graph.nodes:
-            if not isinstance(node.target, torch._ops.OpOverload) or rule_for(node) is not None:
-                continue  # higher-order ops (a subgraph's call) descend from every node they hold
-            site = next((name for name in _ancestors(node) if _SITE_NAME.fullmatch(name)), None)
-            if site is not None:
-                lowered = describe(qualified_name(path, node), node)
-                msg = (
-                    f"the graph was lowered by ExportedProgram.run_decompositions(): {lowered} was node {site!r}. "
-                    "Lowering erases an eval dropout and fuses batch norm, so no swap can tell what the model "
-                    "did. Swap the program torch.export.export returns, then call run_decompositions() on the result."
-                )
-                raise UnsupportedGraphError(msg)
+            if rule_for(node) is not None:
+                survivors.update(_key(source) for source in _ancestors(node))
+            elif isinstance(node.target, torch._ops.OpOverload):  # a HOP descends from every node it holds
+                descendants += [(path, node, src) for src in _ancestors(node) if src.target in _SITE_TARGETS]
+    for path, node, source in descendants:
+        if _key(source) not in survivors:
+            lowered = describe(qualified_name(path, node), node)
+            msg = (
+                f"the graph was lowered by ExportedProgram.run_decompositions(): {lowered} comes from "
+                f"{source.target} node {source.name!r}, which the graph no longer has. Lowering erases an eval "
+                "dropout and fuses batch norm, so no swap can tell what the model did. Swap the program "
+                "torch.export.export returns, then call run_decompositions() on the result."
+            )
+            raise UnsupportedGraphError(msg)
 
 
-#: The name export gives the node of a site's op: the op's name, then a count (``dropout_3``).
-_SITE_NAME = re.compile(rf"(?:{'|'.join(sorted({op._opname for op in _SITE_OPS}))})(?:_\d+)?")
+#: The ops of every site, as a node's provenance writes them ("aten.dropout.default").
+_SITE_TARGETS = frozenset(str(op) for op in _SITE_OPS)
 
 
-def _ancestors(node: Node) -> Iterator[str]:
-    stack = list(node.meta.get("from_node") or ())
+def _ancestors(node: Node) -> Iterator[Any]:
+    """The ``NodeSource`` records ``node`` was made from, and theirs, each once."""
+    stack, seen = list(node.meta.get("from_node") or ()), set()
     while stack:
         source = stack.pop()
-        yield source.name
+        if _key(source) in seen:
+            continue
+        seen.add(_key(source))
+        yield source
         stack += source.from_node
+
+
+def _key(source: Any) -> tuple[str, int]:
+    return source.name, source.graph_id
 
 
 def _refuse_unmatched(patterns: Iterable[str], paths: list[str], option: str, what: str) -> None:

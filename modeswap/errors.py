@@ -38,11 +38,15 @@ class UnknownTrainingValueWarning(ModeswapWarning):
     """
 
     def __init__(
-        self, message: str, *, suggestion: Mapping[str, float] = {}, groups: Mapping[str, Sequence[str]] = {}
+        self,
+        message: str,
+        *,
+        suggestion: Mapping[str, float] | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__(message)
-        self.suggestion = dict(suggestion)
-        self.groups = {name: tuple(paths) for name, paths in groups.items()}
+        self.suggestion = dict(suggestion or {})
+        self.groups = {name: tuple(paths) for name, paths in (groups or {}).items()}
 
 
 class InvalidOptionError(ModeswapError, ValueError):

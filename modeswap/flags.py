@@ -62,7 +62,7 @@ def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, stated:
     """
     changes: list[Change] = []
     for target in targets(gm, context, kind, mode, stated):
-        if _kept(target):
+        if stays(target.node, stated):
             continue
         if mode is Mode.EVAL:
             changes += _to_eval(target)
@@ -102,14 +102,14 @@ def targets(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: St
                     yield Target(node, name, rule, module, context, lifted, reads, stated, captured)
 
 
-def _kept(t: Target) -> bool:
-    """Whether ``t`` is to stay as it is; one that ``keep=`` names is marked, so later swaps keep it too."""
-    memo = memo_of(t.node)
+def stays(node: Node, stated: Stated) -> bool:
+    """Whether the site at ``node`` is to stay as it is; mark one that ``keep=`` names, so later swaps keep it too."""
+    memo = memo_of(node)
     if memo is not None and memo.kept:
         return True
-    if not t.stated.keeps(module_path(t.node)):
+    if not stated.keeps(module_path(node)):
         return False
-    set_memo(t.node, attrs.evolve(memo or Memo(), kept=True))
+    set_memo(node, attrs.evolve(memo or Memo(), kept=True))
     return True
 
 

@@ -19,7 +19,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from modeswap.errors import UnsupportedGraphError
-from modeswap.graphs import calls, get_argument, graph_modules, memo_of, module_path, qualified_name, set_memo
+from modeswap.flags import stays
+from modeswap.graphs import calls, get_argument, graph_modules, memo_of, qualified_name, set_memo
 from modeswap.modes import Change, Memo, Mode
 from modeswap.rules import IDIOMS, Capture, Idiom, Op
 from modeswap.stated import Stated
@@ -52,30 +53,20 @@ def swap_in_place(gm: GraphModule, kind: str, mode: Mode, stated: Stated) -> lis
     for path, module in graph_modules(gm):
         if mode is Mode.EVAL:
             # Last first: a match may act on the output of the one before it, which removing replaces.
-            found_here = [m for m in matches(module.graph) if m.idiom.kind == kind and not _kept(m.output, stated)]
-            for found in reversed(found_here):
+            swapped = [m for m in matches(module.graph) if m.idiom.kind == kind]
+            swapped = [m for m in swapped if not stays(m.output, stated)]  # marks the kept ones
+            for found in reversed(swapped):
                 op = str(found.output.target)
                 marker = remove(found)
                 changes.append(Change(qualified_name(path, marker), op, kind, found.idiom.name, "identity"))
         else:
             for marker, memo in list(markers(module.graph)):
-                if idiom_of(memo).kind != kind or _kept(marker, stated):
+                if idiom_of(memo).kind != kind or stays(marker, stated):
                     continue
                 name = qualified_name(path, marker)
                 output = restore(marker, memo)
                 changes.append(Change(name, str(output.target), kind, "identity", idiom_name(memo)))
     return changes
-
-
-def _kept(node: Node, stated: Stated) -> bool:
-    """Whether the idiom ending at ``node`` stays; one that ``keep=`` names is marked, so later swaps keep it too."""
-    memo = memo_of(node)
-    if memo is not None and memo.kept:
-        return True
-    if not stated.keeps(module_path(node)):
-        return False
-    set_memo(node, attrs.evolve(memo or Memo(), kept=True))
-    return True
 
 
 def matches(graph: Graph) -> Iterator[Match]:

@@ -138,7 +138,8 @@ def allow_train_eval(
         gm, modules = require_exported(module), None
     captured = report(gm)
     pinned = Stated.of(Mode.EVAL, keep=keep)
-    if len({site.mode for site in captured.sites if not (site.kept or pinned.keeps(site.module_path))}) > 1:
+    modes = {site.mode for site in captured.sites if not (site.kept or pinned.keeps(site.module_path))}
+    if len(modes) > 1:
         msg = (
             f"allow_train_eval takes a graph in one mode, and this one mixes train and eval sites "
             f"({_mixed_sites(captured)}); swap it first with modeswap.to_train(gm) or modeswap.to_eval(gm)"
@@ -155,7 +156,7 @@ def allow_train_eval(
         variants[mode], bodies = _variant(state, mode, passes, modules)
         subgraphs |= bodies
     # A graph that shows no mode computes what its eval variant computes.
-    return ModalModule(state, variants, subgraphs, training=captured.mode is Mode.TRAIN)
+    return ModalModule(state, variants, subgraphs, training=modes == {Mode.TRAIN})
 
 
 def _variant(

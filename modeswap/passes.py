@@ -84,9 +84,12 @@ def swap_kind(
 ) -> Pass:
     """Return the pass that puts every site of ``kind`` (one of ``rules.KINDS``) in ``mode``.
 
-    ``dropout``, ``attention_dropout`` and ``keep`` are ``modeswap.swap``'s. A
-    site whose training value is neither recorded nor stated keeps the value it
-    has, silently: :func:`preflight` is the pass that warns about it.
+    ``dropout``, ``attention_dropout`` and ``keep`` are ``modeswap.swap``'s.
+    This is the bare swap, for building pipelines: it neither checks the
+    options against the graph nor warns about a site whose training value is
+    neither recorded nor stated (that site keeps the value it has).
+    :func:`preflight` does both, and ``swap_dropout``, ``swap_batchnorm`` and
+    the other single-kind passes run it first.
     """
     target = Mode.parse(mode)
     return _swap_kind(kind, target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
@@ -129,9 +132,9 @@ def preflight(
     return _preflight(target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def _preflight(target: Mode, stated: Stated) -> Pass:
+def _preflight(target: Mode, stated: Stated, kinds: tuple[str, ...] = KINDS) -> Pass:
     def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.preflight(gm, context, target, stated)
+        return checks.preflight(gm, context, target, stated, kinds)
 
     return Pass(f"preflight({target.value})", kernel)
 
@@ -148,17 +151,17 @@ def swap_dropout(mode: Mode | str, *, dropout: Mapping[str, float] | None = None
 
 def swap_batchnorm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     """Return the pass that swaps batch norms with running stats, and their batch counters."""
-    return swap_kind("batch_norm", mode, keep=keep)
+    return _checked("batch_norm", mode, keep=keep)
 
 
 def swap_instance_norm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     """Return the pass that sets ``use_input_stats`` of instance norms with running stats."""
-    return swap_kind("instance_norm", mode, keep=keep)
+    return _checked("instance_norm", mode, keep=keep)
 
 
 def swap_rrelu(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     """Return the pass that sets ``training`` of every ``rrelu``."""
-    return swap_kind("rrelu", mode, keep=keep)
+    return _checked("rrelu", mode, keep=keep)
 
 
 def swap_attention(
@@ -180,7 +183,7 @@ def swap_attention(
 def _checked(kind: str, mode: Mode | str, **options: Any) -> Pass:
     target = Mode.parse(mode)
     stated = Stated.of(target, **options)
-    checked = pipeline(_preflight(target, stated), _swap_kind(kind, target, stated))
+    checked = pipeline(_preflight(target, stated, (kind,)), _swap_kind(kind, target, stated))
     return attrs.evolve(checked, name=f"swap_{kind}({target.value})")
 
 
@@ -190,19 +193,24 @@ def swap_drop_path(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     Only drop paths an earlier eval swap removed can be rebuilt: an eval export
     never ran them, so nothing in its graph tells they were there.
     """
-    return swap_kind("drop_path", mode, keep=keep)
+    return _checked("drop_path", mode, keep=keep)
 
 
 #: Warn when an eval graph still draws random numbers that no rule owns.
 warn_nondeterministic = Pass("warn_nondeterministic", checks.warn_nondeterministic)
 
 
-def warn_training_branches(mode: Mode | str) -> Pass:
-    """Return the pass that warns about modules whose forward branches on ``self.training`` where no swap reaches."""
+def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
+    """Return the pass that warns about modules whose forward branches on ``self.training`` where no swap reaches.
+
+    Sites under the ``keep`` patterns do not follow the mode, so they do not
+    tell the mode the graph was captured in.
+    """
     target = Mode.parse(mode)
+    pinned = Stated.of(Mode.EVAL, keep=keep)
 
     def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_training_branches(gm, context, target)
+        return checks.warn_training_branches(gm, context, target, pinned)
 
     return Pass(f"warn_training_branches({target.value})", kernel)
 
@@ -226,7 +234,7 @@ def swap_passes(
     stated = Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
     checked = (warn_nondeterministic,) if target is Mode.EVAL else ()
-    return (_preflight(target, stated), *swaps, *checked, warn_training_branches(target))
+    return (_preflight(target, stated), *swaps, *checked, warn_training_branches(target, keep=keep))
 
 
 def swap_pipeline(

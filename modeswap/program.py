@@ -70,8 +70,9 @@ def refuse_lowered(ep: ExportedProgram) -> None:
     """Refuse a program that ``run_decompositions()`` lowered from the training IR (its dialect says so)."""
     if ep.dialect != "TRAINING":
         msg = (
-            f"the program is in the {ep.dialect} dialect that ExportedProgram.run_decompositions() lowers to; "
-            "lowering erases an eval dropout and fuses batch norm, so no swap can tell what the model did. "
+            f"the program is in the {ep.dialect} dialect, not the TRAINING IR torch.export.export returns: "
+            "ExportedProgram.run_decompositions() lowers to it. Lowering erases an eval dropout and fuses batch "
+            "norm, so no swap can tell what the model did. "
             "Swap the program torch.export.export returns, then call run_decompositions() on the result."
         )
         raise UnsupportedGraphError(msg)

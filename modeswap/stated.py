@@ -6,7 +6,8 @@ as :func:`fnmatch.fnmatchcase` does: ``*`` and ``?`` stay within a component
 of components (``**.attention`` matches ``encoder.layers.3.attention``). A
 pattern matches a site when it matches the path of the module that ran the
 site or of any module enclosing it; the root module's path is ``""``, so ``""``
-and ``**`` match every site.
+matches every site (as does ``**``: a trailing ``**`` adds nothing to the
+modules a pattern reaches, and is dropped before ranking).
 
 When several ``dropout`` patterns match a site, the one matching the innermost
 module wins, then the one with more literal characters::
@@ -53,7 +54,7 @@ class Stated:
         *,
         dropout: Mapping[str, float] | None = None,
         attention_dropout: float | None = None,
-        keep: Sequence[str] = (),
+        keep: Sequence[str] | None = (),
     ) -> Stated:
         """Check the options of a swap to ``mode`` and return them as a record."""
         if mode is not Mode.TRAIN:
@@ -68,6 +69,7 @@ class Stated:
             (_pattern(pattern, "dropout"), _probability(p, f"dropout[{pattern!r}]"))
             for pattern, p in (dropout or {}).items()
         )
+        keep = () if keep is None else keep
         if isinstance(keep, str) or not isinstance(keep, Iterable):
             msg = f"keep takes a sequence of module-path patterns, got {keep!r}; write keep=({keep!r},)"
             raise InvalidOptionError(msg)
@@ -119,6 +121,8 @@ def _depth(pattern: str, path: str) -> int | None:
     The root (``""``) is depth 0, ``encoder`` depth 1, ``encoder.layer`` depth 2.
     """
     parts, globs = _split(path), _split(pattern)
+    while globs and globs[-1] == "**":
+        globs = globs[:-1]  # "encoder.**" is "encoder": a pattern reaches the modules inside what it matches
     for depth in range(len(parts), -1, -1):
         if _glob(globs, parts[:depth]):
             return depth

@@ -20,7 +20,7 @@ import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
 from modeswap.stated import Stated, decide, matches
 from modeswap.testing import export
-from modeswap.testing.models import Attention, PinnedMode
+from modeswap.testing.models import Attention, DropPath, PinnedMode
 from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
 
 aten = torch.ops.aten
@@ -110,11 +110,19 @@ def test_the_pattern_matching_the_innermost_module_wins_then_the_more_literal_on
     mapping = (("encoder", 0.1), ("**.attention", 0.2), ("encoder.layers.1.attention", 0.3), ("**", 0.4), ("*", 0.5))
     assert decide(mapping, "encoder.layers.0.attention") == ("**.attention", 0.2)
     assert decide(mapping, "encoder.layers.1.attention") == ("encoder.layers.1.attention", 0.3)
-    assert decide(mapping, "encoder.layers.0") == ("**", 0.4)  # ** matches the module itself
+    assert decide(mapping, "encoder.layers.0") == ("encoder", 0.1)  # a trailing ** is the root: it ranks last
     assert decide(mapping[:3], "encoder.layers.0") == ("encoder", 0.1)
     assert decide((*mapping[:3], ("*", 0.5)), "encoder.layers.0") == ("encoder", 0.1)  # more literal, same depth
     assert decide(mapping[:3], "decoder") is None
     assert decide((("encoder", 0.1),), "decoder") is None
+
+
+def test_a_catch_all_never_outranks_a_specific_pattern() -> None:
+    mapping = (("**", 0.0), ("encoder", 0.1), ("encoder.layers.*.attn", 0.3), ("decoder.**", 0.4))
+    assert decide(mapping, "encoder.layers.0") == ("encoder", 0.1)
+    assert decide(mapping, "encoder.layers.0.attn.drop") == ("encoder.layers.*.attn", 0.3)
+    assert decide(mapping, "decoder.layers.0") == ("decoder.**", 0.4)
+    assert decide(mapping, "head") == ("**", 0.0)
 
 
 def test_equally_specific_patterns_with_different_values_are_an_error() -> None:
@@ -321,6 +329,21 @@ def test_monte_carlo_dropout_is_kept_on_in_eval_and_stays_kept() -> None:
         assert_runs_as(copy.deepcopy(model).eval(), plain, args, seed=1)
 
 
+@pytest.mark.parametrize("idiom", DropPath.IDIOMS)
+def test_a_kept_drop_path_stays_in_an_eval_swap_and_after(idiom: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), PinnedMode(DropPath(0.5, idiom), training=True), nn.Dropout(0.1))
+    args = (torch.randn(6, 4),)
+    evaluated = modeswap.swap(export(model, args, "train"), "eval", keep=["1"])
+    assert [c.field for c in evaluated.changes] == ["train"]  # the dropout only
+    assert [(s.kind, s.mode, s.kept) for s in modeswap.mode_of(evaluated.module).sites] == [
+        ("dropout", Mode.EVAL, False),
+        ("drop_path", Mode.TRAIN, True),
+    ]
+    assert_runs_as(copy.deepcopy(model).eval(), evaluated.module, args, seed=1)
+    assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(modeswap.to_train(evaluated.module)), args, seed=2)
+
+
 def test_a_kept_site_survives_save_and_load(tmp_path: Any) -> None:
     torch.manual_seed(0)
     model, args = WithMonteCarlo(), (torch.randn(4, 6),)
@@ -376,6 +399,39 @@ def test_a_norm_eval_batch_norm_stays_in_eval_in_a_train_swap(exported_in: str) 
         assert modeswap.mode_of(trained.module).mode is Mode.TRAIN
 
 
+def test_allow_train_eval_of_a_norm_eval_train_export_starts_in_train() -> None:
+    torch.manual_seed(0)
+    model, args = Detector(), (torch.randn(2, 3, 6, 6),)
+    model.backbone.bn.running_mean.uniform_()
+    modal = modeswap.allow_train_eval(export(model, args, "train"), keep=["backbone.bn"])
+    assert modal.training
+    assert modeswap.mode_of(modal).mode is Mode.TRAIN
+    assert_runs_as(copy.deepcopy(model).eval(), modal.eval(), args)  # eval first: train updates running stats
+    assert_runs_as(copy.deepcopy(model).train(), modal.train(), args, seed=1)
+
+
+class WithDropPath(Detector):
+    """A drop path at rate 0 is an ``nn.Identity``: a train export leaves no node of it, and loses nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(super().forward(x))  # type: ignore[no-any-return]
+
+
+def test_kept_sites_do_not_make_a_train_export_look_captured_in_eval() -> None:
+    # The frozen batch norm is in eval mode; the graph was captured in train, so nothing branched the other way.
+    model, args = WithDropPath(), (torch.randn(2, 3, 6, 6),)
+    program = torch.export.export(copy.deepcopy(model).train(), args)
+    with pytest.warns(modeswap.TrainingBranchWarning, match="'drop_path'"):
+        modeswap.to_train(program)
+    with silent():
+        trained = modeswap.to_train(program, keep=["backbone.bn"])
+    assert modeswap.mode_of(trained).mode is Mode.TRAIN
+
+
 class BatchStatistics(nn.Module):
     """``F.batch_norm(..., training=True)`` on purpose: batch statistics in both modes, running stats updated."""
 
@@ -424,7 +480,7 @@ def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_
     lowered = torch.export.export(model, (torch.randn(2, 3),), strict=strict).run_decompositions()
     assert not any("dropout" in str(node.target) for node in lowered.graph.nodes)
     target = lowered.module() if as_module else lowered
-    match = r"clone .* was node 'dropout'" if as_module else r"in the ATEN dialect"
+    match = r"clone .* comes from aten\.dropout\.default node 'dropout'" if as_module else r"in the ATEN dialect"
     with pytest.raises(modeswap.UnsupportedGraphError, match=match):
         modeswap.to_train(target)
 
@@ -440,3 +496,46 @@ def test_a_kept_attention_at_zero_stays_although_mode_of_cannot_place_it() -> No
     with silent():
         trained = modeswap.to_train(gm, keep=["1"], attention_dropout=0.5)
     assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
+
+
+@torch.library.custom_op("modeswap_test::dropout", mutates_args=())
+def _custom_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x * (1.0 - p)
+
+
+@_custom_dropout.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _custom_dropout_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return grad * (1.0 - ctx.p), None
+
+
+def _custom_dropout_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.p = inputs[1]
+
+
+_custom_dropout.register_autograd(_custom_dropout_backward, setup_context=_custom_dropout_context)
+
+
+class CustomDropout(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.modeswap_test.dropout(x, 0.5)  # type: ignore[no-any-return]
+
+
+def test_an_op_named_like_a_site_or_a_node_that_copied_a_sites_meta_is_no_sign_of_lowering() -> None:
+    torch.manual_seed(0)
+    model, args = (
+        nn.Sequential(nn.Linear(3, 3), CustomDropout(), nn.BatchNorm1d(3), nn.Dropout(0.1)),
+        (torch.randn(4, 3),),
+    )
+    gm = export(model, args, "train")
+    # A pass inserts an op after the batch norm and gives it the batch norm's meta, provenance included.
+    (bn,) = gm.graph.find_nodes(op="call_function", target=aten.batch_norm.default)
+    with gm.graph.inserting_after(bn):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (bn, 1.0))
+    bn.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    scaled.meta = dict(bn.meta)
+    gm.recompile()
+    assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(gm), args)

@@ -150,8 +150,10 @@ def test_layers_a_swap_keeps_stay_in_the_mode_eager_pins_them_to(case: Case, sou
     via_train = source is Mode.EVAL and case.drop_path  # an eval export never ran its drop paths
     exported = export(case, Mode.TRAIN if via_train else source)
     pinned = {str(i) for i, layer in enumerate(case.layers) if layer.mode is not None}
-    # Every site counts, attention at dropout_p=0.0 too, which mode_of cannot place in a mode.
-    with_sites = {module_path(n).partition(".")[0] for n in exported.graph.nodes if rule_for(n) is not None}
+    # Every site counts: attention at dropout_p=0.0 too, which mode_of cannot place in a mode.
+    rules = {module_path(n) for n in exported.graph.nodes if (rule := rule_for(n)) is not None and rule.applies(n)}
+    idioms = {site.module_path for site in modeswap.mode_of(exported).sites}
+    with_sites = {path.partition(".")[0] for path in rules | idioms}
     keep = sorted(pinned & with_sites)
     gm = modeswap.to_eval(exported, keep=keep) if via_train else exported
     swapped = modeswap.swap(gm, target, keep=keep, attention_dropout=attention_dropout(case, target))

@@ -247,6 +247,14 @@ def test_a_pattern_that_matches_no_site_is_an_error_listing_the_modules_that_hav
     assert "'layers.*.attention'" in str(raised.value)
 
 
+def test_a_batch_norm_without_running_stats_is_no_site_to_keep() -> None:
+    # Shrunk by hypothesis: it computes batch statistics in both modes, so no swap touches it.
+    model = nn.Sequential(nn.Conv1d(1, 1, 1), nn.BatchNorm1d(1, affine=False, track_running_stats=False))
+    gm = export(model, (torch.randn(2, 1, 2),), "train")
+    with pytest.raises(InvalidOptionError, match=r"keep pattern '1' matches no site of this graph"):
+        modeswap.to_eval(gm, keep=["1"])
+
+
 def test_a_dropout_pattern_leaves_sites_that_hold_another_p_alone() -> None:
     # dropout= speaks of sites whose graph holds 0.0; a plain F.dropout(p=0.1) records its p in both modes.
     class Plain(nn.Module):

@@ -37,12 +37,15 @@ def swap(
     for how module-path patterns match):
 
     - ``dropout`` maps module-path patterns to the training ``p`` of dropout and
-      attention sites whose eval graph holds 0.0 and records no training value;
-      a value the graph records is never overridden: contradicting one raises.
+      attention sites whose graph holds 0.0 (an eval export writes 0.0 where
+      eager code zeroes ``p`` outside training). It sets the sites that record
+      no training value; where the graph records one, a different stated value
+      raises. Sites holding another ``p`` keep it: the graph records it.
     - ``attention_dropout`` is the training ``dropout_p`` of attention nodes
       (``scaled_dot_product_attention``) that no ``dropout`` pattern matches.
     - ``keep`` lists module-path patterns whose sites this swap, and every later
-      one, leaves as they are (Monte Carlo dropout, frozen batch norms).
+      one, leaves as they are (Monte Carlo dropout, frozen batch norms). The pin
+      is recorded in the new graph; swap the original graph to undo it.
 
     >>> swapped = modeswap.swap(gm, "eval")
     >>> evaluated = swapped.module

@@ -38,7 +38,7 @@ class Stated:
     """The training values and pins a user states for one swap; empty by default.
 
     ``dropout`` maps module-path patterns to the training ``p`` of dropout and
-    attention sites whose training value the graph does not record;
+    attention sites whose graph holds 0.0 and records no training value;
     ``attention_dropout`` is that value for attention nodes no pattern matches;
     ``keep`` lists the patterns of modules whose sites no swap changes.
     """
@@ -77,9 +77,6 @@ class Stated:
         attention = None if attention_dropout is None else _probability(attention_dropout, "attention_dropout")
         return cls(mapping, attention, pins)
 
-    def __bool__(self) -> bool:
-        return bool(self.dropout or self.keep) or self.attention_dropout is not None
-
     def keeps(self, path: str) -> bool:
         """Whether a site run by the module at ``path`` is to be left as it is."""
         return any(matches(pattern, path) for pattern in self.keep)
@@ -94,7 +91,7 @@ def matches(pattern: str, path: str) -> bool:
     return _depth(pattern, path) is not None
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1 << 16)
 def decide(mapping: tuple[tuple[str, float], ...], path: str) -> tuple[str, float] | None:
     """The entry of ``mapping`` (pattern, value) that decides the module at ``path``; ``None`` if none matches."""
     ranks = {
@@ -114,7 +111,7 @@ def decide(mapping: tuple[tuple[str, float], ...], path: str) -> tuple[str, floa
     return pattern, p
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1 << 16)
 def _depth(pattern: str, path: str) -> int | None:
     """How deep the innermost module at or above ``path`` that ``pattern`` matches is; ``None`` if none.
 

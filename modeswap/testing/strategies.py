@@ -120,7 +120,8 @@ def _returns_input(layer: Layer) -> bool:
     if layer.kind not in ("dropout", "skip"):
         return False
     options = dict(layer.options)
-    if options.get("inplace") and options["cls"] != "AlphaDropout":  # nn.AlphaDropout ignores inplace
+    # nn.AlphaDropout and nn.FeatureAlphaDropout ignore inplace: their forward calls the functional op.
+    if options.get("inplace") and options["cls"] not in ("AlphaDropout", "FeatureAlphaDropout"):
         return False  # in place: the same tensor in both modes, so no use can be told apart
     if options["cls"] == "Dropout":
         return exported_as_alias(torch.ops.aten.dropout.default)  # torch 2.15 does, 2.13 copies

@@ -114,6 +114,21 @@ def test_a_dropout_before_a_skip_is_ambiguous_too() -> None:
     assert_same_run(expected, run_forward_backward(trained, (signal,), seed=0), atol=1e-6, rtol=1e-5)
 
 
+def test_an_inplace_feature_alpha_dropout_before_a_skip_is_ambiguous_too() -> None:
+    # Shrunk by the hypothesis suite (CI profile): nn.FeatureAlphaDropout ignores inplace=True, as
+    # nn.AlphaDropout does, so its eval op returns its input and the skip's two reads look alike.
+    model = nn.Sequential(
+        nn.Sequential(models.Fresh(), nn.FeatureAlphaDropout(0.5, inplace=True)), models.Skip(nn.Dropout(0.5))
+    )
+    signal = torch.randn(2, 1, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedGraphError, match=r"feature_alpha_dropout \(.*in module '0\.1'\)"):
+        modeswap.to_train(export(model, (signal,), "eval"))
+    with quiet():
+        trained = modeswap.to_train(modeswap.to_eval(export(model, (signal,), "train")))
+    expected = run_forward_backward(copy.deepcopy(model).train(), (signal,), seed=0)
+    assert_same_run(expected, run_forward_backward(trained, (signal,), seed=0), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "drop",
     [nn.Dropout(0.3, inplace=True), nn.AlphaDropout(0.2)],

@@ -18,6 +18,7 @@ from torch import nn
 
 import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
+from modeswap.aliases import exported_as_alias
 from modeswap.stated import Stated, decide, matches
 from modeswap.testing import export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
@@ -488,6 +489,13 @@ def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_
     lowered = torch.export.export(model, (torch.randn(2, 3),), strict=strict).run_decompositions()
     assert not any("dropout" in str(node.target) for node in lowered.graph.nodes)
     target = lowered.module() if as_module else lowered
+    if as_module and exported_as_alias(aten.dropout.default):
+        # torch 2.15 exports an eval dropout as its input itself, and lowering leaves no node of it:
+        # the module keeps no trace to refuse it by (docs/limitations.md). The program says its dialect.
+        assert not any(
+            node.meta.get("from_node") and "dropout" in repr(node.meta["from_node"]) for node in target.graph.nodes
+        )
+        return
     match = r"clone .* comes from aten\.dropout\.default node 'dropout'" if as_module else r"in the ATEN dialect"
     with pytest.raises(modeswap.UnsupportedGraphError, match=match):
         modeswap.to_train(target)

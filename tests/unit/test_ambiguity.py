@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -99,31 +100,25 @@ def test_a_train_export_keeps_the_uses_apart_both_ways(model: nn.Module, x: torc
     assert_same_run(expected, run_forward_backward(back, (x,), seed=3), atol=1e-6, rtol=1e-5)
 
 
-def test_a_dropout_before_a_skip_is_ambiguous_too() -> None:
-    # Shrunk by the hypothesis suite: the skip reads the dropout's output twice, and in an eval
-    # export that output is the dropout's input, so the two reads look like a residual around it.
-    model = nn.Sequential(nn.Dropout1d(0.5), models.Skip(nn.Dropout(0.5)))
+@pytest.mark.parametrize(
+    ("first", "node"),
+    [
+        # Shrunk by the hypothesis suite: the skip reads the dropout's output twice, and in an eval
+        # export that output is the dropout's input, so the two reads look like a residual around it.
+        (lambda: nn.Dropout1d(0.5), r"feature_dropout \(aten\.feature_dropout\.default, in module '0'\)"),
+        # Shrunk by the CI profile: nn.FeatureAlphaDropout ignores inplace=True, as nn.AlphaDropout does.
+        (
+            lambda: nn.Sequential(models.Fresh(), nn.FeatureAlphaDropout(0.5, inplace=True)),
+            r"feature_alpha_dropout \(.*in module '0\.1'\)",
+        ),
+    ],
+    ids=["dropout1d", "inplace-feature-alpha"],
+)
+def test_a_dropout_before_a_skip_is_ambiguous_too(first: Callable[[], nn.Module], node: str) -> None:
+    model = nn.Sequential(first(), models.Skip(nn.Dropout(0.5)))
     signal = torch.randn(2, 1, 2, generator=torch.Generator().manual_seed(0))
     # Where torch exports aten.dropout as an alias (2.15), the skip's own dropout is ambiguous too.
-    where = r"feature_dropout \(aten\.feature_dropout\.default, in module '0'\)|in module '1\.drop'"
-    with pytest.raises(UnsupportedGraphError, match=where):
-        modeswap.to_train(export(model, (signal,), "eval"))
-    with quiet():
-        trained = modeswap.to_train(modeswap.to_eval(export(model, (signal,), "train")))
-    expected = run_forward_backward(copy.deepcopy(model).train(), (signal,), seed=0)
-    assert_same_run(expected, run_forward_backward(trained, (signal,), seed=0), atol=1e-6, rtol=1e-5)
-
-
-def test_an_inplace_feature_alpha_dropout_before_a_skip_is_ambiguous_too() -> None:
-    # Shrunk by the hypothesis suite (CI profile): nn.FeatureAlphaDropout ignores inplace=True, as
-    # nn.AlphaDropout does, so its eval op returns its input and the skip's two reads look alike.
-    model = nn.Sequential(
-        nn.Sequential(models.Fresh(), nn.FeatureAlphaDropout(0.5, inplace=True)), models.Skip(nn.Dropout(0.5))
-    )
-    signal = torch.randn(2, 1, 2, generator=torch.Generator().manual_seed(0))
-    # Where torch exports aten.dropout as an alias (2.15), the skip's own dropout is ambiguous too.
-    where = r"feature_alpha_dropout \(.*in module '0\.1'\)|in module '1\.drop'"
-    with pytest.raises(UnsupportedGraphError, match=where):
+    with pytest.raises(UnsupportedGraphError, match=rf"{node}|in module '1\.drop'"):
         modeswap.to_train(export(model, (signal,), "eval"))
     with quiet():
         trained = modeswap.to_train(modeswap.to_eval(export(model, (signal,), "train")))

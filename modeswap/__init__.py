@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modeswap import passes, testing
+    from modeswap.eager import capture, check
     from modeswap.errors import (
         InvalidOptionError,
         ModeswapError,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
         UnsupportedGraphError,
     )
     from modeswap.exported import is_exported
+    from modeswap.fidelity import Cause, Difference, Direction, Fidelity
     from modeswap.modal import ModalModule, allow_train_eval
     from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
     from modeswap.pass_base import Pass, pipeline
@@ -46,7 +48,9 @@ _HOMES = {
         "UnknownTrainingValueWarning",
         "UnsupportedGraphError",
     ),
+    "modeswap.eager": ("capture", "check"),
     "modeswap.exported": ("is_exported",),
+    "modeswap.fidelity": ("Cause", "Difference", "Direction", "Fidelity"),
     "modeswap.modal": ("ModalModule", "allow_train_eval"),
     "modeswap.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
     "modeswap.pass_base": ("Pass", "pipeline"),
@@ -78,7 +82,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Cause",
     "Change",
+    "Difference",
+    "Direction",
+    "Fidelity",
     "InvalidOptionError",
     "Memo",
     "ModalModule",
@@ -97,6 +105,8 @@ __all__ = [
     "UnknownTrainingValueWarning",
     "UnsupportedGraphError",
     "allow_train_eval",
+    "capture",
+    "check",
     "is_exported",
     "mode_of",
     "passes",

@@ -13,7 +13,8 @@ from torch import nn
 
 import modeswap
 from modeswap.cli import changes_table, report_table
-from modeswap.testing.oracle import Snapshot, call_signature, run_forward_backward
+from modeswap.running import run_forward_backward
+from modeswap.testing.oracle import Snapshot, call_signature
 
 
 class DemoNet(nn.Module):

@@ -47,6 +47,9 @@ class Variant:
     code: str
     forward: Callable[..., Any] = attrs.field(repr=False)
     report: ModeReport = attrs.field(repr=False)
+    # How the generated code flattens the inputs and builds the outputs: a mode may return other outputs.
+    in_spec: Any = attrs.field(default=None, repr=False)
+    out_spec: Any = attrs.field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
         return self  # immutable and stateless: copies of the module share it
@@ -69,7 +72,7 @@ class ModalModule(torch.nn.Module):
     ) -> None:
         super().__init__()
         for key, value in vars(state).items():
-            if key not in _GRAPH_MODULE_ONLY and key not in ("train", "eval"):
+            if key not in _GRAPH_MODULE_ONLY and key not in ("train", "eval", "_in_spec", "_out_spec"):
                 vars(self)[key] = value
         # The captured graph's subgraph bodies give way to each mode's own.
         captured = {node.target for node in state.graph.find_nodes(op="get_attr")}
@@ -82,6 +85,14 @@ class ModalModule(torch.nn.Module):
     def variant(self) -> Variant:
         """The :class:`Variant` that ``forward`` runs now: the one ``self.training`` names."""
         return self._variants[Mode.TRAIN if self.training else Mode.EVAL]
+
+    @property
+    def _in_spec(self) -> Any:
+        return self.variant.in_spec
+
+    @property
+    def _out_spec(self) -> Any:
+        return self.variant.out_spec
 
     @property
     def graph(self) -> Graph:
@@ -166,10 +177,83 @@ def _variant(
     # the code is generated, so it is generated once.
     swapped = copy_module(state, share_weights=True)
     pipeline(*passes).edit(swapped, modules=modules)
-    found = report(swapped)
-    bodies = _rename_subgraphs(swapped, mode)
-    recompile_all(swapped)
-    return Variant(swapped.graph, swapped.code, type(swapped).forward, found), bodies
+    return variant_of(swapped, mode)
+
+
+def variant_of(gm: GraphModule, mode: Mode) -> tuple[Variant, dict[str, GraphModule]]:
+    """Make ``gm`` (a copy of modeswap's own, edited no further) the ``mode`` variant of a :class:`ModalModule`.
+
+    Returns the variant and its subgraph bodies, renamed for ``mode``.
+    """
+    found = report(gm)
+    bodies = _rename_subgraphs(gm, mode)
+    recompile_all(gm)
+    variant = Variant(
+        gm.graph, gm.code, type(gm).forward, found, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
+    )
+    return variant, bodies
+
+
+def modal_of(modules: Mapping[Mode, GraphModule], *, training: bool) -> ModalModule:
+    """Return a :class:`ModalModule` that runs each mode's own graph on one copy of the weights.
+
+    ``modules`` are ``ExportedProgram.module()`` of one model exported in each
+    mode; they are not modified. The weights are copied from the train module;
+    the eval graph reads them under the same names. A tensor constant or a
+    guard that only one graph has, or that differs between them, is kept for
+    that graph under a name of its own.
+    """
+    state = copy_module(modules[Mode.TRAIN])
+    variants: dict[Mode, Variant] = {}
+    subgraphs: dict[str, GraphModule] = {}
+    for mode in Mode:
+        gm = copy_module(modules[mode], share_weights=True)
+        _adopt(state, gm, mode)
+        variants[mode], bodies = variant_of(gm, mode)
+        subgraphs |= bodies
+    return ModalModule(state, variants, subgraphs, training=training)
+
+
+def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> None:
+    # Point gm's graph at state's tensors and modules; add to state what it lacks.
+    weights = {name for name, _ in state.named_parameters(remove_duplicate=False)}
+    weights |= {name for name, _ in state.named_buffers(remove_duplicate=False)}
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        value, held = _lookup(gm, target), _lookup(state, target)
+        if isinstance(value, GraphModule) and node.op == "get_attr":
+            continue  # a subgraph body: each mode gets its own (_rename_subgraphs)
+        if target in weights or _same_attribute(value, held):
+            continue
+        if isinstance(value, torch.Tensor) and target in dict(gm.named_parameters()) | dict(gm.named_buffers()):
+            msg = f"the {mode.value} export has a parameter or buffer {target!r} that the train export lacks"
+            raise UnsupportedGraphError(msg)
+        new = f"{target.replace('.', '_')}_{mode.value}"
+        if hasattr(state, new):
+            msg = f"cannot name the {mode.value} copy of {target!r}: the module already has {new!r}"
+            raise UnsupportedGraphError(msg)
+        if isinstance(value, torch.nn.Module):
+            state.add_module(new, value)
+        else:
+            setattr(state, new, copy.deepcopy(value))
+        node.target = new
+
+
+def _lookup(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _same_attribute(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, GraphModule) and isinstance(b, GraphModule):
+        return a.code == b.code
+    return a is b and a is not None
 
 
 def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:

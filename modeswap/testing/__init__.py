@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from modeswap.running import run_forward_backward
 from modeswap.testing.oracle import (
     Snapshot,
     assert_mode_equivalent,
@@ -17,7 +18,6 @@ from modeswap.testing.oracle import (
     export,
     other,
     quiet,
-    run_forward_backward,
 )
 
 _STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "build", "cases", "layers")

@@ -11,10 +11,10 @@ from typing import Any
 import attrs
 import torch
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 import modeswap
 from modeswap.modes import Mode
+from modeswap.running import run_forward_backward
 
 
 @attrs.frozen(eq=False)
@@ -87,42 +87,6 @@ def _all_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             if isinstance(value, torch.Tensor):
                 named[f"{path}.{key}" if path else key] = value
     return sorted(named.items())
-
-
-def run_forward_backward(module: torch.nn.Module, args: tuple[Any, ...], *, seed: int) -> dict[str, Any]:
-    """Run ``module`` on copies of ``args`` under ``seed``, then backward through a fixed loss.
-
-    Returns the outputs, the input gradients, the buffers after the forward and
-    the parameter gradients, keyed by name. Clears the module's gradients first.
-    """
-    assert isinstance(module, torch.nn.Module)
-    module.zero_grad(set_to_none=True)  # modules from one ExportedProgram share their parameters
-    leaves = [_fresh_leaf(a) for a in args]
-    torch.manual_seed(seed)
-    # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
-    outputs = module(*(a.clone() if isinstance(a, torch.Tensor) else a for a in leaves))
-    flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
-    result: dict[str, Any] = {"outputs": [o.detach().clone() for o in flat]}
-    result["buffers"] = {k: v.detach().clone() for k, v in module.named_buffers()}
-    differentiable = [o for o in flat if o.requires_grad]
-    if differentiable:
-        weights = torch.Generator().manual_seed(seed + 1)
-        loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum() for o in differentiable)
-        loss.backward()  # type: ignore[union-attr]
-    result["grads"] = {k: None if p.grad is None else p.grad.clone() for k, p in module.named_parameters()}
-    result["input_grads"] = [_grad(a) for a in leaves]
-    return result
-
-
-def _grad(a: Any) -> torch.Tensor | None:
-    return a.grad.clone() if isinstance(a, torch.Tensor) and a.grad is not None else None
-
-
-def _fresh_leaf(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        leaf = a.detach().clone()
-        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
-    return a
 
 
 def assert_same_run(expected: dict[str, Any], actual: dict[str, Any], *, atol: float, rtol: float) -> None:

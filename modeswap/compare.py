@@ -1,0 +1,290 @@
+"""Compare two exported graphs: the ops each runs, in dependency order, with their literal arguments and outputs.
+
+Used by :func:`modeswap.check` to hold a swapped graph against the other
+mode's own export. Two graphs are the same when they run the same ops on the
+same inputs with the same literals and return the same outputs; node names,
+the placement of reads and ``aten.alias`` (which computes nothing) do not
+count. The ops are aligned by (op, module path) with a longest-matching-blocks
+diff, so that one extra op shows as one extra op, not as everything after it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch.fx import GraphModule, Node
+
+from modeswap.graphs import get_argument, module_path
+from modeswap.idioms import matches
+from modeswap.rules import PerNode, rule_for
+
+_ALIAS = torch.ops.aten.alias.default
+
+
+def _identity(node: Node) -> bool:
+    """Whether ``node`` returns its input unchanged: an alias, a dropout in eval mode."""
+    if node.op != "call_function":
+        return False
+    if node.target is _ALIAS:
+        return True
+    rule = rule_for(node)
+    return rule is not None and rule.kind == "dropout" and get_argument(node, rule.flag) is False
+
+
+@attrs.frozen
+class Found:
+    """One difference between the graphs, before it is explained: the nodes, where, and what differs.
+
+    ``side`` is ``"expected"`` or ``"actual"`` for ops only one graph runs, and
+    ``"both"`` for a difference in ops both run (then ``argument`` names the
+    argument that differs and ``values`` its two values).
+    """
+
+    side: str
+    module_path: str
+    nodes: tuple[str, ...]
+    ops: tuple[str, ...]
+    argument: str | None = None
+    values: tuple[Any, Any] | None = None
+    flag: bool = False  # the argument is the one that carries the node's mode
+    site_kind: str | None = None
+    drop_path: bool = False
+    writes: tuple[str, ...] = ()  # buffers the ops update in place
+
+
+class _Graph:
+    """The ops of one graph in order, and what each argument refers to, independent of node names."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and not _identity(n)]
+        self.index = {n: i for i, n in enumerate(self.calls)}
+        self.inputs = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        self.state = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+        self.state |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+        self.drop_path = {n for m in matches(gm.graph) for n in m.nodes}
+        self.keys = [(str(n.target), module_path(n)) for n in self.calls]
+
+    def source(self, node: Node) -> Node:
+        return _source(node)
+
+    def refer(self, node: Node, call: Callable[[int], Any]) -> Any:
+        """What ``node`` stands for as an argument; ``call`` names the i-th op."""
+        node = self.source(node)
+        if node in self.index:
+            return call(self.index[node])
+        if node.op == "placeholder":
+            return ("input", self.inputs[node])
+        if node.op == "get_attr":
+            target = str(node.target)
+            value = _attribute(self.gm, target)
+            if isinstance(value, GraphModule):
+                return ("body", _signature(value))
+            if target in self.state or not isinstance(value, torch.Tensor):
+                return ("attr", target)
+            return ("constant", tuple(value.shape), str(value.dtype), _small(value))
+        return (node.op, str(node.target))
+
+    def shown(self, node: Node) -> str:
+        """``node`` as a reader knows it: the node name, or the name of the parameter or buffer it reads."""
+        node = self.source(node)
+        return str(node.target) if node.op == "get_attr" else node.name
+
+    def arguments(self, node: Node, call: Callable[[int], Any] | None) -> dict[str, Any]:
+        """The node's arguments by schema name, defaults filled in.
+
+        A node argument is written as :meth:`refer` writes it, or, without
+        ``call``, as :meth:`shown` does.
+        """
+        refer = self.shown if call is None else lambda n: self.refer(n, call)
+        mapped = torch.fx.node.map_arg((node.args, node.kwargs), refer)
+        args, kwargs = mapped
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            return {str(i): a for i, a in enumerate(args)} | dict(kwargs)
+        named: dict[str, Any] = {}
+        for i, argument in enumerate(target._schema.arguments):
+            if i < len(args):
+                named[argument.name] = args[i]
+            elif argument.name in kwargs:
+                named[argument.name] = kwargs[argument.name]
+            elif argument.has_default_value():
+                named[argument.name] = argument.default_value
+        return named
+
+    def writes(self, node: Node) -> tuple[str, ...]:
+        """The parameters and buffers ``node`` updates in place, inside a subgraph body too."""
+        sources = (self.source(value) for value in _written(self.gm, node))
+        return tuple(str(source.target) for source in sources if source.op == "get_attr")
+
+    def outputs(self, call: Callable[[int], Any] | None) -> tuple[Any, Any]:
+        """The output structure and what each output is, written as :meth:`arguments` writes arguments."""
+        (output,) = self.gm.graph.find_nodes(op="output")
+        spec = getattr(self.gm, "_out_spec", None)
+        refer = self.shown if call is None else lambda n: self.refer(n, call)
+        values = torch.fx.node.map_arg(output.args[0], refer)
+        if spec is not None and call is None:  # as the module returns them: a tuple, a dict, one tensor
+            values = torch.utils._pytree.tree_unflatten(list(values), spec)
+        return spec, values
+
+
+def _source(node: Node) -> Node:
+    """What ``node`` returns unchanged, or ``node``."""
+    while _identity(node):
+        assert isinstance(node.args[0], Node)
+        node = node.args[0]
+    return node
+
+
+def _written(gm: GraphModule, node: Node) -> Iterator[Node]:
+    """The node arguments ``node`` writes to; a higher-order op writes what its body writes to its inputs."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        for argument, value in zip(target._schema.arguments, node.args, strict=False):
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Node):
+                yield value
+        return
+    bodies = [a for a in node.args if isinstance(a, Node) and a.op == "get_attr"]
+    bodies = [b for b in bodies if isinstance(_attribute(gm, str(b.target)), GraphModule)]
+    if not bodies:
+        return
+    # The body's inputs are the operands after the last body, in order (``cond`` passes them as one tuple).
+    operands = torch.utils._pytree.tree_leaves(list(node.args[node.args.index(bodies[-1]) + 1 :]))
+    for body in bodies:
+        module = _attribute(gm, str(body.target))
+        inputs = list(module.graph.find_nodes(op="placeholder"))
+        if len(inputs) != len(operands):
+            continue
+        position = {n: i for i, n in enumerate(inputs)}
+        for inner in module.graph.nodes:
+            for value in map(_source, _written(module, inner)):
+                if value in position and isinstance(operands[position[value]], Node):
+                    yield operands[position[value]]
+
+
+def _attribute(gm: torch.nn.Module, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _small(t: torch.Tensor) -> Any:
+    return t.tolist() if t.numel() <= 16 and t.device.type != "meta" else None
+
+
+def _signature(gm: GraphModule) -> tuple[Any, ...]:
+    graph = _Graph(gm)
+
+    def call(i: int) -> tuple[str, int]:
+        return ("call", i)
+
+    ops = tuple((key, repr(graph.arguments(n, call))) for key, n in zip(graph.keys, graph.calls, strict=True))
+    return ops, repr(graph.outputs(call))
+
+
+def compare(expected: GraphModule, actual: GraphModule) -> tuple[Found, ...]:
+    """Return where ``actual`` computes something other than ``expected``; empty when they are the same."""
+    want, have = _Graph(expected), _Graph(actual)
+    matcher = difflib.SequenceMatcher(None, want.keys, have.keys, autojunk=False)
+    partner: dict[int, int] = {}
+    found: list[Found] = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            partner.update(zip(range(i1, i2), range(j1, j2), strict=True))
+            continue
+        found += _unmatched("expected", want, want.calls[i1:i2])
+        found += _unmatched("actual", have, have.calls[j1:j2])
+
+    def theirs(i: int) -> Any:
+        return ("call", partner.get(i, ("unmatched", i)))
+
+    unmatched = {("call", j) for j in range(len(have.calls))} - {("call", j) for j in partner.values()}
+    for i, j in partner.items():
+        found += _differing(want, want.calls[i], have, have.calls[j], theirs, unmatched)
+    found += _outputs(want, have, theirs, consequence=bool(found))
+    order = {n.name: k for k, n in enumerate(expected.graph.nodes)}
+    return tuple(sorted(found, key=lambda f: (f.side == "actual", order.get(f.nodes[0], 0) if f.nodes else -1)))
+
+
+def _unmatched(side: str, graph: _Graph, nodes: list[Node]) -> Iterator[Found]:
+    # Consecutive ops of one module make one difference.
+    groups: list[list[Node]] = []
+    for node in nodes:
+        if groups and module_path(groups[-1][-1]) == module_path(node):
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+    for group in groups:
+        yield Found(
+            side=side,
+            module_path=module_path(group[0]),
+            nodes=tuple(n.name for n in group),
+            ops=tuple(_op_name(n) for n in group if n.target is not operator.getitem),
+            drop_path=any(n in graph.drop_path for n in group),
+            writes=tuple(w for n in group for w in graph.writes(n)),
+        )
+
+
+def _differing(
+    want: _Graph, want_node: Node, have: _Graph, have_node: Node, theirs: Callable[[int], Any], unmatched: set[Any]
+) -> Iterator[Found]:
+    wanted, got = want.arguments(want_node, theirs), have.arguments(have_node, lambda j: ("call", j))
+    shown = (want.arguments(want_node, None), have.arguments(have_node, None))
+    rule = rule_for(have_node)
+    for name in [*wanted, *(k for k in got if k not in wanted)]:
+        if _same(wanted.get(name), got.get(name)):
+            continue
+        if _reads_unmatched(wanted.get(name), got.get(name), unmatched):
+            continue  # the op reads what an op of one graph only computed: that op is the difference
+        a, b = (side.get(name) for side in shown)
+        yield Found(
+            side="both",
+            module_path=module_path(want_node),
+            nodes=(want_node.name,),
+            ops=(_op_name(want_node),),
+            argument=name,
+            values=(a, b),
+            flag=rule is not None and name == rule.flag and rule.train is not PerNode.VALUE,
+            site_kind=rule.kind if rule is not None else None,
+        )
+
+
+def _reads_unmatched(wanted: Any, got: Any, unmatched: set[Any]) -> bool:
+    def refs(value: Any) -> Iterator[Any]:
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "call":
+            yield value
+        elif isinstance(value, tuple | list):
+            for item in value:
+                yield from refs(item)
+
+    return any(isinstance(r[1], tuple) for r in refs(wanted)) or any(r in unmatched for r in refs(got))
+
+
+def _same(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b  # an export may write 0 where a swap writes 0.0
+    return repr(a) == repr(b)
+
+
+def _outputs(want: _Graph, have: _Graph, theirs: Callable[[int], Any], *, consequence: bool) -> Iterator[Found]:
+    # Outputs computed differently follow from the differences found before; a different structure does not.
+    (want_spec, want_refs), (have_spec, have_refs) = want.outputs(theirs), have.outputs(lambda j: ("call", j))
+    if want_spec != have_spec or (repr(want_refs) != repr(have_refs) and not consequence):
+        shown = (want.outputs(None)[1], have.outputs(None)[1])
+        yield Found(side="both", module_path="", nodes=(), ops=(), argument="outputs", values=shown)
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.removeprefix("aten::") + (
+            f".{target._overloadname}" if target._overloadname != "default" else ""
+        )
+    return getattr(target, "__name__", str(target))

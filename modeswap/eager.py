@@ -1,0 +1,258 @@
+"""From the eager model, when the graph alone is not enough: :func:`check` and :func:`capture`.
+
+A swap rewrites one mode's graph; what that mode's trace never ran (an
+``if self.training:`` branch, drop path in an eval export, a training dropout
+written as 0.0) it cannot bring back. Whoever still holds the eager model can
+export it once per mode: :func:`check` holds each swap against the other
+mode's own export and says where they differ, and :func:`capture` builds a
+module that runs each mode's own export on one set of weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from modeswap.compare import Found, compare
+from modeswap.errors import ModeswapError, ModeswapWarning
+from modeswap.fidelity import Cause, Difference, Direction, Fidelity
+from modeswap.graphs import copy_module, recompile_all
+from modeswap.modal import ModalModule, modal_of
+from modeswap.modes import Mode
+from modeswap.running import run_differences, run_forward_backward
+from modeswap.swapping import swap
+
+#: The seeds of the second opinion: each swap and the other mode's export run under each, forward and backward.
+SEEDS = (0, 1)
+
+
+def export_modes(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+) -> dict[Mode, ExportedProgram]:
+    """Return ``torch.export.export`` of ``model`` in train mode and in eval mode.
+
+    Every module's ``training`` flag is set back as it was, whatever happens.
+    """
+    with _modes_restored(model):
+        programs: dict[Mode, ExportedProgram] = {}
+        for mode in Mode:
+            model.train(mode is Mode.TRAIN)
+            try:
+                programs[mode] = torch.export.export(
+                    model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict
+                )
+            except Exception as error:
+                error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
+                raise
+    return programs
+
+
+@contextmanager
+def _modes_restored(model: torch.nn.Module) -> Iterator[None]:
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training  # not train(): an override would run again
+
+
+def check(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> Fidelity:
+    """Return whether swapping an export of ``model`` is exact in each direction, and where it is not.
+
+    ``model`` is exported in each mode (``args``, ``kwargs``, ``dynamic_shapes``
+    and ``strict`` go to ``torch.export.export``); each export is swapped to the
+    other mode, with ``attention_dropout``, ``dropout`` and ``keep`` as
+    :func:`modeswap.swap` takes them, and compared with the other mode's own
+    export: the ops, their order, their literal arguments and the outputs, then,
+    as a second opinion, the outputs, buffers and gradients of a forward and a
+    backward under a few seeds. ``model`` is left as it was: its modes, its
+    parameters and its buffers.
+
+    >>> fidelity = modeswap.check(model, (x,))
+    >>> print(fidelity)
+    """
+    programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+) -> ModalModule:
+    """Return a module that behaves as ``model`` does in each mode, with ``.train()`` and ``.eval()`` as eager's.
+
+    ``model`` is exported once per mode (``args``, ``kwargs``,
+    ``dynamic_shapes`` and ``strict`` go to ``torch.export.export``); the new
+    module runs the export of its current mode on one copy of the model's
+    parameters and buffers, under the model's names. It starts in the mode
+    ``model`` is in. ``model`` is left as it was.
+
+    >>> modal = modeswap.capture(model, (x,))
+    >>> logits = modal.eval()(x)
+    """
+    programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return modal_of({mode: program.module() for mode, program in programs.items()}, training=model.training)
+
+
+def fidelity_of(
+    programs: Mapping[Mode, ExportedProgram],
+    *,
+    attention_dropout: float | None = None,
+    dropout: Mapping[str, float] | None = None,
+    keep: Sequence[str] = (),
+) -> Fidelity:
+    """Return the :class:`Fidelity` of swapping each of ``programs`` (one per mode) to the other mode.
+
+    The second opinion runs on the programs' example inputs.
+    """
+    options = {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep}
+    found = {mode: _direction(programs, mode, options) for mode in Mode}
+    exact = {mode: not found[mode] for mode in Mode}
+    directions = {
+        target: Direction(
+            source=_other(target),
+            target=target,
+            differences=tuple(_explain(found[target], target, other_exact=exact[_other(target)])),
+        )
+        for target in Mode
+    }
+    return Fidelity(to_eval=directions[Mode.EVAL], to_train=directions[Mode.TRAIN])
+
+
+def _other(mode: Mode) -> Mode:
+    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
+
+
+def _direction(programs: Mapping[Mode, ExportedProgram], target: Mode, options: dict[str, Any]) -> list[Found | str]:
+    """What differs between the swap of the other mode's program to ``target`` and ``target``'s own program."""
+    source = _other(target)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModeswapWarning)  # the report says it, with the eager model's values
+            swapped = swap(programs[source].module(), target, **options).module
+    except ModeswapError as error:
+        return [str(error)]
+    expected = programs[target].module()
+    found: list[Found | str] = list(compare(expected, swapped))
+    if not found and programs[target].example_inputs is not None:
+        found += _values(expected, swapped, programs[target].example_inputs)
+    return found
+
+
+def _values(expected: torch.nn.Module, actual: torch.nn.Module, inputs: tuple[Any, Any]) -> Iterator[Found]:
+    # Own copies of the weights: a module from ExportedProgram.module() shares the model's.
+    expected, actual = copy_module(expected), copy_module(actual)  # type: ignore[arg-type]
+    recompile_all(expected)
+    recompile_all(actual)
+    args, kwargs = inputs
+    for seed in SEEDS:
+        wanted = run_forward_backward(expected, args, kwargs, seed=seed)
+        got = run_forward_backward(actual, args, kwargs, seed=seed)
+        for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
+            path = what.partition("['")[2].rpartition(".")[0]
+            yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(seed, None))
+
+
+def _explain(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
+    """One :class:`Difference` per module and cause, in the order they were found."""
+    rows: dict[tuple[str, Cause], list[Difference]] = {}
+    for difference in _differences(found, target, other_exact=other_exact):
+        rows.setdefault((difference.module_path, difference.cause), []).append(difference)
+    for (path, cause), group in rows.items():
+        nodes = tuple(dict.fromkeys(n for d in group for n in d.nodes))
+        yield Difference(path, nodes, "; ".join(d.what for d in group), cause, group[0].fix)
+
+
+def _differences(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
+    source = _other(target)
+    pinned = {f.module_path for f in found if isinstance(f, Found) and f.flag}
+    for f in found:
+        if isinstance(f, str):
+            yield Difference("", (), f, Cause.REFUSED, _capture(target, other_exact))
+            continue
+        cause = _cause(f, pinned)
+        if cause is Cause.PINNED:
+            fix = f"keep=({f.module_path!r},) leaves it as the model holds it"
+        elif cause in (Cause.DROPOUT_UNKNOWN, Cause.ATTENTION_DROPOUT_UNKNOWN):
+            assert f.values is not None
+            fix = f"dropout={{{f.module_path!r}: {f.values[0]!r}}} states the training value"
+        elif cause is Cause.DROP_PATH:
+            fix = "export in train mode (its swap to eval is exact), or modeswap.capture(model, args)"
+        else:
+            fix = _capture(target, other_exact)
+        yield Difference(f.module_path, f.nodes, _what(f, source, target), cause, fix)
+
+
+def _cause(f: Found, pinned: set[str]) -> Cause:
+    if f.argument is not None and f.values is not None and not f.nodes and f.argument != "outputs":
+        return Cause.VALUES
+    if f.module_path in pinned and f.module_path:
+        return Cause.PINNED
+    if f.drop_path:
+        return Cause.DROP_PATH
+    if f.side == "both" and f.argument is not None and f.values is not None:
+        have = f.values[1]
+        if f.site_kind == "attention" and f.argument == "dropout_p" and have == 0.0:
+            return Cause.ATTENTION_DROPOUT_UNKNOWN
+        if f.site_kind == "dropout" and f.argument == "p" and have == 0.0:
+            return Cause.DROPOUT_UNKNOWN
+    return Cause.TRAINING_BRANCH
+
+
+def _what(f: Found, source: Mode, target: Mode) -> str:
+    own = f"the {target.value} export"
+    if f.side != "both":
+        where = own if f.side == "expected" else "the swap"
+        other = "the swap" if f.side == "expected" else own
+        updates = f", updating {', '.join(dict.fromkeys(f.writes))}" if f.writes else ""
+        return f"{where} runs {', '.join(f.ops)}{updates}; {other} does not"
+    assert f.values is not None
+    want, have = f.values
+    if f.argument == "outputs":
+        return f"{own} returns {_outputs(want)}, the swap {_outputs(have)}"
+    if not f.nodes:
+        return f"{f.argument} differs from {own} when run under seed {want}"
+    return f"{f.ops[0]} {f.argument}={_short(have)} in the swap, {_short(want)} in {own}"
+
+
+def _outputs(value: Any) -> str:
+    leaves = torch.utils._pytree.tree_leaves(value)
+    kind = "" if isinstance(value, str) else f"a {type(value).__name__} of "
+    return f"{kind}{len(leaves)} output(s) ({_short(', '.join(map(str, leaves)))})"
+
+
+def _short(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _capture(target: Mode, other_exact: bool) -> str:
+    fix = "modeswap.capture(model, args) runs each mode's own export"
+    if other_exact:
+        fix += f", or export in {target.value} mode (its swap to {_other(target).value} is exact)"
+    return fix

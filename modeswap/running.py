@@ -1,0 +1,81 @@
+"""Running a module the way its tests and :func:`modeswap.check` do: a forward under a seed, then a backward."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+def run_forward_backward(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None, *, seed: int
+) -> dict[str, Any]:
+    """Run ``module`` on copies of ``args`` and ``kwargs`` under ``seed``, then backward through a fixed loss.
+
+    Returns the outputs, the input gradients, the buffers after the forward and
+    the parameter gradients, keyed by name. Clears the module's gradients first.
+    """
+    assert isinstance(module, torch.nn.Module)
+    module.zero_grad(set_to_none=True)  # modules from one ExportedProgram share their parameters
+    leaves = [_fresh_leaf(a) for a in args]
+    named = {k: _fresh_leaf(v) for k, v in (kwargs or {}).items()}
+    torch.manual_seed(seed)
+    # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
+    outputs = module(*map(_copy, leaves), **{k: _copy(v) for k, v in named.items()})
+    flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
+    result: dict[str, Any] = {"outputs": [o.detach().clone() for o in flat]}
+    result["buffers"] = {k: v.detach().clone() for k, v in module.named_buffers()}
+    differentiable = [o for o in flat if o.requires_grad]
+    if differentiable:
+        weights = torch.Generator().manual_seed(seed + 1)
+        loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum() for o in differentiable)
+        loss.backward()  # type: ignore[union-attr]
+    result["grads"] = {k: None if p.grad is None else p.grad.clone() for k, p in module.named_parameters()}
+    result["input_grads"] = [_grad(a) for a in [*leaves, *named.values()]]
+    return result
+
+
+def _grad(a: Any) -> torch.Tensor | None:
+    return a.grad.clone() if isinstance(a, torch.Tensor) and a.grad is not None else None
+
+
+def _fresh_leaf(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        leaf = a.detach().clone()
+        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
+    return a
+
+
+def _copy(a: Any) -> Any:
+    return a.clone() if isinstance(a, torch.Tensor) else a
+
+
+def run_differences(expected: dict[str, Any], actual: dict[str, Any], *, atol: float, rtol: float) -> list[str]:
+    """Name what differs between two :func:`run_forward_backward` results.
+
+    Names read ``"outputs[0]"``, ``"buffers['bn.running_mean']"``, ``"grads['fc.weight']"``.
+    """
+    found: list[str] = []
+    for key in ("outputs", "input_grads"):
+        if len(expected[key]) != len(actual[key]):
+            found.append(f"{key} (one run has {len(expected[key])}, the other {len(actual[key])})")
+            continue
+        found += [
+            f"{key}[{i}]"
+            for i, (e, a) in enumerate(zip(expected[key], actual[key], strict=True))
+            if not _close(e, a, atol, rtol)
+        ]
+    for key in ("buffers", "grads"):
+        for name in sorted(set(expected[key]) | set(actual[key])):
+            if not _close(expected[key].get(name), actual[key].get(name), atol, rtol):
+                found.append(f"{key}[{name!r}]")
+    return found
+
+
+def _close(expected: torch.Tensor | None, actual: torch.Tensor | None, atol: float, rtol: float) -> bool:
+    if expected is None or actual is None:
+        return expected is actual
+    same_kind = expected.shape == actual.shape and expected.dtype == actual.dtype
+    return same_kind and torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)

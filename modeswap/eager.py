@@ -19,7 +19,8 @@ import torch
 from torch.export import ExportedProgram
 
 from modeswap.compare import Found, compare
-from modeswap.errors import ModeswapError, ModeswapWarning
+from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
+from modeswap.exported import is_exported
 from modeswap.fidelity import Cause, Difference, Direction, Fidelity
 from modeswap.graphs import copy_module, recompile_all
 from modeswap.modal import ModalModule, modal_of
@@ -43,6 +44,7 @@ def export_modes(
 
     Every module's ``training`` flag is set back as it was, whatever happens.
     """
+    _require_eager(model)
     with _modes_restored(model):
         programs: dict[Mode, ExportedProgram] = {}
         for mode in Mode:
@@ -55,6 +57,19 @@ def export_modes(
                 error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
                 raise
     return programs
+
+
+def _require_eager(model: object) -> None:
+    if is_exported(model):
+        msg = (
+            "check and capture take the eager model, which they export once per mode; this is an exported "
+            "graph, whose other mode they cannot see. For a graph alone use modeswap.swap or "
+            "modeswap.allow_train_eval"
+        )
+        raise InvalidOptionError(msg)
+    if not isinstance(model, torch.nn.Module):
+        msg = f"check and capture take an eager torch.nn.Module, not {type(model).__name__}"
+        raise InvalidOptionError(msg)
 
 
 @contextmanager
@@ -130,8 +145,12 @@ def fidelity_of(
 
     The second opinion runs on the programs' example inputs.
     """
-    options = {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep}
-    found = {mode: _direction(programs, mode, options) for mode in Mode}
+    # The training values stated are for the swap to train; what to keep, for both.
+    options = {
+        Mode.TRAIN: {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep},
+        Mode.EVAL: {"keep": keep},
+    }
+    found = {mode: _direction(programs, mode, options[mode]) for mode in Mode}
     exact = {mode: not found[mode] for mode in Mode}
     directions = {
         target: Direction(

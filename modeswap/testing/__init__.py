@@ -14,10 +14,12 @@ from modeswap.testing.oracle import (
     Snapshot,
     assert_mode_equivalent,
     assert_same_run,
+    assert_trains_like,
     call_signature,
     export,
     other,
     quiet,
+    train_side_by_side,
 )
 
 _STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "build", "cases", "layers")
@@ -25,12 +27,14 @@ _STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "build", "cases", "lay
 __all__ = [
     "Snapshot",
     "assert_mode_equivalent",
+    "assert_trains_like",
     "assert_same_run",
     "call_signature",
     "export",
     "other",
     "quiet",
     "run_forward_backward",
+    "train_side_by_side",
     *_STRATEGIES,
 ]
 

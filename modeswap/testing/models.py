@@ -134,3 +134,64 @@ class PinnedMode(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.child(x)  # type: ignore[no-any-return]
+
+
+class AuxiliaryHeads(nn.Module):
+    """Returns auxiliary logits beside the main ones only in training, as torchvision's GoogLeNet and Inception do."""
+
+    def __init__(self, channels: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop = nn.Dropout(0.2)
+        self.aux = nn.Linear(channels, classes)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        logits: torch.Tensor = self.fc(self.drop(features))
+        if self.training:
+            return logits, self.aux(features)
+        return logits
+
+
+class Noise(nn.Module):
+    """Adds Gaussian noise in training only, as noise-injection and data-augmentation layers do."""
+
+    def __init__(self, std: float = 0.1) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x) if self.training else x
+
+
+class BatchVariance(nn.Module):
+    """Normalises by a variance it updates only in training, as timm's EvoNorm-B0 does."""
+
+    def __init__(self, width: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.running_var: torch.Tensor
+        self.register_buffer("running_var", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var = x.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_var.lerp_(var.detach(), self.momentum)
+        else:
+            var = self.running_var
+        return x / (var + 1e-5).sqrt()
+
+
+class Attending(nn.Module):
+    """``nn.MultiheadAttention`` asked for its weights: it computes attention by hand and drops out in training only."""
+
+    def __init__(self, width: int = 8, heads: int = 2, p: float = 0.25) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, heads, dropout=p, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, weights = self.attention(x, x, x, need_weights=True)
+        return out, weights

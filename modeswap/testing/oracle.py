@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import attrs
 import torch
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
 
 import modeswap
 from modeswap.modes import Mode
@@ -141,6 +143,72 @@ def assert_mode_equivalent(
     actual = run_forward_backward(swapped.module, args, seed=seed)
     assert_same_run(expected, actual, atol=atol, rtol=rtol)
     return swapped
+
+
+def train_side_by_side(
+    eager: torch.nn.Module, other: torch.nn.Module, args: tuple[Any, ...], *, epochs: int = 3, steps: int = 3
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Train ``eager`` and ``other`` alike, yielding ``(what, eager's value, other's value)`` after every pass.
+
+    Each epoch runs ``steps`` training steps in train mode (SGD with momentum on
+    the mean square of every output), then a validation pass in eval mode under
+    ``no_grad``; each pass has a seed of its own. After every pass come the loss
+    or outputs, then every entry of ``state_dict()``.
+
+    >>> for what, want, got in train_side_by_side(model, modal, (x,)):
+    ...     torch.testing.assert_close(got, want)
+    """
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, other)]
+    seed = 0
+    for epoch in range(epochs):
+        for step in range(steps):
+            seed += 1
+            losses = []
+            for module, optimizer in zip((eager, other), optimizers, strict=True):
+                torch.manual_seed(seed)
+                outputs = pytree.tree_leaves(module.train()(*args))
+                loss = sum(o.square().mean() for o in outputs if isinstance(o, torch.Tensor))
+                loss.backward()  # type: ignore[union-attr]
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss)
+            yield f"epoch {epoch} step {step} loss", losses[0], losses[1]  # type: ignore[misc]
+            yield from _state_pairs(f"epoch {epoch} step {step}", eager, other)
+        seed += 1
+        with torch.no_grad():
+            results = []
+            for module in (eager, other):
+                torch.manual_seed(seed)
+                results.append(pytree.tree_leaves(module.eval()(*args)))
+        assert len(results[0]) == len(results[1]), f"epoch {epoch} validation: a different number of outputs"
+        for i, (want, got) in enumerate(zip(*results, strict=True)):
+            yield f"epoch {epoch} validation output {i}", want, got
+        yield from _state_pairs(f"epoch {epoch} validation", eager, other)
+
+
+def _state_pairs(when: str, eager: torch.nn.Module, other: torch.nn.Module) -> Iterator[tuple[str, Any, Any]]:
+    want, got = eager.state_dict(), other.state_dict()
+    assert want.keys() == got.keys(), f"{when}: state_dict keys differ: {sorted(want)} vs {sorted(got)}"
+    for key in want:
+        yield f"{when}: {key}", want[key], got[key]
+
+
+def assert_trains_like(
+    eager: torch.nn.Module, other: torch.nn.Module, args: tuple[Any, ...], *, atol: float = 1e-6, rtol: float = 1e-5
+) -> int:
+    """Assert that ``other`` trains and validates as ``eager`` does; return how many values were compared.
+
+    See :func:`train_side_by_side` for the training.
+    """
+    checked = 0
+    for what, want, got in train_side_by_side(eager, other, args):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=functools.partial(_located, what))
+        checked += 1
+    return checked
+
+
+def _located(what: str, message: str) -> str:
+    return f"{what}: {message}"
 
 
 @contextlib.contextmanager

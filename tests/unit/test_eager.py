@@ -125,7 +125,8 @@ def test_check_names_each_module_a_swap_cannot_reproduce_and_why(name: str) -> N
     assert fidelity.to_eval.exact is not expected[Mode.EVAL]
     assert fidelity.exact is (not expected[Mode.EVAL] and not expected[Mode.TRAIN])
     for difference in (*fidelity.to_eval.differences, *fidelity.to_train.differences):
-        assert difference.what and difference.fix
+        assert difference.what
+        assert difference.fix
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -197,7 +198,8 @@ def test_the_model_is_left_as_it_was(name: str, run: str) -> None:
     after = model.state_dict(keep_vars=True)
     assert after.keys() == state.keys()
     for key, (pointer, value) in state.items():
-        assert after[key].data_ptr() == pointer and torch.equal(after[key], value), key
+        assert after[key].data_ptr() == pointer, key
+        assert torch.equal(after[key], value), key
     copy.deepcopy(model)(*args)  # still an ordinary eager model
 
 
@@ -207,7 +209,8 @@ def test_capture_holds_one_copy_of_the_state_that_the_model_does_not_share() -> 
     assert list(modal.state_dict()) == list(model.state_dict())
     ours = {t.untyped_storage().data_ptr() for t in modal.state_dict().values()}
     theirs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
-    assert len(ours) == len(theirs) and not ours & theirs
+    assert len(ours) == len(theirs)
+    assert not ours & theirs
     held = {t.untyped_storage().data_ptr() for t in [*modal.parameters(), *modal.buffers()]}
     assert held == ours  # both modes read these tensors: no second set
     sum(out.sum() for out in modal.train()(*args)).backward()
@@ -218,7 +221,8 @@ def test_capture_holds_one_copy_of_the_state_that_the_model_does_not_share() -> 
 def test_capture_returns_what_each_mode_returns() -> None:
     model, args = model_of("auxiliary heads")
     modal = modeswap.capture(model, args)
-    assert isinstance(modal.train()(*args), tuple) and isinstance(model.train()(*args), tuple)
+    assert isinstance(modal.train()(*args), tuple)
+    assert isinstance(model.train()(*args), tuple)
     assert isinstance(modal.eval()(*args), torch.Tensor)
     assert modeswap.mode_of(modal).mode is Mode.EVAL
     assert modeswap.mode_of(modal.train()).mode is Mode.TRAIN
@@ -257,11 +261,13 @@ def test_the_report_reads_as_a_table_and_as_json() -> None:
     text = str(fidelity)
     assert text.splitlines()[0] == "train -> eval: exact"
     assert "eval -> train: 1 difference(s)" in text
-    assert "1.child" in text and "site does not follow the mode" in text
+    assert "1.child" in text
+    assert "site does not follow the mode" in text
     report = json.loads(fidelity.to_json())
     assert report["train -> eval"] == {"exact": True, "differences": []}
     (difference,) = report["eval -> train"]["differences"]
-    assert difference["module_path"] == "1.child" and difference["cause"] == "site does not follow the mode"
+    assert difference["module_path"] == "1.child"
+    assert difference["cause"] == "site does not follow the mode"
 
 
 @pytest.mark.parametrize(

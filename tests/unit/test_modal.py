@@ -1,4 +1,8 @@
-"""allow_train_eval: a module that switches modes with .train()/.eval(), checked step by step against eager."""
+"""allow_train_eval and capture: modules that switch modes with .train()/.eval(), checked step by step against eager.
+
+The tests of what a ModalModule promises run on both makers: ``allow_train_eval``
+on an export, and ``capture`` on the eager model (one export per mode).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import gc
 import pickle
 import tracemalloc
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import Snapshot
+from modeswap.testing import Snapshot, assert_trains_like
 
 
 class ConvNet(nn.Module):
@@ -90,11 +94,18 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
 ATTENTION_DROPOUT = {"attention": 0.3}
 
 
-def make(name: str, exported_in: Mode) -> tuple[nn.Module, modeswap.ModalModule, tuple[torch.Tensor, ...]]:
-    """An eager model in ``exported_in`` and the allow_train_eval module of its export."""
+MAKERS = ["allow_train_eval", "capture"]
+
+
+def make(
+    name: str, exported_in: Mode, how: str = "allow_train_eval"
+) -> tuple[nn.Module, modeswap.ModalModule, tuple[torch.Tensor, ...]]:
+    """An eager model in ``exported_in``, and the module that allow_train_eval makes of its export, or capture of it."""
     torch.manual_seed(0)
     model, args = MODELS[name]()
     model.train(exported_in is Mode.TRAIN)
+    if how == "capture":
+        return model, modeswap.capture(copy.deepcopy(model), args), args
     gm = torch.export.export(copy.deepcopy(model), args).module()
     modal = modeswap.allow_train_eval(gm, attention_dropout=ATTENTION_DROPOUT.get(name))
     return model, modal, args
@@ -135,69 +146,35 @@ class Head(nn.Module):
 OUT_WIDTH = {"conv_net": 3, "attention": 2, "noisy": 5}
 
 
-def epochs(
-    eager: nn.Module, modal: nn.Module, args: tuple[torch.Tensor, ...], *, count: int = 3, steps: int = 3
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Train both models side by side, yielding (what, eager value, modal value) after every step and pass."""
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, modal)]
-    seed = 0
-    for epoch in range(count):
-        for m in (eager, modal):
-            m.train()
-        for step in range(steps):
-            seed += 1
-            losses = []
-            for m, opt in zip((eager, modal), optimizers, strict=True):
-                out = run(m, args, seed)
-                loss = out.square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss)
-            yield f"epoch {epoch} step {step} loss", losses[0], losses[1]
-            yield from _tensors(f"epoch {epoch} step {step}", eager, modal)
-        for m in (eager, modal):
-            m.eval()
-        with torch.no_grad():
-            seed += 1
-            yield f"epoch {epoch} validation", run(eager, args, seed), run(modal, args, seed)
-        yield from _tensors(f"epoch {epoch} validation", eager, modal)
-
-
-def _tensors(when: str, eager: nn.Module, modal: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    want, got = state(eager), state(modal)
-    assert want.keys() == got.keys()
-    for key in want:
-        yield f"{when}: {key}", want[key], got[key]
-
-
+@pytest.mark.parametrize("how", MAKERS)
 @pytest.mark.parametrize("through_parent", [False, True], ids=["direct", "parent"])
 @pytest.mark.parametrize("exported_in", list(Mode))
 @pytest.mark.parametrize("name", MODELS)
-def test_a_training_loop_matches_eager_at_every_step(name: str, exported_in: Mode, through_parent: bool) -> None:
-    eager, modal, args = make(name, exported_in)
+def test_a_training_loop_matches_eager_at_every_step(
+    name: str, exported_in: Mode, through_parent: bool, how: str
+) -> None:
+    eager, modal, args = make(name, exported_in, how)
     if through_parent:
         eager, modal = Head(eager, OUT_WIDTH[name]), Head(modal, OUT_WIDTH[name])
-    checked = 0
-    for what, want, got in epochs(eager, modal, args):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
-        checked += 1
+    checked = assert_trains_like(eager, modal, args)
     assert checked > 3 * 4 * len(state(eager))
     norms = [m for m in eager.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert all(int(m.num_batches_tracked) == 9 for m in norms)  # 3 epochs x 3 steps, none in validation
 
 
+@pytest.mark.parametrize("how", MAKERS)
 @pytest.mark.parametrize("exported_in", list(Mode))
-def test_it_starts_in_the_mode_it_was_captured_in(exported_in: Mode) -> None:
-    eager, modal, args = make("conv_net", exported_in)
+def test_it_starts_in_the_mode_it_was_captured_in(exported_in: Mode, how: str) -> None:
+    eager, modal, args = make("conv_net", exported_in, how)
     assert modal.training is (exported_in is Mode.TRAIN)
     assert all(m.training is modal.training for m in modal.modules())
     assert modeswap.mode_of(modal).mode is exported_in
     torch.testing.assert_close(run(modal, args, 3), run(eager, args, 3))
 
 
-def test_mode_of_follows_the_switch() -> None:
-    _, modal, _ = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_mode_of_follows_the_switch(how: str) -> None:
+    _, modal, _ = make("conv_net", Mode.TRAIN, how)
     assert modeswap.mode_of(modal.eval()).mode is Mode.EVAL
     assert {site.mode for site in modeswap.mode_of(modal).sites} == {Mode.EVAL}
     assert modeswap.mode_of(modal.train()).mode is Mode.TRAIN
@@ -212,8 +189,7 @@ def test_the_input_is_never_touched() -> None:
     gm = torch.export.export(model, args).module()
     before = Snapshot.of(gm)
     modal = modeswap.allow_train_eval(gm)
-    for _ in epochs(copy.deepcopy(model), modal, args, count=1):
-        pass
+    assert_trains_like(copy.deepcopy(model), modal, args)
     assert Snapshot.of(gm) == before
     assert not {t.data_ptr() for t in state(gm).values()} & {t.data_ptr() for t in state(modal).values()}
 
@@ -224,14 +200,14 @@ def test_an_exported_program_is_accepted_and_left_alone() -> None:
     ep = torch.export.export(copy.deepcopy(model), args)
     before = {k: v.clone() for k, v in ep.state_dict.items()}
     modal = modeswap.allow_train_eval(ep)
-    for what, want, got in epochs(model, modal, args, count=1):
-        torch.testing.assert_close(got, want, msg=lambda m, w=what: f"{w}: {m}")
+    assert_trains_like(model, modal, args)
     for key, value in ep.state_dict.items():
         assert torch.equal(value, before[key]), key
 
 
-def test_one_set_of_tensors_serves_both_modes() -> None:
-    _, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_one_set_of_tensors_serves_both_modes(how: str) -> None:
+    _, modal, args = make("conv_net", Mode.TRAIN, how)
     optimizer = torch.optim.SGD(modal.parameters(), lr=0.1)  # built before any switch
     params = dict(modal.named_parameters())
     buffers = dict(modal.named_buffers())
@@ -259,8 +235,9 @@ def test_state_dict_keys_are_the_exported_modules() -> None:
     assert [n for n, _ in modal.named_buffers()] == [n for n, _ in gm.named_buffers()]
 
 
-def test_load_state_dict_round_trips_in_both_directions() -> None:
-    eager, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_load_state_dict_round_trips_in_both_directions(how: str) -> None:
+    eager, modal, args = make("conv_net", Mode.TRAIN, how)
     for _ in range(2):
         run(eager, args, 0)
     modal.load_state_dict(eager.state_dict())
@@ -276,8 +253,9 @@ def test_load_state_dict_round_trips_in_both_directions() -> None:
         modal.load_state_dict({k: v for k, v in saved.items() if k != "bn.running_var"})
 
 
-def test_deepcopy_gives_an_independent_module() -> None:
-    eager, modal, args = make("conv_net", Mode.EVAL)
+@pytest.mark.parametrize("how", MAKERS)
+def test_deepcopy_gives_an_independent_module(how: str) -> None:
+    eager, modal, args = make("conv_net", Mode.EVAL, how)
     copied = copy.deepcopy(modal)
     assert copied.training is False
     copied.train()
@@ -292,8 +270,9 @@ def test_deepcopy_gives_an_independent_module() -> None:
     assert_same_state(eager, copied)
 
 
-def test_to_dtype_reaches_both_modes() -> None:
-    eager, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_to_dtype_reaches_both_modes(how: str) -> None:
+    eager, modal, args = make("conv_net", Mode.TRAIN, how)
     eager, modal = eager.to(torch.float64), modal.to(torch.float64)
     doubled = tuple(a.double() for a in args)
     for mode in (False, True, False):
@@ -305,18 +284,20 @@ def test_to_dtype_reaches_both_modes() -> None:
     assert_same_state(eager, modal)
 
 
+@pytest.mark.parametrize("how", MAKERS)
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("training", [True, False])
-def test_runs_under_no_grad_and_inference_mode(context: Callable[[], Any], training: bool) -> None:
-    eager, modal, args = make("conv_net", Mode.TRAIN)
+def test_runs_under_no_grad_and_inference_mode(context: Callable[[], Any], training: bool, how: str) -> None:
+    eager, modal, args = make("conv_net", Mode.TRAIN, how)
     eager.train(training), modal.train(training)
     with context():
         torch.testing.assert_close(run(modal, args, 4), run(eager, args, 4))
     assert_same_state(eager, modal)
 
 
-def test_forward_hooks_registered_on_it_run() -> None:
-    _, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_forward_hooks_registered_on_it_run(how: str) -> None:
+    _, modal, args = make("conv_net", Mode.TRAIN, how)
     seen: list[bool] = []
     handle = modal.register_forward_hook(lambda module, inputs, output: seen.append(module.training))
     modal(*args)
@@ -326,10 +307,11 @@ def test_forward_hooks_registered_on_it_run() -> None:
     assert seen == [True, False]
 
 
+@pytest.mark.parametrize("how", MAKERS)
 @pytest.mark.parametrize("exported_in", list(Mode))
-def test_torch_compile_in_both_modes(exported_in: Mode) -> None:
+def test_torch_compile_in_both_modes(exported_in: Mode, how: str) -> None:
     torch._dynamo.reset()
-    eager, modal, args = make("conv_net", exported_in)
+    eager, modal, args = make("conv_net", exported_in, how)
     compiled = torch.compile(modal, backend="aot_eager", fullgraph=True)
     for training in (True, False, True):
         eager.train(training), modal.train(training)
@@ -337,8 +319,9 @@ def test_torch_compile_in_both_modes(exported_in: Mode) -> None:
         assert_same_state(eager, modal)
 
 
-def test_wrong_inputs_are_rejected_as_by_the_exported_module() -> None:
-    _, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_wrong_inputs_are_rejected_as_by_the_exported_module(how: str) -> None:
+    _, modal, args = make("conv_net", Mode.TRAIN, how)
     for bad in (torch.randn(5, 3, 6, 6), torch.randn(4, 3, 7, 6)):
         with pytest.raises(AssertionError, match="Guard failed"):
             modal(bad)
@@ -346,8 +329,9 @@ def test_wrong_inputs_are_rejected_as_by_the_exported_module() -> None:
         modal(*args, *args)
 
 
-def test_switching_never_recompiles_and_leaves_memory_flat(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, modal, args = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_switching_never_recompiles_and_leaves_memory_flat(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    _, modal, args = make("conv_net", Mode.TRAIN, how)
     compiled: list[str] = []
     recompile = torch.fx.GraphModule.recompile
     monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: compiled.append("") or recompile(self))
@@ -445,13 +429,15 @@ def test_a_bad_attention_dropout_is_refused(p: Any) -> None:
         modeswap.allow_train_eval(gm, attention_dropout=p)
 
 
-def test_pickling_is_refused_with_what_to_save_instead() -> None:
-    _, modal, _ = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_pickling_is_refused_with_what_to_save_instead(how: str) -> None:
+    _, modal, _ = make("conv_net", Mode.TRAIN, how)
     with pytest.raises(TypeError, match=r"state_dict\(\)"):
         pickle.dumps(modal)
 
 
-def test_swap_functions_refuse_it_and_say_why() -> None:
-    _, modal, _ = make("conv_net", Mode.TRAIN)
+@pytest.mark.parametrize("how", MAKERS)
+def test_swap_functions_refuse_it_and_say_why(how: str) -> None:
+    _, modal, _ = make("conv_net", Mode.TRAIN, how)
     with pytest.raises(modeswap.NotExportedError, match=r"\.train\(\) and \.eval\(\)"):
         modeswap.to_eval(modal)  # type: ignore[type-var]

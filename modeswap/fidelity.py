@@ -7,7 +7,9 @@ so a report can be printed, compared, pickled and written as JSON.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
+import textwrap
 
 import attrs
 
@@ -112,11 +114,20 @@ class Fidelity:
         return "\n".join(lines)
 
 
+#: The widest each column of the table may be; longer cells wrap onto more lines.
+_WIDTHS = (28, 20, 56, 40)
+
+
 def _table(differences: tuple[Difference, ...]) -> list[str]:
     header = ("module", "cause", "what differs", "what to do")
     rows = [header, *((d.module_path or "(root)", str(d.cause), d.what, d.fix) for d in differences)]
-    # The last column takes what is left; the others are as wide as their widest cell, up to a bound.
-    widths = [min(max(len(row[i]) for row in rows), bound) for i, bound in enumerate((40, 32, 60))]
-    return [
-        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + f"  {row[3]}" for row in rows
+    cells = [
+        [textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell, width in zip(row, _WIDTHS, strict=True)]
+        for row in rows
     ]
+    widths = [max(len(line) for row in cells for line in row[i]) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        for parts in itertools.zip_longest(*row, fillvalue=""):
+            lines.append("  " + "  ".join(part.ljust(w) for part, w in zip(parts, widths, strict=True)).rstrip())
+    return lines

@@ -95,6 +95,11 @@ class _Graph:
         node = self.source(node)
         return str(node.target) if node.op == "get_attr" else node.name
 
+    def _output(self, node: Node) -> str:
+        # An output as a reader knows it: the module that computed it, else the node.
+        node = self.source(node)
+        return module_path(node) or self.shown(node)
+
     def arguments(self, node: Node, call: Callable[[int], Any] | None) -> dict[str, Any]:
         """The node's arguments by schema name, defaults filled in.
 
@@ -126,7 +131,7 @@ class _Graph:
         """The output structure and what each output is, written as :meth:`arguments` writes arguments."""
         (output,) = self.gm.graph.find_nodes(op="output")
         spec = getattr(self.gm, "_out_spec", None)
-        refer = self.shown if call is None else lambda n: self.refer(n, call)
+        refer = self._output if call is None else lambda n: self.refer(n, call)
         values = torch.fx.node.map_arg(output.args[0], refer)
         if spec is not None and call is None:  # as the module returns them: a tuple, a dict, one tensor
             values = torch.utils._pytree.tree_unflatten(list(values), spec)

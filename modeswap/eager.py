@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
+from torch.fx import GraphModule
 
 from modeswap.compare import Found, compare
 from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
@@ -131,7 +132,7 @@ def capture(
     >>> logits = modal.eval()(x)
     """
     programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return modal_of({mode: program.module() for mode, program in programs.items()}, training=model.training)
+    return modal_of(programs, training=model.training)
 
 
 def fidelity_of(
@@ -146,7 +147,7 @@ def fidelity_of(
     The second opinion runs on the programs' example inputs.
     """
     # The training values stated are for the swap to train; what to keep, for both.
-    options = {
+    options: dict[Mode, dict[str, Any]] = {
         Mode.TRAIN: {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep},
         Mode.EVAL: {"keep": keep},
     }
@@ -183,18 +184,26 @@ def _direction(programs: Mapping[Mode, ExportedProgram], target: Mode, options: 
     return found
 
 
-def _values(expected: torch.nn.Module, actual: torch.nn.Module, inputs: tuple[Any, Any]) -> Iterator[Found]:
+def _values(expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any]) -> Iterator[Found]:
     # Own copies of the weights: a module from ExportedProgram.module() shares the model's.
-    expected, actual = copy_module(expected), copy_module(actual)  # type: ignore[arg-type]
+    expected, actual = copy_module(expected), copy_module(actual)
     recompile_all(expected)
     recompile_all(actual)
     args, kwargs = inputs
+    seeds: dict[str, list[int]] = {}
     for seed in SEEDS:
         wanted = run_forward_backward(expected, args, kwargs, seed=seed)
         got = run_forward_backward(actual, args, kwargs, seed=seed)
+        # A strict export leaves out buffers its graph does not read: compare the ones both hold.
+        for key in ("buffers", "grads"):
+            wanted[key], got[key] = (
+                {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
+            )
         for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
-            path = what.partition("['")[2].rpartition(".")[0]
-            yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(seed, None))
+            seeds.setdefault(what, []).append(seed)
+    for what, under in seeds.items():
+        path = what.partition("['")[2].rpartition(".")[0]
+        yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(under, None))
 
 
 def _explain(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
@@ -255,7 +264,7 @@ def _what(f: Found, source: Mode, target: Mode) -> str:
     if f.argument == "outputs":
         return f"{own} returns {_outputs(want)}, the swap {_outputs(have)}"
     if not f.nodes:
-        return f"{f.argument} differs from {own} when run under seed {want}"
+        return f"{f.argument} differs from {own} when both run under seed(s) {', '.join(map(str, want))}"
     return f"{f.ops[0]} {f.argument}={_short(have)} in the swap, {_short(want)} in {own}"
 
 

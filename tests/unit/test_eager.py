@@ -255,6 +255,21 @@ def test_capture_takes_kwargs_and_dynamic_shapes() -> None:
     assert found(fidelity.to_train) == {("", Cause.TRAINING_BRANCH)}
 
 
+def test_a_strict_export_is_compared_on_what_both_graphs_hold() -> None:
+    # strict=True drops the buffers an eval graph does not read (num_batches_tracked): not a difference
+    # in behaviour, but the swap to train has nothing to count batches in, and refuses.
+    model, args = model_of("exact")
+    fidelity = modeswap.check(model, args, strict=True)
+    assert fidelity.to_eval.exact
+    (refused,) = fidelity.to_train.differences
+    assert refused.cause is Cause.REFUSED
+    assert "strict=False" in refused.what
+    assert "export in train mode" in refused.fix
+    modal = modeswap.capture(model, args, strict=True)
+    assert sorted(modal.state_dict()) == sorted(model.state_dict())  # a strict export orders them its own way
+    assert_trains_like(copy.deepcopy(model), modal, args)
+
+
 def test_the_report_reads_as_a_table_and_as_json() -> None:
     model, args = model_of("batch norm pinned by train()")
     fidelity = modeswap.check(model, args)

@@ -18,8 +18,8 @@ typecheck:
 demo:
     modeswap demo
 
-# Swap cost next to torchao, re-export and the copy floor; allow_train_eval switch cost.
-# Full run (10-15 min) rewrites docs/performance/; `just bench --quick` (about a minute) writes build/bench/.
+# Swap cost next to torchao, re-export and the copy floor; allow_train_eval switch cost; check and capture next to two exports.
+# Full run (10-15 min) rewrites docs/performance/; `just bench --quick` (about two minutes) writes build/bench/.
 # Needs the bench extra: checked first, so that a missing package is not found after minutes of measuring.
 bench *args:
     #!/usr/bin/env bash

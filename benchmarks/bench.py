@@ -1,7 +1,7 @@
 """Benchmark modeswap's swaps side by side with torchao, re-exporting and the copy floor.
 
     python benchmarks/bench.py                  # full run, about 10-15 minutes
-    python benchmarks/bench.py --quick          # chains of 10 and 100 blocks and ResNet-50, about a minute
+    python benchmarks/bench.py --quick          # chains of 10 and 100 blocks and ResNet-50, about two minutes
     python benchmarks/bench.py --models chain-10,bert --out /tmp/bench
     python benchmarks/bench.py --render docs/performance/results.json --out docs/performance  # re-render only
 
@@ -22,8 +22,16 @@ interleaved repetitions with ``gc.collect()`` before each:
 
 Also measured: tensor memory of a swap, and the cost of one ``.train()``/``.eval()``
 switch with ``modeswap.allow_train_eval`` (when modeswap has it) and torchao's
-``allow_exported_model_train_eval``. Torch runs on one thread: on a small,
-shared machine OpenMP's spinning threads make every timing noisier.
+``allow_exported_model_train_eval``.
+
+On chain-100, ResNet-50 and BERT, from the eager model: ``modeswap.check`` and
+``modeswap.capture`` next to ``two_exports``, ``torch.export.export`` in train
+mode then in eval mode, interleaved; what ``check`` finds; and the memory of a
+capture: the tensor storages it holds next to the model's, and its peak (the
+resident set, and in a full run torch.profiler's allocations).
+
+Torch runs on one thread: on a small, shared machine OpenMP's spinning threads
+make every timing noisier.
 """
 
 from __future__ import annotations
@@ -47,7 +55,18 @@ from typing import Any
 
 import torch
 from checkout import ROOT
-from measure import Policy, Prepare, Timing, describe, measure, new_storage_bytes, peak_allocated_bytes, state_bytes
+from measure import (
+    Policy,
+    Prepare,
+    Timing,
+    describe,
+    measure,
+    new_storage_bytes,
+    peak_allocated_bytes,
+    peak_rss_growth,
+    state_bytes,
+    storages,
+)
 from models import ModelSpec, all_specs, chain, quick_specs
 from render import markdown, plot
 from targets import check
@@ -57,6 +76,9 @@ import modeswap
 from modeswap.graphs import copy_module, recompile_all
 
 START = time.perf_counter()
+
+#: Where check and capture are timed: a repetition of their three contenders exports the model six times.
+MODAL_MODELS = ("chain-100", "resnet50", "bert")
 
 
 def log(message: str) -> None:
@@ -71,19 +93,40 @@ class Settings:
     reexport: Policy
     switch_budget_s: float  # the most time spent on modeswap's 1,000 switches
     torchao_switches: int  # halved on graphs of more than 2,000 nodes (several seconds each)
+    modal: Policy  # check, capture and two exports
+    capture_profiled: bool  # whether a capture's peak allocation is profiled (several seconds on ResNet-50)
 
     def to_json(self) -> dict[str, Any]:
-        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport")}
+        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport", "modal")}
         return {
             "quick": self.quick,
             **policies,
             "switch_budget_s": self.switch_budget_s,
             "torchao_switches": self.torchao_switches,
+            "capture_profiled": self.capture_profiled,
         }
 
 
-FULL = Settings(False, Policy(2.0, 5, 20), Policy(6.0, 2, 4), Policy(5.0, 1, 3, warmup=False), 5.0, 4)
-QUICK = Settings(True, Policy(0.5, 3, 10), Policy(1.0, 1, 1, warmup=False), Policy(0.0, 1, 1, warmup=False), 1.0, 2)
+FULL = Settings(
+    False,
+    swaps=Policy(2.0, 5, 20),
+    torchao=Policy(6.0, 2, 4),
+    reexport=Policy(5.0, 1, 3, warmup=False),
+    switch_budget_s=5.0,
+    torchao_switches=4,
+    modal=Policy(10.0, 3, 5, warmup=False),
+    capture_profiled=True,
+)
+QUICK = Settings(
+    True,
+    swaps=Policy(0.5, 3, 10),
+    torchao=Policy(1.0, 1, 1, warmup=False),
+    reexport=Policy(0.0, 1, 1, warmup=False),
+    switch_budget_s=1.0,
+    torchao_switches=2,
+    modal=Policy(0.0, 1, 1, warmup=False),
+    capture_profiled=False,
+)
 
 
 @dataclass(frozen=True)
@@ -280,6 +323,71 @@ def torchao_switch(gm: GraphModule, allow: Callable[[GraphModule], Any], switche
     return {"switches": switches, "times_s": times, "mean_switch_s": sum(times) / len(times)}
 
 
+def modal_contenders(spec: ModelSpec, eager: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> dict[str, Prepare]:
+    """Two plain exports (train, then eval; no ``.module()``), ``modeswap.check`` and ``modeswap.capture``."""
+
+    def two_exports() -> object:
+        programs = []
+        for train in (True, False):
+            eager.train(train)
+            programs.append(torch.export.export(eager, args))
+        return programs
+
+    return {
+        "two_exports": same(two_exports),
+        "check": same(lambda: modeswap.check(eager, args, attention_dropout=spec.attention_dropout)),
+        "capture": same(lambda: modeswap.capture(eager, args)),
+    }
+
+
+def check_found(spec: ModelSpec, eager: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Per target mode of ``modeswap.check``: the causes of the swap's differences (none: exact)."""
+    try:
+        fidelity = modeswap.check(eager, args, attention_dropout=spec.attention_dropout)
+    except Exception as error:
+        return {"error": describe(error)}
+    return {d.target.value: sorted({str(x.cause) for x in d.differences}) for d in fidelity.directions}
+
+
+def capture_memory(eager: torch.nn.Module, args: tuple[torch.Tensor, ...], *, profiled: bool) -> dict[str, Any]:
+    """The tensor storages a capture holds next to the eager model's, and how much memory it takes at its peak."""
+    model = storages(eager)
+    try:
+        gc.collect()
+        modal, rss = peak_rss_growth(lambda: modeswap.capture(eager, args))
+        held = storages(modal)
+        found: dict[str, Any] = {
+            "model_storages": len(model),
+            "model_bytes": sum(model.values()),
+            "captured_storages": len(held),
+            "captured_bytes": sum(held.values()),
+            "shared_storages": len(held.keys() & model.keys()),
+            "new_storage_bytes": new_storage_bytes(modal, eager),
+            "peak_rss_growth_bytes": rss,
+        }
+        del modal
+        if profiled:
+            gc.collect()
+            found["peak_allocated_bytes"] = peak_allocated_bytes(lambda: modeswap.capture(eager, args))
+    except Exception as error:
+        return {"error": describe(error)}
+    return found
+
+
+def run_modal(
+    spec: ModelSpec, eager: torch.nn.Module, args: tuple[torch.Tensor, ...], settings: Settings
+) -> dict[str, Any]:
+    log("  check and capture next to two exports")
+    timings = measure(modal_contenders(spec, eager, args), settings.modal, progress=log)
+    report_timings(timings)
+    log("  what check finds, memory of a capture")
+    return {
+        "timings": {name: t.to_json() for name, t in timings.items()},
+        "check_found": check_found(spec, eager, args),
+        "memory": capture_memory(eager, args, profiled=settings.capture_profiled),
+    }
+
+
 def _timed(fn: Callable[[], object]) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -349,6 +457,8 @@ def measure_model(
         "modeswap": modeswap_switch(train_graph, args, settings.switch_budget_s),
         "torchao": torchao_switch(train_graph, allow_ao, switches) if allow_ao else {"error": "torchao unavailable"},
     }
+    if spec.name in MODAL_MODELS:
+        result["modal"] = run_modal(spec, eager, args, settings)
     return result
 
 

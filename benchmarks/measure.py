@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,6 +20,8 @@ Thunk = Callable[[], object]
 Prepare = Callable[[], Thunk]
 #: One repetition: (wall-clock seconds, CPU seconds of this process).
 Sample = tuple[float, float]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -174,3 +178,27 @@ def peak_allocated_bytes(fn: Thunk) -> int:
         current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
+
+
+def peak_rss_growth(fn: Callable[[], T]) -> tuple[T, int | None]:
+    """Return what ``fn`` returns, and how far the process's resident set rose above its size before, at its peak.
+
+    Linux only (None elsewhere): the peak is ``VmHWM`` in /proc/self/status, reset
+    first through /proc/self/clear_refs. ``malloc_trim(0)`` first hands back to the
+    system what was freed earlier, which ``fn`` would otherwise reuse unseen. It
+    counts all the process touches: tensors, and the Python objects of graphs.
+    """
+    status = Path("/proc/self/status")
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes(status, "VmRSS")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, _status_bytes(status, "VmHWM") - before
+
+
+def _status_bytes(status: Path, key: str) -> int:
+    line = next(line for line in status.read_text().splitlines() if line.startswith(f"{key}:"))
+    return int(line.split()[1]) * 1024  # in kB

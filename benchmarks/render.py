@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from targets import FLOOR_RATIO, MEMORY_RATIO, Results, Target, check, memory, memory_ratio, ratio
+from targets import (
+    CAPTURE_RATIO,
+    CHECK_RATIO,
+    FLOOR_RATIO,
+    MEMORY_RATIO,
+    Results,
+    Target,
+    check,
+    memory,
+    memory_ratio,
+    ratio,
+)
 
 #: Contender keys, in table order, with their column titles.
 CONTENDERS = {
@@ -172,6 +183,85 @@ def switch_table(results: Results) -> list[str]:
     return _table(header, rows)
 
 
+def modal_table(results: Results) -> list[str]:
+    header = [
+        "model",
+        "nodes (train / eval)",
+        "two exports",
+        "check",
+        "capture",
+        "check / two exports",
+        "capture / two exports",
+        "check found (to eval; to train)",
+    ]
+    rows = []
+    for name, model in results["models"].items():
+        modal = model.get("modal")
+        if not modal:
+            continue
+        timings = modal["timings"]
+        rows.append(
+            [
+                name,
+                f"{model['to_eval']['nodes']} / {model['to_train']['nodes']}",
+                *(_cell(timings.get(key)) for key in ("two_exports", "check", "capture")),
+                _modal_ratios(results, name, "check", CHECK_RATIO),
+                _modal_ratios(results, name, "capture", CAPTURE_RATIO),
+                _found(modal.get("check_found", {})),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _modal_ratios(results: Results, model: str, contender: str, limit: float) -> str:
+    """min / median ratio, the min one marked against ``limit``."""
+    low = ratio(results, model, "modal", contender, "two_exports")
+    middle = ratio(results, model, "modal", contender, "two_exports", "median_s")
+    cpu = ratio(results, model, "modal", contender, "two_exports", "cpu_min_s")
+    return f"{_mark(low, limit)} / {_x(middle)} (CPU {_x(cpu)})"
+
+
+def _found(found: dict[str, Any]) -> str:
+    if found.get("error"):
+        return "error"
+    return "; ".join(", ".join(found[mode]) or "exact" for mode in ("eval", "train") if mode in found) or "-"
+
+
+def capture_memory_table(results: Results) -> list[str]:
+    header = [
+        "model",
+        "model: storages / MiB",
+        "capture: storages / MiB",
+        "shared with the model",
+        "capture kept MiB",
+        "kept / state",
+        "peak allocated MiB",
+        "peak RSS growth MiB",
+    ]
+    rows = []
+    for name, model in results["models"].items():
+        found = model.get("modal", {}).get("memory")
+        if not found:
+            continue
+        if found.get("error"):
+            rows.append([name, "error", *["-"] * (len(header) - 2)])
+            continue
+        kept, state = found["new_storage_bytes"], found["model_bytes"]
+        rows.append(
+            [
+                name,
+                f"{found['model_storages']} / {_mb(state)}",
+                f"{found['captured_storages']} / {_mb(found['captured_bytes'])}",
+                str(found["shared_storages"]),
+                _mb(kept),
+                _x(kept / state) if state else "-",
+                _mb(found.get("peak_allocated_bytes")),
+                _mb(found.get("peak_rss_growth_bytes")),
+            ]
+        )
+    return _table(header, rows)
+
+
 def _switch_cell(entry: dict[str, Any], key: str) -> str:
     if entry.get("skipped"):
         return "n/a"
@@ -201,6 +291,13 @@ def errors(results: Results) -> list[str]:
         for key, entry in model.get("switch", {}).items():
             if entry.get("error"):
                 lines.append(f"- {name} switch {key}: `{entry['error']}`")
+        modal = model.get("modal", {})
+        for key, timing in modal.get("timings", {}).items():
+            if timing.get("error"):
+                lines.append(f"- {name} {key}: `{timing['error']}`")
+        for key in ("check_found", "memory"):
+            if modal.get(key, {}).get("error"):
+                lines.append(f"- {name} {key}: `{modal[key]['error']}`")
     return lines
 
 
@@ -248,6 +345,30 @@ def markdown(results: Results) -> str:
         "`.eval()`/`.train()` after `allow_exported_model_train_eval`, which rewrite the graph each time.",
         "",
         *switch_table(results),
+        "",
+    ]
+    lines += [
+        "## check and capture next to two exports",
+        "",
+        "From the eager model, in ms, min / median. two exports: `torch.export.export` in train mode, then in "
+        "eval mode (without `.module()`). check: "
+        "`modeswap.check(model, args)`, which exports once per mode, swaps each export and compares it with the "
+        "other mode's, then runs both under two seeds, forward and backward. capture: `modeswap.capture(model, "
+        "args)`, which exports once per mode and builds one module holding one copy of the weights. Ratios: "
+        f"min / min (marked against our targets, {CHECK_RATIO:g} for check and {CAPTURE_RATIO:g} for capture; "
+        "the issue gives none), median / median, and the ratio of minimum CPU times. check found: the causes "
+        "it reports for each swap.",
+        "",
+        *modal_table(results),
+        "",
+        "The memory of a capture, next to the eager model's state (its parameters, buffers and tensor "
+        "attributes): distinct tensor storages and their MiB; shared: storages the capture holds that the model "
+        "does too; kept: MiB of the capture's storages that the model does not hold. peak allocated: most CPU "
+        "memory allocated and not yet freed during the capture (torch.profiler memory events; full run only). "
+        "peak RSS growth: how far the process's resident set rose above its size before the capture (VmHWM, "
+        "reset through /proc/self/clear_refs after `malloc_trim(0)`), the graphs' Python objects included.",
+        "",
+        *capture_memory_table(results),
         "",
     ]
     if failures := errors(results):

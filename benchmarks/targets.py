@@ -1,4 +1,4 @@
-"""The targets of issue 6, checked against one run's results.
+"""The targets of issue 6, and our own for issue 13's check and capture, checked against one run's results.
 
 Time targets are ratios of minimum wall-clock times (``min_s``); each also
 carries the same ratio of minimum CPU times (``cpu_min_s``), which the other
@@ -18,6 +18,9 @@ FLOOR_RATIO = 1.2
 SCALING = 11.0
 #: Extra memory of a pure swap over the model's state.
 MEMORY_RATIO = 1.1
+#: Our own targets: issue 13 asks for the cost of check and capture next to two plain exports, and gives no number.
+CHECK_RATIO = 2.0
+CAPTURE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ def check(results: Results) -> list[Target]:
     targets += [_scaling(results, direction) for direction in ("to_eval", "to_train")]
     for direction in ("to_eval", "to_train"):
         targets += _memory(results, direction)
+    targets += [_modal(results, "check", CHECK_RATIO), _modal(results, "capture", CAPTURE_RATIO)]
     return targets
 
 
@@ -118,12 +122,24 @@ def _speedup(results: Results, model: str, contender: str, limit: float) -> Targ
 
 def _floor(results: Results, direction: str, top: str, bottom: str, label: str) -> Target:
     """``top`` over ``bottom`` on the model where it is largest."""
-    models = results["models"]
+    value, cpu, where = _worst_ratio(results, direction, top, bottom)
+    return Target(f"{direction} {label}, worst model", value, FLOOR_RATIO, False, where, cpu)
+
+
+def _modal(results: Results, contender: str, limit: float) -> Target:
+    """``contender`` over two plain exports of the eager model, on the model where it is largest."""
+    value, cpu, where = _worst_ratio(results, "modal", contender, "two_exports")
+    return Target(f"{contender} / two exports (our target), worst model", value, limit, False, where, cpu)
+
+
+def _worst_ratio(results: Results, direction: str, top: str, bottom: str) -> tuple[float | None, float | None, str]:
+    """The largest ratio of minimum wall-clock times, the largest of CPU times, and where (models measured)."""
+    models = [m for m, model in results["models"].items() if direction in model]
     value, where = _worst({m: ratio(results, m, direction, top, bottom) for m in models})
     cpu, cpu_where = _worst({m: ratio(results, m, direction, top, bottom, "cpu_min_s") for m in models})
     if cpu is not None and cpu_where != where:
         where = f"{where} (CPU: {cpu_where})"
-    return Target(f"{direction} {label}, worst model", value, FLOOR_RATIO, False, where, cpu)
+    return value, cpu, where
 
 
 def _scaling(results: Results, direction: str) -> Target:

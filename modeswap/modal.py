@@ -10,22 +10,25 @@ switch is ``nn.Module.train``: no trace, no rewrite, no recompile.
 from __future__ import annotations
 
 import copy
-import operator
+import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, SupportsIndex
 
 import attrs
 import torch
+from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule
 
-from modeswap.errors import UnsupportedGraphError
+from modeswap.errors import ModeswapWarning, UnsupportedGraphError
 from modeswap.exported import require_exported
 from modeswap.graphs import copy_module, recompile_all
 from modeswap.modes import Mode, ModeReport
 from modeswap.pass_base import Pass, pipeline
 from modeswap.passes import swap_passes
-from modeswap.program import refuse_lowered
+from modeswap.program import refuse_lowered, swap_program
 from modeswap.report import report
+from modeswap.skeleton import Skeleton
 from modeswap.stated import Stated
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
@@ -40,7 +43,9 @@ class Variant:
     """One mode of a :class:`ModalModule`: the swapped graph, its generated code, and what ``mode_of`` reports.
 
     ``forward`` takes the module as ``self``, so one variant serves every copy
-    of the module.
+    of the module. ``skeleton`` rebuilds the mode's ``ExportedProgram`` around
+    the module's tensors (``modeswap.save``); it is ``None`` for a module made
+    from a ``GraphModule``, which carries no program.
     """
 
     graph: Graph
@@ -50,6 +55,7 @@ class Variant:
     # How the generated code flattens the inputs and builds the outputs: a mode may return other outputs.
     in_spec: Any = attrs.field(default=None, repr=False)
     out_spec: Any = attrs.field(default=None, repr=False)
+    skeleton: Skeleton | None = attrs.field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
         return self  # immutable and stateless: copies of the module share it
@@ -87,6 +93,11 @@ class ModalModule(torch.nn.Module):
         return self._variants[Mode.TRAIN if self.training else Mode.EVAL]
 
     @property
+    def variants(self) -> Mapping[Mode, Variant]:
+        """The :class:`Variant` of each mode (read only)."""
+        return types.MappingProxyType(self._variants)
+
+    @property
     def _in_spec(self) -> Any:
         return self.variant.in_spec
 
@@ -117,8 +128,8 @@ class ModalModule(torch.nn.Module):
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         msg = (
-            "a module from modeswap.allow_train_eval cannot be pickled: its code is generated. Save its "
-            "state_dict(), or the ExportedProgram with torch.export.save, and call allow_train_eval again"
+            "a ModalModule cannot be pickled: its code is generated. Save it with modeswap.save(module, "
+            "path) and read it back with modeswap.load(path), or save its state_dict()"
         )
         raise TypeError(msg)
 
@@ -142,7 +153,7 @@ def allow_train_eval(
     >>> model = modeswap.allow_train_eval(gm)
     >>> evaluated = model.eval()
     """
-    if isinstance(module, torch.export.ExportedProgram):
+    if isinstance(module, ExportedProgram):
         refuse_lowered(module)
         gm, modules = module.module(), [entry.fqn for entry in module.module_call_graph]
     else:
@@ -160,62 +171,97 @@ def allow_train_eval(
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:
-        if mode is Mode.TRAIN:
-            passes = swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
-        else:
-            passes = swap_passes(mode, keep=keep)
-        variants[mode], bodies = _variant(state, mode, passes, modules)
+        # The training values the graph does not record are the train variant's alone.
+        stated = (attention_dropout, dropout) if mode is Mode.TRAIN else (None, None)
+        passes = swap_passes(mode, attention_dropout=stated[0], dropout=stated[1], keep=keep)
+        skeleton = None
+        if isinstance(module, ExportedProgram):
+            skeleton = _swapped_skeleton(module, mode, attention_dropout=stated[0], dropout=stated[1], keep=keep)
+        variants[mode], bodies = _variant(state, mode, passes, modules, skeleton)
         subgraphs |= bodies
     # A graph that shows no mode computes what its eval variant computes.
     return ModalModule(state, variants, subgraphs, training=modes == {Mode.TRAIN})
 
 
+def _swapped_skeleton(
+    program: ExportedProgram,
+    mode: Mode,
+    *,
+    attention_dropout: float | None,
+    dropout: Mapping[str, float] | None,
+    keep: Sequence[str],
+) -> Skeleton:
+    # The program swapped by the passes that swap the variant's graph, for modeswap.save. They warn
+    # alike: the variant's swap gives the warnings, once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModeswapWarning)
+        swapped, _ = swap_program(
+            program, mode, share_weights=True, attention_dropout=attention_dropout, dropout=dropout, keep=keep
+        )
+    return Skeleton.of(swapped)
+
+
 def _variant(
-    state: GraphModule, mode: Mode, passes: tuple[Pass, ...], modules: list[str] | None
+    state: GraphModule, mode: Mode, passes: tuple[Pass, ...], modules: list[str] | None, skeleton: Skeleton | None
 ) -> tuple[Variant, dict[str, GraphModule]]:
     # Edit a copy of our own, not Pass.rewrite: the subgraphs are renamed before
     # the code is generated, so it is generated once.
     swapped = copy_module(state, share_weights=True)
     pipeline(*passes).edit(swapped, modules=modules)
-    return variant_of(swapped, mode)
+    return variant_of(swapped, mode, skeleton)
 
 
-def variant_of(gm: GraphModule, mode: Mode) -> tuple[Variant, dict[str, GraphModule]]:
+def variant_of(gm: GraphModule, mode: Mode, skeleton: Skeleton | None = None) -> tuple[Variant, dict[str, GraphModule]]:
     """Make ``gm`` (a copy of modeswap's own, edited no further) the ``mode`` variant of a :class:`ModalModule`.
 
-    Returns the variant and its subgraph bodies, renamed for ``mode``.
+    Returns the variant and its subgraph bodies, renamed for ``mode``. ``skeleton``
+    is that of the mode's ``ExportedProgram``, when there is one.
     """
     found = report(gm)
     bodies = _rename_subgraphs(gm, mode)
     recompile_all(gm)
     variant = Variant(
-        gm.graph, gm.code, type(gm).forward, found, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
+        gm.graph,
+        gm.code,
+        type(gm).forward,
+        found,
+        getattr(gm, "_in_spec", None),
+        getattr(gm, "_out_spec", None),
+        skeleton,
     )
+    # The variant keeps the graph, and a graph its owning module: gm, whose tensors the code never
+    # reads (it runs on the ModalModule's). Kept, they would hold an eager model's weights alive, or
+    # the old ones after .to(); the graph is only read from here on.
+    gm.graph.owning_module = None
     return variant, bodies
 
 
-def modal_of(modules: Mapping[Mode, GraphModule], *, training: bool) -> ModalModule:
-    """Return a :class:`ModalModule` that runs each mode's own graph on one copy of the weights.
+def modal_of(programs: Mapping[Mode, ExportedProgram], *, training: bool, share_weights: bool = False) -> ModalModule:
+    """Return a :class:`ModalModule` that runs each mode's own program on one copy of the weights.
 
-    ``modules`` are ``ExportedProgram.module()`` of one model exported in each
-    mode; they are not modified. The weights are copied from the train module;
-    the eval graph reads them under the same names. A tensor constant or a
-    guard that only one graph has, or that differs between them, is kept for
-    that graph under a name of its own.
+    ``programs`` are ``torch.export.export`` of one model in each mode; they are
+    not modified. The weights are copied from the train program, or, with
+    ``share_weights``, are its own; the eval graph reads them under the same
+    names. A tensor constant or a guard that only one graph has, or that
+    differs between them, is kept for that graph under a name of its own. Each
+    variant keeps its program's skeleton (``modeswap.save``), not its tensors.
     """
-    state = copy_module(modules[Mode.TRAIN])
+    modules = {mode: program.module() for mode, program in programs.items()}
+    state = modules[Mode.TRAIN] if share_weights else copy_module(modules[Mode.TRAIN])
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:
         gm = copy_module(modules[mode], share_weights=True)
-        _adopt(state, gm, mode)
-        variants[mode], bodies = variant_of(gm, mode)
+        names = _adopt(state, gm, mode)
+        variants[mode], bodies = variant_of(gm, mode, Skeleton.of(programs[mode], names))
         subgraphs |= bodies
     return ModalModule(state, variants, subgraphs, training=training)
 
 
-def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> None:
-    # Point gm's graph at state's tensors and modules; add to state what it lacks.
+def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
+    # Point gm's graph at state's tensors and modules; add to state what it lacks, under a name of
+    # its own. Returns those names: old -> new.
+    renamed: dict[str, str] = {}
     weights = {name for name, _ in state.named_parameters(remove_duplicate=False)}
     weights |= {name for name, _ in state.named_buffers(remove_duplicate=False)}
     for node in gm.graph.nodes:
@@ -238,7 +284,8 @@ def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> None:
             state.add_module(new, value)
         else:
             setattr(state, new, copy.deepcopy(value))
-        node.target = new
+        node.target = renamed[target] = new
+    return renamed
 
 
 def _lookup(module: torch.nn.Module, target: str) -> Any:
@@ -262,7 +309,7 @@ def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:
     renamed: dict[str, GraphModule] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
         target = str(node.target)
-        body = operator.attrgetter(target)(gm)
+        body = _lookup(gm, target)  # None for a tensor _adopt renamed: the state holds it, gm does not
         if not isinstance(body, GraphModule):
             continue
         new = f"{target.replace('.', '_')}_{mode.value}"

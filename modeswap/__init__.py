@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modeswap import passes, testing
+    from modeswap.archive import load, save
     from modeswap.eager import capture, check
     from modeswap.errors import (
         InvalidOptionError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 #: Where each public name lives; the imports above say the same to type checkers.
 _HOMES = {
+    "modeswap.archive": ("load", "save"),
     "modeswap.errors": (
         "InvalidOptionError",
         "ModeswapError",
@@ -108,9 +110,11 @@ __all__ = [
     "capture",
     "check",
     "is_exported",
+    "load",
     "mode_of",
     "passes",
     "pipeline",
+    "save",
     "swap",
     "testing",
     "to_eval",

@@ -1,0 +1,331 @@
+"""modeswap.save and modeswap.load: both programs of a ModalModule in one PT2 archive, checked against eager."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export.pt2_archive._package import load_pt2, package_pt2
+
+import modeswap
+from modeswap import Mode
+from modeswap.testing.oracle import assert_same_run, assert_trains_like, run_forward_backward
+
+
+class Net(nn.Module):
+    """Batch norm, dropout, a non-persistent buffer, and an auxiliary head that only training returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4, momentum=0.2)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4, 2)
+        self.aux = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.tensor(0.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)) * self.scale
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h)
+
+
+X = torch.randn(4, 3, 6, 6)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, modeswap.ModalModule, Path]:
+    """An eager model and its capture, trained alike (ending in eval mode), and the capture saved."""
+    eager = net().train()
+    modal = modeswap.capture(copy.deepcopy(eager), (X,))
+    assert_trains_like(eager, modal, (X,))
+    path = tmp_path_factory.mktemp("archive") / "trained.pt2"
+    modeswap.save(modal, path)
+    return eager, modal, path
+
+
+def same_run(expected: nn.Module, actual: nn.Module, training: bool, seed: int = 7) -> None:
+    """Copies of both, in one mode: outputs, buffers and gradients of a forward and a backward under ``seed``."""
+    want = run_forward_backward(copy.deepcopy(expected).train(training), (X,), seed=seed)
+    got = run_forward_backward(copy.deepcopy(actual).train(training), (X,), seed=seed)
+    assert_same_run(want, got, atol=1e-6, rtol=1e-5)
+
+
+def assert_same_state(expected: nn.Module, actual: nn.Module) -> None:
+    want, got = expected.state_dict(), actual.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_trained_module_loads_back_as_the_eager_model_in_each_mode(trained: Any, training: bool) -> None:
+    eager, _, path = trained
+    loaded = modeswap.load(path)
+    same_run(eager, loaded, training)
+    outputs = copy.deepcopy(loaded).train(training)(X)
+    assert isinstance(outputs, tuple) is training  # the auxiliary head: the train program's own branch
+
+
+def test_a_loaded_module_trains_on_as_the_eager_model(trained: Any) -> None:
+    eager, _, path = trained
+    assert_trains_like(copy.deepcopy(eager), modeswap.load(path), (X,))
+
+
+def test_it_starts_in_the_mode_it_was_saved_in(trained: Any, tmp_path: Path) -> None:
+    _, modal, path = trained
+    assert modal.training is False
+    assert modeswap.load(path).training is False
+    trainable = copy.deepcopy(modal).train()
+    modeswap.save(trainable, tmp_path / "train.pt2")
+    loaded = modeswap.load(tmp_path / "train.pt2")
+    assert loaded.training is True
+    assert all(m.training for m in loaded.modules())
+    assert modeswap.mode_of(loaded).mode is Mode.TRAIN
+
+
+def test_state_dict_is_the_saved_modules_and_the_eager_models(trained: Any) -> None:
+    eager, modal, path = trained
+    loaded = modeswap.load(path)
+    assert_same_state(modal, loaded)
+    assert list(loaded.state_dict()) == list(eager.state_dict())
+    torch.testing.assert_close(loaded.state_dict(), eager.state_dict(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(loaded.scale, modal.scale)  # the non-persistent buffer travels too, as a constant
+    assert int(loaded.bn.num_batches_tracked) == 9
+
+
+def test_what_is_saved_is_the_module_now_not_at_capture(tmp_path: Path) -> None:
+    modal = modeswap.capture(net().eval(), (X,))
+    new = {k: torch.rand_like(v) + 0.5 if v.is_floating_point() else v + 5 for k, v in modal.state_dict().items()}
+    modal.load_state_dict(new)
+    modal.scale.fill_(3.0)
+    modeswap.save(modal, tmp_path / "edited.pt2")
+    loaded = modeswap.load(tmp_path / "edited.pt2")
+    assert_same_state(modal, loaded)
+    assert float(loaded.scale) == 3.0
+    same_run(modal, loaded, training=False)
+    same_run(modal, loaded, training=True)
+
+
+class Shifted(nn.Module):
+    """A tensor made in forward, of another value in each mode: each program has its own constant, of one name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor([2.0, 4.0, 6.0]) if self.training else torch.tensor([1.0, 2.0, 3.0])
+        return self.linear(x) + shift
+
+
+def test_a_constant_of_each_mode_is_saved_with_its_program(tmp_path: Path) -> None:
+    eager, x = Shifted(), torch.randn(2, 3)
+    modeswap.save(modeswap.capture(eager, (x,)), tmp_path / "shifted.pt2")
+    programs = load_pt2(tmp_path / "shifted.pt2").exported_programs
+    (train,), (evaluated,) = (list(programs[mode].constants.values()) for mode in ("train", "eval"))
+    torch.testing.assert_close(train, torch.tensor([2.0, 4.0, 6.0]))
+    torch.testing.assert_close(evaluated, torch.tensor([1.0, 2.0, 3.0]))
+    loaded = modeswap.load(tmp_path / "shifted.pt2")
+    for training in (True, False):
+        torch.testing.assert_close(loaded.train(training)(x), eager.train(training)(x), atol=0, rtol=0)
+
+
+def test_a_module_moved_with_to_is_saved_as_it_is(tmp_path: Path) -> None:
+    eager = net().train()
+    modal = modeswap.capture(copy.deepcopy(eager), (X,)).to(torch.float64)
+    modeswap.save(modal, tmp_path / "double.pt2")
+    loaded = modeswap.load(tmp_path / "double.pt2")
+    assert {v.dtype for k, v in loaded.state_dict().items() if k != "bn.num_batches_tracked"} == {torch.float64}
+    for training in (True, False):
+        want = run_forward_backward(copy.deepcopy(eager).double().train(training), (X.double(),), seed=3)
+        got = run_forward_backward(copy.deepcopy(loaded).train(training), (X.double(),), seed=3)
+        assert_same_run(want, got, atol=1e-12, rtol=1e-12)
+
+
+def test_each_weight_is_loaded_into_the_module_once(trained: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, path = trained
+    programs: dict[str, Any] = {}
+
+    def recording(f: Any) -> Any:
+        contents = load_pt2(f)
+        programs.update(contents.exported_programs)
+        return contents
+
+    monkeypatch.setattr(modeswap.files, "load_pt2", recording)
+    loaded = modeswap.load(path)
+    held = {name: id(t) for name, t in loaded.state_dict(keep_vars=True).items()}
+    # The module's tensors are the train program's, not copies of them ...
+    assert held == {name: id(programs["train"].state_dict[name]) for name in held}
+    # ... and the eval program's copies are not kept.
+    dropped = [weakref.ref(t) for t in programs.pop("eval").state_dict.values()]
+    programs.clear()
+    gc.collect()
+    assert [ref() for ref in dropped] == [None] * len(dropped)
+
+
+def test_capture_keeps_none_of_the_eager_models_weights_alive() -> None:
+    model = net()
+    refs = {name: weakref.ref(t) for name, t in model.state_dict(keep_vars=True).items()}
+    modal = modeswap.capture(model, (X,))
+    del model
+    gc.collect()
+    assert [name for name, ref in refs.items() if ref() is not None] == []
+    assert all(variant.skeleton is not None for variant in modal.variants.values())
+
+
+def test_the_file_holds_the_state_twice_once_per_program(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.BatchNorm1d(512), nn.Dropout(0.1), nn.Linear(512, 256))
+    modal = modeswap.capture(model, (torch.randn(8, 256),))
+    modeswap.save(modal, tmp_path / "wide.pt2")
+    state = sum(t.untyped_storage().nbytes() for t in modal.state_dict().values())
+    size = (tmp_path / "wide.pt2").stat().st_size
+    # torch's archive stores each program's weights (it shares storage within a program, not across);
+    # the rest is the two graphs and their sample inputs.
+    assert 2 * state < size < 2 * state + 200_000, (size, state)
+
+
+def test_saving_leaves_the_module_as_it_was(trained: Any, tmp_path: Path) -> None:
+    _, modal, _ = trained
+    module = copy.deepcopy(modal)
+    run_forward_backward(module, (X,), seed=1)  # gradients in place, as after a step
+    before = {k: (v.data_ptr(), v.clone()) for k, v in module.state_dict(keep_vars=True).items()}
+    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    attributes, code, training = set(vars(module)), module.code, module.training
+    modeswap.save(module, tmp_path / "again.pt2")
+    after = module.state_dict(keep_vars=True)
+    assert before.keys() == after.keys()
+    for k, (pointer, value) in before.items():
+        assert after[k].data_ptr() == pointer
+        assert torch.equal(after[k], value), k
+    assert all(torch.equal(p.grad, grads[k]) for k, p in module.named_parameters() if p.grad is not None)
+    assert (set(vars(module)), module.code, module.training) == (attributes, code, training)
+
+
+def test_the_archive_is_torchs_own_format(trained: Any) -> None:
+    _, modal, path = trained
+    contents = load_pt2(path)
+    assert sorted(contents.exported_programs) == ["eval", "train"]
+    header = json.loads(contents.extra_files["modeswap.json"])
+    assert header["mode"] == "eval"
+    assert header["version"] == 1
+    evaluated = contents.exported_programs["eval"].module()
+    torch.testing.assert_close(evaluated(X), modal.eval()(X))
+
+
+def test_a_module_from_allow_train_eval_of_a_program_is_saved(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.Flatten(), nn.Linear(64, 2))
+    modal = modeswap.allow_train_eval(torch.export.export(copy.deepcopy(eager).eval(), (X,)))
+    assert_trains_like(eager, modal, (X,))
+    modeswap.save(modal, tmp_path / "switched.pt2")
+    loaded = modeswap.load(tmp_path / "switched.pt2")
+    assert loaded.training is False
+    assert_same_state(modal, loaded)
+    for training in (True, False):
+        same_run(eager, loaded, training)
+
+
+def test_a_module_from_allow_train_eval_of_a_graph_module_is_refused(tmp_path: Path) -> None:
+    gm = torch.export.export(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), (torch.randn(3, 2),)).module()
+    with pytest.raises(modeswap.NotExportedError, match=r"allow_train_eval\(ep\)"):
+        modeswap.save(modeswap.allow_train_eval(gm), tmp_path / "graph.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_is_not_a_modal_module_is_refused(tmp_path: Path) -> None:
+    program = torch.export.export(nn.Linear(2, 2), (torch.randn(3, 2),))
+    with pytest.raises(modeswap.NotExportedError, match=r"ExportedProgram.*torch\.export\.save"):
+        modeswap.save(program, tmp_path / "program.pt2")  # type: ignore[arg-type]
+
+
+def test_a_name_not_ending_in_pt2_is_refused_and_nothing_is_written(trained: Any, tmp_path: Path) -> None:
+    _, modal, _ = trained
+    with pytest.raises(modeswap.ModeswapError, match=r"ends in \.pt2.*write model\.pt2"):
+        modeswap.save(modal, tmp_path / "model.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_nothing_behind(trained: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, modal, _ = trained
+    target = tmp_path / "kept.pt2"
+    target.write_bytes(b"the old file")
+
+    def failing(stream: Any, **_: Any) -> None:
+        stream.write(b"half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeswap.files, "package_pt2", failing)
+    with pytest.raises(OSError, match="disk full"):
+        modeswap.save(modal, target)
+    assert target.read_bytes() == b"the old file"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def one_program(folder: Path) -> Path:
+    path = folder / "one.pt2"
+    torch.export.save(torch.export.export(net().eval(), (X,)), path)
+    return path
+
+
+def one_mode(folder: Path) -> Path:
+    path = folder / "train_only.pt2"
+    header = json.dumps({"format": "modeswap.ModalModule", "version": 1, "mode": "train"})
+    program = torch.export.export(net().train(), (X,))
+    package_pt2(path, exported_programs={"train": program}, extra_files={"modeswap.json": header})
+    return path
+
+
+def later_version(folder: Path) -> Path:
+    path = folder / "later.pt2"
+    header = json.dumps({"format": "modeswap.ModalModule", "version": 2, "mode": "eval"})
+    programs = {mode.value: program for mode, program in modeswap.eager.export_modes(net(), (X,)).items()}
+    package_pt2(path, exported_programs=programs, extra_files={"modeswap.json": header})
+    return path
+
+
+def text(folder: Path) -> Path:
+    path = folder / "text.pt2"
+    path.write_text("not an archive")
+    return path
+
+
+def state_dict(folder: Path) -> Path:
+    path = folder / "weights.pt2"
+    torch.save(net().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "phrases"),
+    [
+        (lambda folder: folder / "missing.pt2", ["missing.pt2: no such file"]),
+        (one_program, ["one program", "torch.export.load", "modeswap convert"]),
+        (one_mode, ["without its eval program", "holding the train program only"]),
+        (later_version, ["format version 2", "upgrade modeswap"]),
+        (text, ["not a modal archive", "not a zip archive"]),
+        (state_dict, ["a torch.save() file"]),
+    ],
+    ids=["missing", "one_program", "one_mode", "later_version", "text", "state_dict"],
+)
+def test_bad_files_get_an_error_that_says_what_they_are(make: Any, phrases: list[str], tmp_path: Path) -> None:
+    with pytest.raises(modeswap.ModeswapError) as caught:
+        modeswap.load(make(tmp_path))
+    assert isinstance(caught.value, ValueError)
+    for phrase in phrases:
+        assert phrase in str(caught.value)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-from modeswap.testing.models import Attention
+from modeswap.testing.models import Attention, AuxiliaryHeads
+from modeswap.testing.oracle import assert_same_run, run_forward_backward
 
 EXECUTABLE = shutil.which("modeswap")
 pytestmark = pytest.mark.skipif(EXECUTABLE is None, reason="the modeswap executable is not installed")
@@ -400,3 +401,61 @@ def test_an_input_not_named_pt2_loads_without_torchs_log_line(files):
     assert "Unable to load package" not in result.stderr
     assert (result.returncode, own_stderr(result)) == (0, [])
     assert "mode: train" in result.stdout
+
+
+def auxiliary() -> nn.Module:
+    torch.manual_seed(0)
+    return AuxiliaryHeads().train()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A modal archive: modeswap.save of the capture of a model whose auxiliary head only training returns."""
+    path = tmp_path_factory.mktemp("modal") / "modal.pt2"
+    modeswap.save(modeswap.capture(auxiliary(), (X,)), path)
+    return path
+
+
+def test_inspect_shows_both_programs_of_a_modal_archive_and_where_they_differ(archive):
+    result = run("inspect", archive)
+    assert (result.returncode, own_stderr(result)) == (0, []), result.stderr
+    head, _, fidelity = result.stdout.partition("this archive keeps both):\n")
+    assert "a modal archive from modeswap.save, saved in train mode" in head
+    assert "program train\nmode: train\n" in head
+    assert "program eval\nmode: eval\n" in head
+    assert "dropout     dropout     eval" in head
+    assert fidelity.startswith("train -> eval: 2 difference(s)")
+    assert "eval -> train: 2 difference(s)" in fidelity
+    rows = [line.split() for line in fidelity.splitlines() if "training branch" in line]
+    assert ["aux", "training", "branch"] in [row[:3] for row in rows]
+
+
+def test_inspect_json_of_a_modal_archive_has_each_programs_report_and_the_fidelity(archive):
+    result = run("inspect", archive, "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert (found["archive"], found["saved_mode"]) == ("modal", "train")
+    assert {mode: report["mode"] for mode, report in found["programs"].items()} == {"train": "train", "eval": "eval"}
+    to_eval = found["fidelity"]["train -> eval"]
+    assert to_eval["exact"] is False
+    assert "aux" in {d["module_path"] for d in to_eval["differences"]}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_writes_the_archives_own_program_of_a_mode_as_it_is(archive, tmp_path, mode):
+    out = tmp_path / f"{mode}.pt2"
+    result = run("convert", archive, "--to", mode, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"the archive's {mode} program, as exported (no swap)" in result.stdout
+    program = torch.export.load(out)
+    assert modeswap.mode_of(program).mode is modeswap.Mode(mode)
+    want = run_forward_backward(auxiliary().train(mode == "train"), (X,), seed=2)
+    got = run_forward_backward(program.module(), (X,), seed=2)
+    assert_same_run(want, got, atol=1e-6, rtol=1e-5)
+    assert len(want["outputs"]) == (2 if mode == "train" else 1)
+
+
+def test_convert_of_a_modal_archive_refuses_the_options_of_a_swap(archive, tmp_path):
+    result = run("convert", archive, "--to", "train", "--dropout", "drop=0.1", "--keep", "bn", "-o", tmp_path / "o.pt2")
+    assert_bad_input(result, "modal.pt2: a modal archive", "no swap: --dropout and --keep would change nothing")
+    assert list(tmp_path.iterdir()) == []

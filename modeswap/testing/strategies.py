@@ -6,6 +6,14 @@ failing example shrinks to a short, readable list of layers::
     @given(modeswap.testing.cases())
     def test_eval_matches_eager(case):
         modeswap.testing.assert_mode_equivalent(case.model, case.args, "eval")
+
+:func:`branched_cases` adds ``if self.training:`` branches, and says which of
+them no swap can follow (``Case.differs``)::
+
+    @given(branched_cases())
+    def test_check_names_the_branches(case):
+        fidelity = modeswap.check(case.model, case.args, attention_dropout=case.attention_dropout)
+        assert fidelity.to_eval.exact is not case.differs("eval")
 """
 
 from __future__ import annotations
@@ -14,24 +22,31 @@ from typing import Any
 
 import attrs
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
 from modeswap.aliases import exported_as_alias
+from modeswap.modes import Mode
 from modeswap.testing.models import Attention, DropPath, Fresh, PinnedMode, Recurrent, SharedBatchNorm, Skip
 
 __all__ = [
+    "BODIES",
+    "EXACT_LAYERS",
     "EXTRA_LAYERS",
     "LAYERS",
     "Attention",
+    "Branch",
     "Case",
     "DropPath",
     "Fresh",
     "Layer",
+    "Outputs",
     "PinnedMode",
     "Recurrent",
     "SharedBatchNorm",
     "Skip",
+    "branched_cases",
     "build",
     "cases",
     "layers",
@@ -53,8 +68,70 @@ LAYERS = (
 )
 #: Layer kinds that :func:`cases` can draw but does not by default: a ``skip`` is a dropout beside
 #: the identity (``drop(x) + x``), which an eval export cannot tell apart from ``drop(x) + drop(x)``
-#: when the dropout returns its input (see ``Case.aliasing``).
-EXTRA_LAYERS = ("skip",)
+#: when the dropout returns its input (see ``Case.aliasing``); a ``branch`` is an ``if self.training:``
+#: branch (:class:`Branch`), which no swap can follow (see ``Case.differs``).
+EXTRA_LAYERS = ("skip", "branch")
+#: Layer kinds whose swap is exact both ways, given ``Case.attention_dropout``: an eval export
+#: never ran a drop path, and a skip may be refused (``Case.aliasing``).
+EXACT_LAYERS = tuple(kind for kind in LAYERS if kind != "drop_path")
+#: What a ``branch`` layer (:class:`Branch`) does in the modes it runs in.
+BODIES = ("op", "noise", "literal", "output", "buffer", "dropout")
+
+
+class Branch(nn.Module):
+    """A layer with an ``if self.training:`` branch, as models write them by hand.
+
+    ``body`` runs in the modes ``runs`` names (``"train"``, ``"eval"`` or
+    ``"both"``): ``op`` computes ``x * 1.5 + 0.1``; ``noise`` adds
+    ``randn_like`` noise; ``output`` returns ``x * 0.5`` as an extra output,
+    which :class:`Outputs` passes on; ``buffer`` moves a running mean towards the
+    batch mean under ``no_grad``, as EvoNorm does (both modes add it to ``x``);
+    ``dropout`` calls ``F.dropout(x, p, training=True)``. A ``literal`` body
+    runs in both modes: ``x * (literals[0] if self.training else literals[1])``.
+    """
+
+    def __init__(self, body: str, runs: str = "both", *, literals: tuple[float, float] = (2.0, 2.0), p: float = 0.5):
+        super().__init__()
+        self.body, self.runs, self.literals, self.p = body, runs, literals, p
+        if body == "buffer":
+            self.running_mean: torch.Tensor
+            self.register_buffer("running_mean", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.body == "literal":
+            return x * (self.literals[0] if self.training else self.literals[1])
+        runs = self.runs == "both" or self.training is (self.runs == "train")
+        if self.body == "buffer":
+            if runs:
+                with torch.no_grad():
+                    self.running_mean.lerp_(x.mean().detach(), 0.1)
+            return x + self.running_mean
+        if not runs:
+            return x
+        match self.body:
+            case "op":
+                return x * 1.5 + 0.1
+            case "noise":
+                return x + 0.1 * torch.randn_like(x)
+            case "output":
+                return x, x * 0.5
+            case _:
+                return F.dropout(x, self.p, training=True)
+
+
+class Outputs(nn.Sequential):
+    """A sequence of layers that returns, after the last layer's output, the extra outputs its layers returned."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        extra: list[torch.Tensor] = []
+        for layer in self:
+            out = layer(x)
+            if isinstance(out, tuple):
+                x, *more = out
+                extra += more
+            else:
+                x = out
+        return (x, *extra) if extra else x
 
 
 @attrs.frozen
@@ -86,17 +163,29 @@ class Case:
         """Whether an eval export of it is ambiguous: a dropout that returns its input in eval, read twice.
 
         That is a skip around such a dropout, or such a dropout right before a skip, which reads its
-        input twice (see ``modeswap.aliases``).
+        input twice (see ``modeswap.aliases``), or before branches that read it twice between them.
         """
         pairs = zip(self.layers, self.layers[1:], strict=False)
-        return any(layer.kind == "skip" and _returns_input(layer) for layer in self.layers) or any(
-            _returns_input(layer) and after.kind == "skip" for layer, after in pairs
+        return (
+            any(layer.kind == "skip" and _returns_input(layer) for layer in self.layers)
+            or any(_returns_input(layer) and after.kind == "skip" for layer, after in pairs)
+            or _read_twice(self.layers)
         )
 
     @property
     def drop_path(self) -> bool:
         """Whether it has a drop path: an eval export erases it for good, so train it from a train export."""
         return any(layer.kind == "drop_path" for layer in self.layers)
+
+    def differs(self, target: Mode | str) -> tuple[str, ...]:
+        """The paths of the ``branch`` layers that make a swap to ``target`` differ from ``target``'s own export.
+
+        Derived from the specs, not from a swap: see :func:`_branch_differs`.
+        """
+        mode = Mode.parse(target)
+        return tuple(
+            str(i) for i, layer in enumerate(self.layers) if layer.kind == "branch" and mode in _branch_differs(layer)
+        )
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{layer.kind}{dict(layer.options)}" for layer in self.layers)
@@ -111,6 +200,7 @@ _DROPOUTS = {
 }
 
 _probability = st.floats(0.05, 0.9).map(lambda p: round(p, 3))
+_literal = st.sampled_from((0.5, 2.0, 3.0))  # never 1.0, which a trace might drop
 _momentum = st.floats(0.01, 0.99).map(lambda m: round(m, 3))
 _eps = st.sampled_from((1e-5, 1e-3, 0.01))
 
@@ -126,6 +216,68 @@ def _returns_input(layer: Layer) -> bool:
     if options["cls"] == "Dropout":
         return exported_as_alias(torch.ops.aten.dropout.default)  # torch 2.15 does, 2.13 copies
     return True
+
+
+def _read_twice(specs: tuple[Layer, ...]) -> bool:
+    """Whether branches read the output of a dropout that returns its input in eval more than once, in eval mode.
+
+    A branch that does nothing in eval passes its input on; an ``output`` body
+    reads it and passes it on; the model's output reads it once.
+    """
+    reads: int | None = None  # reads of the live dropout output so far; None when there is none
+    for spec in specs:
+        if reads is not None:
+            read, passes = _eval_reads(spec)
+            reads += read
+            if not passes:
+                if reads > 1:
+                    return True
+                reads = None
+        if _returns_input(spec):
+            reads = 0
+    return reads is not None and reads + 1 > 1
+
+
+def _eval_reads(spec: Layer) -> tuple[int, bool]:
+    """How many ops read the input of ``spec`` in eval mode, and whether it returns that input itself."""
+    if spec.kind != "branch":
+        return 1, False
+    o = dict(spec.options)
+    runs = o["body"] == "literal" or o.get("runs") in ("eval", "both")
+    if o["body"] == "buffer":
+        return (2 if runs else 1), False  # x.mean() for the update, then x + running_mean
+    if not runs:
+        return 0, True
+    return {"noise": (2, False), "output": (1, True)}.get(o["body"], (1, False))
+
+
+def _branch_differs(layer: Layer) -> frozenset[Mode]:
+    """The modes a swap to cannot reach for ``layer``, a :class:`Branch`: what it does only in one mode.
+
+    A swap can turn a dropout on or off, nothing else. A dropout the branch runs
+    in train mode only is what a swap to eval turns off (exact), but a swap to
+    train cannot add it; one it runs in eval mode only (Monte Carlo dropout) is
+    missing from a train export and stays on in a swap to train; one it runs in
+    both modes a swap to eval turns off, where eval keeps it on.
+    """
+    o = dict(layer.options)
+    if layer.mode is not None:
+        msg = "a branch pinned to one mode runs as that mode in both exports; cases() never draws one"
+        raise ValueError(msg)
+    if o["body"] == "literal":
+        return frozenset(Mode) if o["train"] != o["eval"] else frozenset()
+    if o["body"] == "dropout":
+        return frozenset({"train": {Mode.TRAIN}, "eval": set(Mode), "both": {Mode.EVAL}}[o["runs"]])
+    return frozenset(Mode) if o["runs"] != "both" else frozenset()
+
+
+def _branch(body: str) -> st.SearchStrategy[tuple[tuple[str, Any], ...]]:
+    if body == "literal":
+        return _options(body=st.just(body), train=_literal, eval=_literal)
+    runs = st.sampled_from(("train", "eval", "both"))
+    if body == "dropout":
+        return _options(body=st.just(body), runs=runs, p=_probability)
+    return _options(body=st.just(body), runs=runs)
 
 
 def _options(**strategies: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[tuple[str, Any], ...]]:
@@ -153,10 +305,12 @@ def layers(dims: int, *, kinds: tuple[str, ...] = LAYERS, mixed: bool = False) -
         ),
         "shared_batch_norm": _options(momentum=_momentum, same_module=st.booleans()),
         "skip": _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability),
+        "branch": st.sampled_from(BODIES).flatmap(_branch),
     }
     pinned = st.sampled_from((None, "train", "eval")) if mixed else st.just(None)
     return st.sampled_from(kinds).flatmap(
-        lambda kind: st.builds(Layer, st.just(kind), by_kind[kind], pinned),
+        # A pinned branch runs as one mode in both exports: it would branch on nothing.
+        lambda kind: st.builds(Layer, st.just(kind), by_kind[kind], st.just(None) if kind == "branch" else pinned),
     )
 
 
@@ -193,15 +347,58 @@ def cases(
     return Case(model, (x,), specs, dims)
 
 
+@st.composite
+def branched_cases(
+    draw: st.DrawFn,
+    *,
+    max_layers: int = 3,
+    max_branches: int = 3,
+    kinds: tuple[str, ...] = EXACT_LAYERS,
+) -> Case:
+    """Strategy for a :class:`Case` with ``if self.training:`` branches (:class:`Branch`) among layers of ``kinds``.
+
+    ``Case.differs(mode)`` names the branches that make a swap to ``mode``
+    differ from that mode's own export. Some branches change nothing (the same
+    body in both modes, the same literal on both sides); with the default
+    ``kinds``, and ``attention_dropout=Case.attention_dropout``, nothing but the
+    branches named there makes a swap differ.
+
+    Beside attention, a dropout branch runs in train mode only: an eval export
+    whose only sites are always-on dropouts reads as a train graph, and a swap
+    of it to train leaves attention at ``dropout_p=0.0`` whatever
+    ``attention_dropout`` says.
+    """
+    case = draw(cases(max_layers=max_layers, kinds=kinds))
+    branches = draw(st.lists(layers(case.dims, kinds=("branch",)), min_size=1, max_size=max_branches))
+    if case.attention_dropout is not None:
+        branches = [_train_only(branch) for branch in branches]
+    specs = list(case.layers)
+    for branch in branches:
+        specs.insert(draw(st.integers(0, len(specs))), branch)
+    _, channels, *_, width = case.args[0].shape
+    model = build(tuple(specs), dims=case.dims, channels=channels, width=width)
+    return Case(model, case.args, tuple(specs), case.dims)
+
+
+def _train_only(branch: Layer) -> Layer:
+    options = dict(branch.options)
+    if options["body"] != "dropout":
+        return branch
+    return attrs.evolve(branch, options=tuple(sorted((options | {"runs": "train"}).items())))
+
+
 def build(specs: tuple[Layer, ...], *, dims: int, channels: int, width: int) -> nn.Sequential:
-    """Build the eager model ``specs`` describe, for inputs of ``channels`` channels and last size ``width``."""
+    """Build the eager model ``specs`` describe, for inputs of ``channels`` channels and last size ``width``.
+
+    With a ``branch`` layer the model is an :class:`Outputs`, which returns the extra outputs of its layers.
+    """
     modules: list[nn.Module] = []
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for spec in specs:
             module, channels = _module(spec, dims, channels, width)
             modules.append(module if spec.mode is None else PinnedMode(module, spec.mode == "train"))
-    return nn.Sequential(*modules)
+    return (Outputs if any(spec.kind == "branch" for spec in specs) else nn.Sequential)(*modules)
 
 
 def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
@@ -236,5 +433,8 @@ def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Modul
             return SharedBatchNorm(bn, channels, o["momentum"], o["same_module"]), channels
         case "skip":
             return Skip(getattr(nn, o["cls"])(o["p"])), channels
+        case "branch":
+            literals = (o["train"], o["eval"]) if o["body"] == "literal" else (2.0, 2.0)
+            return Branch(o["body"], o.get("runs", "both"), literals=literals, p=o.get("p", 0.5)), channels
     msg = f"unknown layer kind {spec.kind!r}; expected one of {LAYERS + EXTRA_LAYERS}"
     raise ValueError(msg)

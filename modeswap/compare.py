@@ -3,9 +3,11 @@
 Used by :func:`modeswap.check` to hold a swapped graph against the other
 mode's own export. Two graphs are the same when they run the same ops on the
 same inputs with the same literals and return the same outputs; node names,
-the placement of reads and ``aten.alias`` (which computes nothing) do not
-count. The ops are aligned by (op, module path) with a longest-matching-blocks
-diff, so that one extra op shows as one extra op, not as everything after it.
+the names a tensor is read under, the placement of reads, the input guards and
+ops whose result has their input's values (``aten.alias``, ``contiguous``, a
+dropout in eval mode) do not count. The ops are aligned by (op, module path)
+with a longest-matching-blocks diff, so that one extra op shows as one extra
+op, not as everything after it.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from torch.fx import GraphModule, Node
 
 from modeswap.graphs import get_argument, module_path
 from modeswap.idioms import matches
+from modeswap.modes import Mode
 from modeswap.rules import PerNode, rule_for
 
-_ALIAS = torch.ops.aten.alias.default
+#: Ops whose result has their input's values: an alias, and ``contiguous``, which export keeps or drops
+#: with the strides a kernel happens to return (an attention kernel's differ between train and eval).
+_SAME_VALUES = (torch.ops.aten.alias.default, torch.ops.aten.contiguous.default)
 
 
 def _identity(node: Node) -> bool:
-    """Whether ``node`` returns its input unchanged: an alias, a dropout in eval mode."""
+    """Whether ``node`` returns its input's values unchanged: an alias, ``contiguous``, a dropout in eval mode."""
     if node.op != "call_function":
         return False
-    if node.target is _ALIAS:
+    if node.target in _SAME_VALUES:
         return True
     rule = rule_for(node)
     return rule is not None and rule.kind == "dropout" and get_argument(node, rule.flag) is False
@@ -51,7 +56,7 @@ class Found:
     ops: tuple[str, ...]
     argument: str | None = None
     values: tuple[Any, Any] | None = None
-    flag: bool = False  # the argument is the one that carries the node's mode
+    flag: bool = False  # a site held in the other mode: its mode argument differs, or only one graph runs it
     site_kind: str | None = None
     drop_path: bool = False
     writes: tuple[str, ...] = ()  # buffers the ops update in place
@@ -62,11 +67,14 @@ class _Graph:
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
-        self.calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and not _identity(n)]
+        self.calls = [n for n in gm.graph.nodes if _computes(n)]
         self.index = {n: i for i, n in enumerate(self.calls)}
         self.inputs = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-        self.state = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-        self.state |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+        # A tensor reached under several names (a module called as two children) is one: its first name.
+        first: dict[int, str] = {}
+        self.state: dict[str, str] = {}
+        for name, tensor in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+            self.state[name] = first.setdefault(id(tensor), name)
         self.drop_path = {n for m in matches(gm.graph) for n in m.nodes}
         self.keys = [(str(n.target), module_path(n)) for n in self.calls]
 
@@ -74,8 +82,14 @@ class _Graph:
         return _source(node)
 
     def refer(self, node: Node, call: Callable[[int], Any]) -> Any:
-        """What ``node`` stands for as an argument; ``call`` names the i-th op."""
+        """What ``node`` stands for as an argument; ``call`` names the i-th op.
+
+        The result of an in-place op is the tensor it wrote to.
+        """
         node = self.source(node)
+        if _returns_written(node):
+            assert isinstance(node.args[0], Node)
+            return self.refer(node.args[0], call)
         if node in self.index:
             return call(self.index[node])
         if node.op == "placeholder":
@@ -86,7 +100,7 @@ class _Graph:
             if isinstance(value, GraphModule):
                 return ("body", _signature(value))
             if target in self.state or not isinstance(value, torch.Tensor):
-                return ("attr", target)
+                return ("attr", self.state.get(target, target))
             return ("constant", tuple(value.shape), str(value.dtype), _small(value))
         return (node.op, str(node.target))
 
@@ -136,6 +150,34 @@ class _Graph:
         if spec is not None and call is None:  # as the module returns them: a tuple, a dict, one tensor
             values = torch.utils._pytree.tree_unflatten(list(values), spec)
         return spec, values
+
+
+def _computes(node: Node) -> bool:
+    """Whether ``node`` is an op to compare: a call that does not just return its input's values.
+
+    The input guards ``ExportedProgram.module()`` calls first are left out: both graphs check the
+    same inputs, and the guards take the module path of whichever op comes first.
+    """
+    if node.op == "call_module":
+        return not str(node.target).startswith("_guards_fn")
+    return node.op == "call_function" and not _identity(node)
+
+
+def _returns_written(node: Node) -> bool:
+    """Whether ``node`` is an in-place op that returns the tensor it writes (``add_``, ``copy_``)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+        return False
+    schema = target._schema
+    first, returns = schema.arguments[0].alias_info, schema.returns
+    return (
+        isinstance(node.args[0], Node)
+        and first is not None
+        and first.is_write
+        and len(returns) == 1
+        and returns[0].alias_info is not None
+        and returns[0].alias_info.before_set == first.before_set
+    )
 
 
 def _source(node: Node) -> Node:
@@ -193,8 +235,12 @@ def _signature(gm: GraphModule) -> tuple[Any, ...]:
     return ops, repr(graph.outputs(call))
 
 
-def compare(expected: GraphModule, actual: GraphModule) -> tuple[Found, ...]:
-    """Return where ``actual`` computes something other than ``expected``; empty when they are the same."""
+def compare(expected: GraphModule, actual: GraphModule, mode: Mode) -> tuple[Found, ...]:
+    """Return where ``actual`` computes something other than ``expected``; empty when they are the same.
+
+    Both graphs should be in ``mode``: a site of the other mode among the ops
+    only one of them runs is flagged as not following the mode.
+    """
     want, have = _Graph(expected), _Graph(actual)
     matcher = difflib.SequenceMatcher(None, want.keys, have.keys, autojunk=False)
     partner: dict[int, int] = {}
@@ -203,8 +249,8 @@ def compare(expected: GraphModule, actual: GraphModule) -> tuple[Found, ...]:
         if tag == "equal":
             partner.update(zip(range(i1, i2), range(j1, j2), strict=True))
             continue
-        found += _unmatched("expected", want, want.calls[i1:i2])
-        found += _unmatched("actual", have, have.calls[j1:j2])
+        found += _unmatched("expected", want, want.calls[i1:i2], mode)
+        found += _unmatched("actual", have, have.calls[j1:j2], mode)
 
     def theirs(i: int) -> Any:
         return ("call", partner.get(i, ("unmatched", i)))
@@ -217,7 +263,7 @@ def compare(expected: GraphModule, actual: GraphModule) -> tuple[Found, ...]:
     return tuple(sorted(found, key=lambda f: (f.side == "actual", order.get(f.nodes[0], 0) if f.nodes else -1)))
 
 
-def _unmatched(side: str, graph: _Graph, nodes: list[Node]) -> Iterator[Found]:
+def _unmatched(side: str, graph: _Graph, nodes: list[Node], mode: Mode) -> Iterator[Found]:
     # Consecutive ops of one module make one difference.
     groups: list[list[Node]] = []
     for node in nodes:
@@ -231,6 +277,7 @@ def _unmatched(side: str, graph: _Graph, nodes: list[Node]) -> Iterator[Found]:
             module_path=module_path(group[0]),
             nodes=tuple(n.name for n in group),
             ops=tuple(_op_name(n) for n in group if n.target is not operator.getitem),
+            flag=any(_in_other_mode(n, mode) for n in group),
             drop_path=any(n in graph.drop_path for n in group),
             writes=tuple(w for n in group for w in graph.writes(n)),
         )
@@ -258,6 +305,11 @@ def _differing(
             flag=rule is not None and name == rule.flag and rule.train is not PerNode.VALUE,
             site_kind=rule.kind if rule is not None else None,
         )
+
+
+def _in_other_mode(node: Node, mode: Mode) -> bool:
+    rule = rule_for(node)
+    return rule is not None and rule.applies(node) and rule.mode(node) not in (None, mode)
 
 
 def _reads_unmatched(wanted: Any, got: Any, unmatched: set[Any]) -> bool:

@@ -21,22 +21,8 @@ import modeswap
 from .models import CASES, Case
 from .test_transformers import suggested
 
-#: SDPA's output is laid out differently with dropout, so the train export keeps the
-#: ``.contiguous()`` after ``transpose(1, 2)`` that the eval export drops as a no-op.
-CONTIGUOUS = ("vit", "bert", "distilbert", "gpt2", "dinov2", "wav2vec2")
 
-
-def _cases() -> list[object]:
-    reason = "compare counts aten.contiguous, which only the train export keeps, as an op of a training branch"
-    return [
-        pytest.param(case, id=case.name, marks=[pytest.mark.xfail(strict=True, reason=reason)])
-        if case.name in CONTIGUOUS
-        else pytest.param(case, id=case.name)
-        for case in CASES
-    ]
-
-
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_check_finds_only_the_drop_paths(case: Case) -> None:
     model = case.build()
     args = case.inputs()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import modeswap
@@ -45,32 +44,6 @@ ATTENTION = Layer("attention", (("causal", False), ("p", 0.5)))
 DROPOUT_2D = Layer("dropout", (("cls", "Dropout2d"), ("inplace", False), ("p", 0.5)))  # returns its input in eval
 
 
-def _first_op_moves(case: Case) -> bool:
-    """Whether the two exports' first ops run in different modules: the first layer runs something in one mode only.
-
-    ``ExportedProgram.module()`` calls ``_guards_fn`` first and gives it the
-    module path of the first op, which ``compare`` keys it by: check then
-    reports the guard call as an op of two modules (see
-    ``test_a_guard_call_is_not_a_difference``). Remove this once it does not.
-    """
-    first = case.layers[0]
-    if first.kind == "drop_path":
-        return True
-    options = dict(first.options)
-    return first.kind == "branch" and options["body"] != "buffer" and options.get("runs") in ("train", "eval")
-
-
-def _shares_a_module(case: Case) -> bool:
-    """Whether a module is reached under two names: a batch norm called as ``first`` and as ``second``.
-
-    check then reports the counter updates of the eval export's swap to train,
-    which write the one tensor under each name, where the train export writes it
-    under one name twice (see ``test_one_buffer_under_two_names_is_not_a_difference``).
-    Remove this once it does not.
-    """
-    return any(layer.kind == "shared_batch_norm" and dict(layer.options)["same_module"] for layer in case.layers)
-
-
 def _body(case: Case, path: str) -> str:
     return str(dict(case.layers[int(path)].options)["body"])
 
@@ -95,7 +68,6 @@ def _within(path: str, paths: set[str]) -> bool:
 @example(case=case_of(LINEAR, DROPOUT_2D, branch("noise", "eval"), shape=(2, 1, 2, 2)))
 @example(case=case_of(DROPOUT_2D, branch("op"), branch("output", "eval"), shape=(2, 1, 2, 2)))
 def test_check_reports_a_difference_exactly_where_a_branch_changes_the_graph(case: Case) -> None:
-    assume(not _first_op_moves(case) and not _shares_a_module(case))
     before = {k: v.clone() for k, v in case.model.state_dict().items()}
     fidelity = modeswap.check(case.model, case.args, attention_dropout=case.attention_dropout)
     for direction in fidelity.directions:
@@ -140,7 +112,6 @@ def test_capture_trains_and_evaluates_as_eager(case: Case, modes: list[Mode]) ->
 @given(case=cases(max_layers=4, kinds=LAYERS + tuple(k for k in EXTRA_LAYERS if k != "branch")))
 def test_check_finds_no_difference_where_a_swap_is_exact(case: Case) -> None:
     """Each swap of these layers is exact but to train from an eval export with a drop path, or an ambiguous one."""
-    assume(not _first_op_moves(case) and not _shares_a_module(case))
     fidelity = modeswap.check(case.model, case.args, attention_dropout=case.attention_dropout)
     assert fidelity.to_eval.exact, fidelity
     causes = {difference.cause for difference in fidelity.to_train.differences}
@@ -154,10 +125,6 @@ def test_check_finds_no_difference_where_a_swap_is_exact(case: Case) -> None:
         assert fidelity.to_train.exact, fidelity
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare keys the _guards_fn call of ExportedProgram.module() by the module path of the graph's first op",
-)
 def test_a_guard_call_is_not_a_difference() -> None:
     """A dropout on the input in train mode only: the swap of a train export to eval is exact."""
     case = case_of(branch("dropout", "train", p=0.5), LINEAR)
@@ -166,10 +133,6 @@ def test_a_guard_call_is_not_a_difference() -> None:
     assert [d.module_path for d in fidelity.to_train.differences] == ["0"], fidelity
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare names a buffer by the get_attr that reads it, so one tensor under two names differs from itself",
-)
 def test_one_buffer_under_two_names_is_not_a_difference() -> None:
     """One batch norm called as ``first`` and as ``second``: the swap of the eval export to train matches eager."""
     case = case_of(Layer("shared_batch_norm", (("momentum", 0.1), ("same_module", True))), shape=(3, 2, 4))
@@ -186,11 +149,6 @@ class SelfAttention(torch.nn.Module):
         return out.transpose(1, 2).contiguous()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare counts aten.contiguous as an op; SDPA with dropout leaves its output so that only the train "
-    "export needs one",
-)
 def test_a_contiguous_copy_is_not_a_difference() -> None:
     """Each swap matches eager (tests/integration/test_transformers.py); check must find nothing."""
     fidelity = modeswap.check(SelfAttention(), (torch.randn(2, 8, 8),), attention_dropout=0.25)

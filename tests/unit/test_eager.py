@@ -255,6 +255,17 @@ def test_capture_takes_kwargs_and_dynamic_shapes() -> None:
     assert found(fidelity.to_train) == {("", Cause.TRAINING_BRANCH)}
 
 
+def test_a_contiguous_that_only_one_mode_keeps_is_no_difference() -> None:
+    # BERT's attention: its train kernel returns other strides, so only the train export keeps a .contiguous().
+    class Transposed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.transpose(0, 1)
+            return y.contiguous() * 2 if self.training else y * 2
+
+    assert modeswap.check(Transposed(), ROWS).exact
+    assert "contiguous" in torch.export.export(Transposed().train(), ROWS).graph_module.code
+
+
 def test_a_strict_export_is_compared_on_what_both_graphs_hold() -> None:
     # strict=True drops the buffers an eval graph does not read (num_batches_tracked): not a difference
     # in behaviour, but the swap to train has nothing to count batches in, and refuses.

@@ -178,6 +178,8 @@ def training_probability(t: Target) -> tuple[str, Any] | None:
     if recorded is None:
         return None
     argument, value = recorded
+    if _inferred(t):
+        value = UNKNOWN  # what the user states wins over what the graph's mode suggests
     path = module_path(t.node)
     stated = t.stated.dropout_for(path)
     if stated is None:
@@ -193,6 +195,18 @@ def training_probability(t: Target) -> tuple[str, Any] | None:
         )
         raise InvalidOptionError(msg)
     return argument, p
+
+
+def _inferred(t: Target) -> bool:
+    """Whether ``t``'s training probability is known only because the graph looks captured in train mode.
+
+    That is attention at ``dropout_p=0.0`` with no memo, in a graph whose
+    other sites are in train mode. Those sites may hold their mode whatever the
+    model's (``F.dropout(x, p, training=True)``), so the inference is weaker
+    than a stated value.
+    """
+    rule, node = t.rule, t.node
+    return rule.train is PerNode.VALUE and memo_of(node) is None and get_argument(node, rule.flag) == rule.eval
 
 
 def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple[str, Any] | None:

@@ -20,7 +20,7 @@ import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
 from modeswap.aliases import exported_as_alias
 from modeswap.stated import Stated, decide, matches
-from modeswap.testing import export
+from modeswap.testing import assert_mode_equivalent, export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
 from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
 
@@ -555,3 +555,21 @@ def test_an_op_named_like_a_site_or_a_node_that_copied_a_sites_meta_is_no_sign_o
     scaled.meta = dict(bn.meta)
     gm.recompile()
     assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(gm), args)
+
+
+class AlwaysOnDropoutBeforeAttention(nn.Module):
+    """``F.dropout(training=True)`` makes an eval export look captured in train mode; its attention is gated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, 0.3, training=True)
+        return F.scaled_dot_product_attention(x, x, x, dropout_p=0.5 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("stated", [{"attention_dropout": 0.5}, {"dropout": {"": 0.5}}], ids=["attention", "dropout"])
+def test_a_stated_value_wins_over_the_mode_the_graph_seems_to_be_in(stated: dict[str, Any]) -> None:
+    # The graph reads as a train graph, where dropout_p=0.0 would be the training value; the user knows better.
+    x = torch.randn(2, 2, 4, 4)
+    model = AlwaysOnDropoutBeforeAttention()
+    assert modeswap.mode_of(torch.export.export(model.eval(), (x,)).module()).mode is Mode.TRAIN
+    swapped = assert_mode_equivalent(model, (x,), "train", exported_in="eval", **stated)
+    assert [(c.field, c.after) for c in swapped.changes] == [("dropout_p", 0.5)]

@@ -93,6 +93,7 @@ def check(
     attention_dropout: float | None = None,
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
+    seeds: Sequence[int] = SEEDS,
 ) -> Fidelity:
     """Return whether swapping an export of ``model`` is exact in each direction, and where it is not.
 
@@ -102,14 +103,16 @@ def check(
     :func:`modeswap.swap` takes them, and compared with the other mode's own
     export: the ops, their order, their literal arguments and the outputs, then,
     as a second opinion, the outputs, buffers and gradients of a forward and a
-    backward under a few seeds. ``model`` is left as it was: its modes, its
-    parameters and its buffers.
+    backward under each of ``seeds`` (under the first only, for graphs that draw
+    no random numbers; ``seeds=()`` skips it: on a large model it costs more
+    than the exports). ``model`` is left as it was: its modes, its parameters,
+    their gradients and its buffers.
 
     >>> fidelity = modeswap.check(model, (x,))
     >>> print(fidelity)
     """
     programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep, seeds=seeds)
 
 
 def capture(
@@ -141,10 +144,11 @@ def fidelity_of(
     attention_dropout: float | None = None,
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
+    seeds: Sequence[int] = SEEDS,
 ) -> Fidelity:
     """Return the :class:`Fidelity` of swapping each of ``programs`` (one per mode) to the other mode.
 
-    The second opinion runs on the programs' example inputs.
+    The second opinion runs on the programs' example inputs under ``seeds``.
     """
     # The training values stated are for the swap to train; what to keep, for both.
     options: dict[Mode, dict[str, Any]] = {
@@ -154,7 +158,7 @@ def fidelity_of(
     # One module per program: the swaps leave theirs as it was, and the second opinion runs on copies.
     modules = {mode: program.module() for mode, program in programs.items()}
     inputs = programs[Mode.TRAIN].example_inputs
-    found = {mode: _direction(modules, mode, options[mode], inputs) for mode in Mode}
+    found = {mode: _direction(modules, mode, options[mode], inputs, tuple(seeds)) for mode in Mode}
     exact = {mode: not found[mode] for mode in Mode}
     directions = {
         target: Direction(
@@ -172,33 +176,36 @@ def _other(mode: Mode) -> Mode:
 
 
 def _direction(
-    modules: Mapping[Mode, GraphModule], target: Mode, options: dict[str, Any], inputs: tuple[Any, Any] | None
+    modules: Mapping[Mode, GraphModule],
+    target: Mode,
+    options: dict[str, Any],
+    inputs: tuple[Any, Any] | None,
+    seeds: tuple[int, ...],
 ) -> list[Found | str]:
     """What differs between the swap of the other mode's module to ``target`` and ``target``'s own module."""
     source = _other(target)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ModeswapWarning)  # the report says it, with the eager model's values
-            swapped = swap(modules[source], target, **options).module
+            swapped = swap(modules[source], target, share_weights=True, **options).module
     except ModeswapError as error:
         return [str(error)]
     expected = modules[target]
     found: list[Found | str] = list(compare(expected, swapped, target))
-    if not found and inputs is not None:
-        found += _values(expected, swapped, inputs)
+    if not found and inputs is not None and seeds:
+        found += _values(expected, swapped, inputs, seeds)
     return found
 
 
-def _values(expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any]) -> Iterator[Found]:
-    # Own copies of the weights: a module from ExportedProgram.module() shares the model's.
-    expected, actual = copy_module(expected), copy_module(actual)
-    recompile_all(expected)
-    recompile_all(actual)
+def _values(
+    expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any], seeds: tuple[int, ...]
+) -> Iterator[Found]:
+    expected, actual = _runnable(expected), _runnable(actual)
     args, kwargs = inputs
-    seeds: dict[str, list[int]] = {}
+    under: dict[str, list[int]] = {}
     # A graph that draws no random numbers computes the same under every seed.
     drawing = any(_draws(gm) for gm in (expected, actual))
-    for seed in SEEDS if drawing else SEEDS[:1]:
+    for seed in seeds if drawing else seeds[:1]:
         wanted = run_forward_backward(expected, args, kwargs, seed=seed)
         got = run_forward_backward(actual, args, kwargs, seed=seed)
         # A strict export leaves out buffers its graph does not read: compare the ones both hold.
@@ -207,10 +214,33 @@ def _values(expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any])
                 {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
             )
         for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
-            seeds.setdefault(what, []).append(seed)
-    for what, under in seeds.items():
+            under.setdefault(what, []).append(seed)
+    for what, differing in under.items():
         path = what.partition("['")[2].rpartition(".")[0]
-        yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(under, None))
+        yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
+
+
+def _runnable(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` to run forward and backward without touching the model it shares tensors with.
+
+    Its parameters are new ``Parameter`` objects over the same data (their
+    gradients are the copy's own), its buffers copies (a forward in train mode
+    updates them); a tensor held under two names stays one.
+    """
+    new = copy_module(gm, share_weights=True)
+    params: dict[int, torch.nn.Parameter] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    for module in new.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in params:
+                params[id(param)] = torch.nn.Parameter(param.detach(), param.requires_grad)
+            module._parameters[name] = None if param is None else params[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) not in buffers:
+                buffers[id(buffer)] = buffer.clone()
+            module._buffers[name] = None if buffer is None else buffers[id(buffer)]
+    recompile_all(new)
+    return new
 
 
 def _draws(gm: GraphModule) -> bool:

@@ -193,8 +193,12 @@ def test_the_model_is_left_as_it_was(name: str, run: str) -> None:
     model.get_submodule("0" if name != "auxiliary heads" else "bn").train()  # a mixed model: flags must come back
     flags = [m.training for m in model.modules()]
     state = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 7.0)  # check runs backward passes: not on these
     getattr(modeswap, run)(model, args)
     assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters() if p.grad is not None)
+    assert all(p.grad is not None for p in model.parameters())
     after = model.state_dict(keep_vars=True)
     assert after.keys() == state.keys()
     for key, (pointer, value) in state.items():
@@ -323,3 +327,32 @@ def test_an_export_that_fails_says_in_which_mode() -> None:
         modeswap.check(model, ROWS)
     assert any("while exporting the model in eval mode" in note for note in caught.value.__notes__)
     assert model.training is True
+
+
+@pytest.mark.parametrize(
+    ("name", "seeds", "runs"),
+    [("exact", (0, 1), 2 * 2 * 2), ("exact", (), 0), ("noise", (0, 1), 0)],
+    ids=["random-two-seeds", "skipped", "structure-differs"],
+)
+def test_the_second_opinion_runs_under_each_seed_only_where_it_can_tell(
+    name: str, seeds: tuple[int, ...], runs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = modeswap.eager.run_forward_backward
+    monkeypatch.setattr(
+        modeswap.eager, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+    )
+    model, args = model_of(name)
+    modeswap.check(model, args, seeds=seeds)
+    assert len(calls) == runs  # 2 directions x 2 graphs x the seeds; none where the graphs already differ
+
+
+def test_a_graph_that_draws_nothing_runs_under_one_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = modeswap.eager.run_forward_backward
+    monkeypatch.setattr(
+        modeswap.eager, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+    )
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert modeswap.check(model, ROWS, seeds=(3, 4)).exact
+    assert calls == [3] * 4

@@ -56,7 +56,16 @@ def test_a_doc_page_whose_extra_is_missing_skips(tmp_path):
     assert "qat.md needs torchao: pip install -e '.[integration]'" in result.stdout
 
 
-@pytest.mark.skipif(shutil.which("just") is None, reason="just is not installed")
+def _just() -> str | None:
+    """The just binary; not pyenv's shim of it, which puts its own python first on PATH."""
+    found = shutil.which("just")
+    if found is not None and "/shims/" in found:
+        real = subprocess.run(["pyenv", "which", "just"], capture_output=True, text=True, check=False)
+        return real.stdout.strip() or None
+    return found
+
+
+@pytest.mark.skipif(_just() is None, reason="just is not installed")
 def test_just_bench_says_which_extra_it_needs(tmp_path):
     # A python that sees no site-packages: none of the bench extra's packages can be found.
     bare = tmp_path / "python"
@@ -64,7 +73,7 @@ def test_just_bench_says_which_extra_it_needs(tmp_path):
     bare.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     result = subprocess.run(
-        ["just", "bench", "--quick"], capture_output=True, text=True, timeout=120, check=False, cwd=ROOT, env=env
+        [_just(), "bench", "--quick"], capture_output=True, text=True, timeout=120, check=False, cwd=ROOT, env=env
     )
     assert result.returncode != 0
     assert "just bench needs the bench extra, and matplotlib is not installed: pip install -e '.[bench]'" in (

@@ -45,9 +45,11 @@ def _identity(node: Node) -> bool:
 class Found:
     """One difference between the graphs, before it is explained: the nodes, where, and what differs.
 
-    ``side`` is ``"expected"`` or ``"actual"`` for ops only one graph runs, and
+    ``side`` is ``"expected"`` or ``"actual"`` for ops only one graph runs,
     ``"both"`` for a difference in ops both run (then ``argument`` names the
-    argument that differs and ``values`` its two values).
+    argument that differs and ``values`` its two values), and ``"values"`` for
+    a result that differs when both graphs run (``modeswap.check``'s second
+    opinion: ``argument`` names it, ``values[0]`` lists the seeds).
     """
 
     side: str

@@ -217,7 +217,7 @@ def _values(
             under.setdefault(what, []).append(seed)
     for what, differing in under.items():
         path = what.partition("['")[2].rpartition(".")[0]
-        yield Found(side="both", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
+        yield Found(side="values", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
 
 
 def _runnable(gm: GraphModule) -> GraphModule:
@@ -263,7 +263,6 @@ def _explain(found: list[Found | str], target: Mode, *, other_exact: bool) -> It
 
 
 def _differences(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
-    source = _other(target)
     pinned = {f.module_path for f in found if isinstance(f, Found) and f.flag}
     for f in found:
         if isinstance(f, str):
@@ -279,11 +278,11 @@ def _differences(found: list[Found | str], target: Mode, *, other_exact: bool) -
             fix = "export in train mode (its swap to eval is exact), or modeswap.capture(model, args)"
         else:
             fix = _capture(target, other_exact)
-        yield Difference(f.module_path, f.nodes, _what(f, source, target), cause, fix)
+        yield Difference(f.module_path, f.nodes, _what(f, target), cause, fix)
 
 
 def _cause(f: Found, pinned: set[str]) -> Cause:
-    if f.argument is not None and f.values is not None and not f.nodes and f.argument != "outputs":
+    if f.side == "values":
         return Cause.VALUES
     if f.module_path in pinned and f.module_path:
         return Cause.PINNED
@@ -298,9 +297,9 @@ def _cause(f: Found, pinned: set[str]) -> Cause:
     return Cause.TRAINING_BRANCH
 
 
-def _what(f: Found, source: Mode, target: Mode) -> str:
+def _what(f: Found, target: Mode) -> str:
     own = f"the {target.value} export"
-    if f.side != "both":
+    if f.side in ("expected", "actual"):
         where = own if f.side == "expected" else "the swap"
         other = "the swap" if f.side == "expected" else own
         updates = f", updating {', '.join(dict.fromkeys(f.writes))}" if f.writes else ""
@@ -309,7 +308,7 @@ def _what(f: Found, source: Mode, target: Mode) -> str:
     want, have = f.values
     if f.argument == "outputs":
         return f"{own} returns {_outputs(want)}, the swap {_outputs(have)}"
-    if not f.nodes:
+    if f.side == "values":
         return f"{f.argument} differs from {own} when both run under seed(s) {', '.join(map(str, want))}"
     return f"{f.ops[0]} {f.argument}={_short(have)} in the swap, {_short(want)} in {own}"
 

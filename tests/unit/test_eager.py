@@ -356,3 +356,14 @@ def test_a_graph_that_draws_nothing_runs_under_one_seed(monkeypatch: pytest.Monk
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     assert modeswap.check(model, ROWS, seeds=(3, 4)).exact
     assert calls == [3] * 4
+
+
+def test_a_value_that_differs_where_the_graphs_agree_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second opinion's own finding: graphs that read the same yet compute another buffer.
+    found = ["buffers['1.running_mean']"]
+    monkeypatch.setattr(modeswap.eager, "run_differences", lambda *a, **k: found)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    (difference,) = modeswap.check(model, ROWS).to_eval.differences
+    assert difference.cause is Cause.VALUES
+    assert difference.module_path == "1"
+    assert difference.what == "buffers['1.running_mean'] differs from the eval export when both run under seed(s) 0"

@@ -21,7 +21,7 @@ import attrs
 import torch
 from torch.fx import GraphModule, Node
 
-from modeswap.graphs import get_argument, module_path
+from modeswap.graphs import attribute, get_argument, module_path
 from modeswap.idioms import matches
 from modeswap.modes import Mode
 from modeswap.rules import PerNode, rule_for
@@ -98,7 +98,7 @@ class _Graph:
             return ("input", self.inputs[node])
         if node.op == "get_attr":
             target = str(node.target)
-            value = _attribute(self.gm, target)
+            value = attribute(self.gm, target)
             if isinstance(value, GraphModule):
                 return ("body", _signature(value))
             if target in self.state or not isinstance(value, torch.Tensor):
@@ -199,13 +199,13 @@ def _written(gm: GraphModule, node: Node) -> Iterator[Node]:
                 yield value
         return
     bodies = [a for a in node.args if isinstance(a, Node) and a.op == "get_attr"]
-    bodies = [b for b in bodies if isinstance(_attribute(gm, str(b.target)), GraphModule)]
+    bodies = [b for b in bodies if isinstance(attribute(gm, str(b.target)), GraphModule)]
     if not bodies:
         return
     # The body's inputs are the operands after the last body, in order (``cond`` passes them as one tuple).
     operands = torch.utils._pytree.tree_leaves(list(node.args[node.args.index(bodies[-1]) + 1 :]))
     for body in bodies:
-        module = _attribute(gm, str(body.target))
+        module = attribute(gm, str(body.target))
         inputs = list(module.graph.find_nodes(op="placeholder"))
         if len(inputs) != len(operands):
             continue
@@ -214,13 +214,6 @@ def _written(gm: GraphModule, node: Node) -> Iterator[Node]:
             for value in map(_source, _written(module, inner)):
                 if value in position and isinstance(operands[position[value]], Node):
                     yield operands[position[value]]
-
-
-def _attribute(gm: torch.nn.Module, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _small(t: torch.Tensor) -> Any:

@@ -64,6 +64,14 @@ def _is_default(argument: Any, value: Any) -> bool:
     return type(value) is type(default) and value == default
 
 
+def attribute(module: torch.nn.Module, target: str) -> Any:
+    """What the dotted ``target`` names on ``module`` (a ``get_attr`` target), or ``None`` if nothing."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def graph_modules(gm: GraphModule, path: str = "") -> Iterator[tuple[str, GraphModule]]:
     """Yield ``gm`` and every ``GraphModule`` below it (the subgraphs of higher-order ops).
 

@@ -22,7 +22,7 @@ from torch.fx import Graph, GraphModule
 
 from modeswap.errors import ModeswapWarning, UnsupportedGraphError
 from modeswap.exported import require_exported
-from modeswap.graphs import copy_module, recompile_all
+from modeswap.graphs import attribute, copy_module, recompile_all
 from modeswap.modes import Mode, ModeReport
 from modeswap.pass_base import Pass, pipeline
 from modeswap.passes import swap_passes
@@ -268,7 +268,7 @@ def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
         if node.op not in ("get_attr", "call_module"):
             continue
         target = str(node.target)
-        value, held = _lookup(gm, target), _lookup(state, target)
+        value, held = attribute(gm, target), attribute(state, target)
         if isinstance(value, GraphModule) and node.op == "get_attr":
             continue  # a subgraph body: each mode gets its own (_rename_subgraphs)
         if target in weights or _same_attribute(value, held):
@@ -288,13 +288,6 @@ def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
     return renamed
 
 
-def _lookup(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
 def _same_attribute(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
@@ -309,7 +302,7 @@ def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:
     renamed: dict[str, GraphModule] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
         target = str(node.target)
-        body = _lookup(gm, target)  # None for a tensor _adopt renamed: the state holds it, gm does not
+        body = attribute(gm, target)  # None for a tensor _adopt renamed: the state holds it, gm does not
         if not isinstance(body, GraphModule):
             continue
         new = f"{target.replace('.', '_')}_{mode.value}"

@@ -38,3 +38,12 @@ def test_check_finds_only_the_drop_paths(case: Case) -> None:
     assert differences, fidelity
     assert {d.cause for d in differences} == {modeswap.Cause.DROP_PATH}, fidelity
     assert all(d.module_path.endswith("drop_path") for d in differences), fidelity
+
+
+@pytest.mark.parametrize("name", ["gpt2", "convnext"])
+def test_capture_trains_as_eager(name: str) -> None:
+    # Real architectures: attention dropout an eval export writes as 0.0 (gpt2), drop path (convnext).
+    case = next(case for case in CASES if case.name == name)
+    model, args = case.build(), case.inputs()
+    modal = modeswap.capture(model, args)
+    assert modeswap.testing.assert_trains_like(copy.deepcopy(model), modal, args) > 0

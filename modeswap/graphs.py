@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -13,8 +13,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from modeswap.modes import Memo
-
-Tensors = Callable[[torch.Tensor], torch.Tensor]
+from modeswap.weights import Tensors, tensor_copier
 
 
 @functools.cache
@@ -147,20 +146,16 @@ def copy_graph(graph: Graph) -> Graph:
     return new
 
 
-def copy_module(gm: GraphModule, *, share_weights: bool = False) -> GraphModule:
+def copy_module(gm: GraphModule, *, share_weights: bool = False, copy_on_write: bool = False) -> GraphModule:
     """Return a copy of ``gm`` whose graph can be edited without touching ``gm``.
 
     Every submodule, parameter, buffer and tensor constant is there under its
     old name, whether the graph reads it or not. Tensors are copied (aliasing
-    between them kept) unless ``share_weights``, when the copy uses ``gm``'s own.
+    between them kept) unless ``share_weights``, when the copy uses ``gm``'s own;
+    ``copy_on_write`` copies them lazily (see ``modeswap.weights``).
     The copy's code is not generated: call ``recompile`` on it before use.
     """
-    memo: dict[int, Any] = {}
-
-    def tensor(t: torch.Tensor) -> torch.Tensor:
-        return t if share_weights else copy.deepcopy(t, memo)
-
-    new = _copy_tree(gm, tensor)
+    new = _copy_tree(gm, tensor_copier(share_weights=share_weights, copy_on_write=copy_on_write))
     assert isinstance(new, GraphModule)
     return new
 

@@ -90,13 +90,15 @@ class Pass:
         module, _ = self.rewrite(gm)
         return module
 
-    def rewrite(self, gm: GraphModule, *, share_weights: bool = False) -> tuple[GraphModule, tuple[Change, ...]]:
+    def rewrite(
+        self, gm: GraphModule, *, share_weights: bool = False, copy_on_write: bool = False
+    ) -> tuple[GraphModule, tuple[Change, ...]]:
         """Return a rewritten copy of ``gm`` and the changes made to reach it.
 
         With ``share_weights`` the copy aliases ``gm``'s parameters and buffers
-        instead of cloning them.
+        instead of cloning them; with ``copy_on_write`` it clones them lazily.
         """
-        new = copy_module(require_exported(gm), share_weights=share_weights)
+        new = copy_module(require_exported(gm), share_weights=share_weights, copy_on_write=copy_on_write)
         changes = self.edit(new)
         if not self.compiles:
             recompile_all(new)

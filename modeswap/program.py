@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from modeswap.graphs import copy_module
 from modeswap.modes import Change, Mode
 from modeswap.pass_base import pipeline
 from modeswap.passes import swap_passes
+from modeswap.weights import tensor_copier
 
 
 def swap_program(
@@ -24,6 +24,7 @@ def swap_program(
     mode: Mode,
     *,
     share_weights: bool,
+    copy_on_write: bool = False,
     attention_dropout: float | None,
     dropout: Mapping[str, float] | None,
     keep: Sequence[str],
@@ -31,21 +32,19 @@ def swap_program(
     """Return a new ``ExportedProgram`` whose graph behaves as eager does in ``mode``, and its changes.
 
     ``ep`` is not modified: the new program has its own graph, signature, module
-    call graph and (unless ``share_weights``) state dict and constants. The
-    options are ``modeswap.swap``'s.
+    call graph and (unless ``share_weights``) state dict and constants, copied
+    lazily with ``copy_on_write``. The options are ``modeswap.swap``'s.
     """
     refuse_lowered(ep)
     signature = ep.graph_signature
     rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep))
-    gm = copy_module(ep.graph_module, share_weights=share_weights)
+    gm = copy_module(ep.graph_module, share_weights=share_weights, copy_on_write=copy_on_write)
     modules = [entry.fqn for entry in ep.module_call_graph]
     changes = rewrite.edit(gm, buffers=signature.inputs_to_buffers, modules=modules)
-    memo: dict[int, Any] = {}
+    tensor = tensor_copier(share_weights=share_weights, copy_on_write=copy_on_write)
 
     def tensors(values: dict[str, Any]) -> dict[str, Any]:
-        if share_weights:
-            return dict(values)
-        return {k: copy.deepcopy(v, memo) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        return {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
 
     # The constructor generates the code once, runs torch's verifier, and edits
     # the signature and module call graph it is given: hand it copies.

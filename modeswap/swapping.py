@@ -24,6 +24,7 @@ def swap(
     mode: Mode | str,
     *,
     share_weights: bool = False,
+    copy_on_write: bool = False,
     attention_dropout: float | None = None,
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
@@ -32,6 +33,16 @@ def swap(
 
     ``module`` is not modified. Its parameters and buffers are cloned, unless
     ``share_weights``, when the new module aliases them.
+
+    ``copy_on_write`` clones them lazily (``torch._lazy_clone``, a private torch
+    API): the swap copies no weight data, and the first write to a tensor on
+    either side copies that tensor. The input's tensors become copy-on-write too,
+    so the input keeps its values but not its addresses: its first in-place write,
+    ``data_ptr()``, ``.numpy()`` or DLPack export after the swap copies it to new
+    memory. Writes through NumPy or DLPack views, or raw pointers, taken *before*
+    the swap bypass copy-on-write and reach the result. Tensors it cannot clone
+    safely (subclasses, quantized, meta, loaded with ``torch.load``) are cloned.
+    It cannot be combined with ``share_weights``.
 
     What the graph does not record, the caller states (see ``modeswap.stated``
     for how module-path patterns match):
@@ -53,7 +64,9 @@ def swap(
     target = Mode.parse(mode)
     options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     if isinstance(module, torch.export.ExportedProgram):
-        program, changes = swap_program(module, target, share_weights=share_weights, **options)
+        program, changes = swap_program(
+            module, target, share_weights=share_weights, copy_on_write=copy_on_write, **options
+        )
         return cast(Swap[Exported], Swap(program, target, changes))  # Exported is ExportedProgram here
     if isinstance(module, ModalModule):
         msg = (
@@ -62,7 +75,7 @@ def swap(
         )
         raise NotExportedError(msg)
     rewrite = swap_pipeline(target, **options)
-    new, changes = rewrite.rewrite(module, share_weights=share_weights)
+    new, changes = rewrite.rewrite(module, share_weights=share_weights, copy_on_write=copy_on_write)
     return Swap(new, target, changes)
 
 
@@ -74,18 +87,21 @@ class Options(TypedDict):
     keep: Sequence[str]
 
 
-def to_eval(module: Exported, *, share_weights: bool = False, keep: Sequence[str] = ()) -> Exported:
+def to_eval(
+    module: Exported, *, share_weights: bool = False, copy_on_write: bool = False, keep: Sequence[str] = ()
+) -> Exported:
     """Return a copy of ``module`` that behaves as eager does after ``model.eval()``; see :func:`swap`.
 
     >>> evaluated = modeswap.to_eval(gm)
     """
-    return swap(module, Mode.EVAL, share_weights=share_weights, keep=keep).module
+    return swap(module, Mode.EVAL, share_weights=share_weights, copy_on_write=copy_on_write, keep=keep).module
 
 
 def to_train(
     module: Exported,
     *,
     share_weights: bool = False,
+    copy_on_write: bool = False,
     attention_dropout: float | None = None,
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
@@ -95,7 +111,7 @@ def to_train(
     >>> trainable = modeswap.to_train(gm, dropout={"encoder.layers.*.attention": 0.1})
     """
     options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
-    return swap(module, Mode.TRAIN, share_weights=share_weights, **options).module
+    return swap(module, Mode.TRAIN, share_weights=share_weights, copy_on_write=copy_on_write, **options).module
 
 
 def mode_of(module: GraphModule | torch.export.ExportedProgram | ModalModule) -> ModeReport:

@@ -39,9 +39,10 @@ def swap(
     either side copies that tensor. The input's tensors become copy-on-write too,
     so the input keeps its values but not its addresses: its first in-place write,
     ``data_ptr()``, ``.numpy()`` or DLPack export after the swap copies it to new
-    memory. Writes through NumPy or DLPack views, or raw pointers, taken *before*
-    the swap bypass copy-on-write and reach the result. Tensors it cannot clone
-    safely (subclasses, quantized, meta, loaded with ``torch.load``) are cloned.
+    memory. Writes through DLPack aliases or raw pointers of the input taken
+    *before* the swap bypass copy-on-write and reach the result. Tensors it
+    cannot clone lazily and safely are cloned: subclasses, quantized, sparse,
+    meta, loaded with ``torch.load``, viewed by NumPy (see ``modeswap.weights``).
     It cannot be combined with ``share_weights``.
 
     What the graph does not record, the caller states (see ``modeswap.stated``

@@ -80,6 +80,54 @@ def test_swap_never_touches_its_input(case: Case, target: Mode, share_weights: b
         assert not set(old.values()) & set(new.values())
 
 
+def values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_equal_values(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def train_step(module: torch.nn.Module, args: tuple[torch.Tensor, ...], seed: int) -> None:
+    """A forward (buffers update in train mode), a backward, and an SGD step, all in place."""
+    parameters = list(module.parameters())
+    run_forward_backward(module, args, seed=seed)
+    if parameters:
+        torch.optim.SGD(parameters, lr=0.1).step()
+
+
+@given(case=cases(), target=modes, seed=st.integers(0, 1000), result_first=st.booleans())
+def test_a_copy_on_write_swap_computes_what_the_default_swap_computes_and_keeps_the_sides_apart(
+    case: Case, target: Mode, seed: int, result_first: bool
+) -> None:
+    gm = graph_in(case, other(target))
+    twin = modeswap.swap(gm, other(target)).module  # a plain clone of the input: what it must go on computing
+    before = values(gm)
+    options = {"attention_dropout": attention_dropout(case, target)}
+    default = modeswap.swap(gm, target, **options)
+    lazy = modeswap.swap(gm, target, copy_on_write=True, **options)
+    assert lazy.changes == default.changes
+    expected = run_forward_backward(default.module, case.args, seed=seed)
+    assert_same_run(expected, run_forward_backward(lazy.module, case.args, seed=seed), atol=0, rtol=0)
+    assert_equal_values(values(gm), before)
+    # Training steps on the result and on the input, in either order, as on two plain clones.
+    pairs = [(lazy.module, default.module), (gm, twin)]
+    (first, first_twin), (second, second_twin) = pairs if result_first else pairs[::-1]
+    untouched = values(second)
+    for step in range(2):
+        train_step(first, case.args, seed + step)
+        train_step(first_twin, case.args, seed + step)
+    assert_equal_values(values(first), values(first_twin))
+    assert_equal_values(values(second), untouched)
+    trained = values(first)
+    train_step(second, case.args, seed)
+    train_step(second_twin, case.args, seed)
+    assert_equal_values(values(second), values(second_twin))
+    assert_equal_values(values(first), trained)
+
+
 @given(case=cases(), source=modes)
 def test_round_trip_gives_back_the_exported_graph(case: Case, source: Mode) -> None:
     gm = export(case, source)

@@ -15,6 +15,7 @@ in eval mode (the source of ``to_train``); on each source, these are timed in
 interleaved repetitions with ``gc.collect()`` before each:
 
 - ``modeswap`` / ``modeswap_shared``: ``modeswap.to_eval``/``to_train``, pure and with ``share_weights=True``;
+- ``modeswap_cow``: the same, pure with ``copy_on_write=True`` (weights cloned lazily);
 - ``floor`` / ``floor_shared``: ``copy_module`` (tensors cloned or shared) and one ``recompile_all``;
 - ``modeswap_first_call`` / ``floor_first_call``: the same plus one forward on the result (lazy code generation);
 - ``torchao``: ``move_exported_model_to_eval``/``_train`` on a fresh deep copy, the copy not timed;
@@ -161,6 +162,7 @@ def swap_contenders(d: Direction, args: tuple[torch.Tensor, ...]) -> dict[str, P
     return {
         "modeswap": same(lambda: d.swap(src)),
         "modeswap_shared": same(lambda: d.swap(src, share_weights=True)),
+        "modeswap_cow": same(lambda: d.swap(src, copy_on_write=True)),
         "floor": same(lambda: floor(src)),
         "floor_shared": same(lambda: floor(src, share_weights=True)),
         "modeswap_first_call": same(lambda: d.swap(src)(*args)),
@@ -216,6 +218,7 @@ def measure_memory(d: Direction) -> dict[str, dict[str, int | str]]:
     calls: dict[str, tuple[Callable[[], GraphModule], bool]] = {
         "modeswap": (lambda: d.swap(d.source), True),
         "modeswap_shared": (lambda: d.swap(d.source, share_weights=True), True),
+        "modeswap_cow": (lambda: d.swap(d.source, copy_on_write=True), True),
         "floor": (lambda: floor(d.source), False),
         "floor_shared": (lambda: floor(d.source, share_weights=True), False),
     }

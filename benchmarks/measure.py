@@ -150,7 +150,8 @@ def storages(module: torch.nn.Module) -> dict[int, int]:
     for tensor in _tensors(module):
         storage = tensor.untyped_storage()
         if storage.nbytes():
-            found[storage.data_ptr()] = storage.nbytes()
+            # Through const_data_ptr: data_ptr() would copy a copy-on-write storage, and move it.
+            found[tensor.const_data_ptr() - tensor.storage_offset() * tensor.element_size()] = storage.nbytes()
     return found
 
 

@@ -22,6 +22,7 @@ from targets import (
 CONTENDERS = {
     "modeswap": "modeswap",
     "modeswap_shared": "modeswap share_weights",
+    "modeswap_cow": "modeswap copy_on_write",
     "floor": "floor",
     "floor_shared": "floor no clone",
     "modeswap_first_call": "modeswap + 1st call",
@@ -379,6 +380,7 @@ def markdown(results: Results) -> str:
 _STYLES = {
     "modeswap": ("tab:blue", "-"),
     "modeswap_shared": ("tab:cyan", "--"),
+    "modeswap_cow": ("tab:green", "-."),
     "floor": ("black", "-"),
     "floor_shared": ("gray", "--"),
     "modeswap_first_call": ("tab:purple", ":"),

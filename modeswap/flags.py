@@ -87,19 +87,19 @@ def targets(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: St
     decomposed, eval_only = _refused(kind)
     if mode is not Mode.TRAIN:
         eval_only = ()  # an eval swap leaves them as they are: they compute what eager eval does
-    captured = context.captured(stated.keeps)
+    captured = functools.cache(lambda: context.captured(stated.keeps))  # read only where a site is
     for path, module in graph_modules(gm):
         for node in calls(module.graph, decomposed):
             _refuse_decomposed(qualified_name(path, node), node)
         for node in calls(module.graph, eval_only):
             _refuse_eval_only(qualified_name(path, node), node)
+        sites = [(rule, node) for rule in rules for node in calls(module.graph, rule.ops) if rule.applies(node)]
+        if not sites:
+            continue  # most kinds have no site in most graphs: read nothing more
         lifted = context.buffers if module is gm else {}  # subgraph placeholders are not in the signature
         reads = {str(n.target): n for n in module.graph.find_nodes(op="get_attr")}  # find_nodes(target=) scans
-        for rule in rules:
-            for node in calls(module.graph, rule.ops):
-                if rule.applies(node):
-                    name = qualified_name(path, node)
-                    yield Target(node, name, rule, module, context, lifted, reads, stated, captured)
+        for rule, node in sites:
+            yield Target(node, qualified_name(path, node), rule, module, context, lifted, reads, stated, captured())
 
 
 def stays(node: Node, stated: Stated) -> bool:

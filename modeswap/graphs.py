@@ -78,7 +78,7 @@ def graph_modules(gm: GraphModule, path: str = "") -> Iterator[tuple[str, GraphM
     only ``GraphModule`` children are searched, not the whole module tree.
     """
     yield path, gm
-    for name, child in gm.named_children():
+    for name, child in gm._modules.items():  # not named_children(): a lifted graph has a child per weight's parent
         if isinstance(child, GraphModule):
             yield from graph_modules(child, f"{path}.{name}" if path else name)
 

@@ -25,6 +25,11 @@ Also measured: tensor memory of a swap, and the cost of one ``.train()``/``.eval
 switch with ``modeswap.allow_train_eval`` (when modeswap has it) and torchao's
 ``allow_exported_model_train_eval``.
 
+On ResNet-50 and BERT, a to_eval under each weight policy (cloned, copy-on-write,
+shared) alone and followed by the first thing a caller does with the result: a
+forward, an optimizer step, ``load_state_dict``, ``torch.export.save`` (after a
+swap of the program).
+
 On chain-100, ResNet-50 and BERT, from the eager model: ``modeswap.check`` and
 ``modeswap.capture`` next to ``two_exports``, ``torch.export.export`` in train
 mode then in eval mode, interleaved; what ``check`` finds; and the memory of a
@@ -42,6 +47,7 @@ import copy
 import datetime
 import functools
 import gc
+import io
 import json
 import os
 import platform
@@ -80,6 +86,14 @@ START = time.perf_counter()
 
 #: Where check and capture are timed: a repetition of their three contenders exports the model six times.
 MODAL_MODELS = ("chain-100", "resnet50", "bert")
+#: Where a to_eval is timed with the first thing a caller does to its result, under each weight policy.
+WRITES_MODELS = ("resnet50", "bert")
+#: How a swap gives its result tensors: modeswap's options for each.
+POLICIES: dict[str, dict[str, bool]] = {
+    "clone": {},
+    "copy_on_write": {"copy_on_write": True},
+    "share_weights": {"share_weights": True},
+}
 
 
 def log(message: str) -> None:
@@ -95,10 +109,11 @@ class Settings:
     switch_budget_s: float  # the most time spent on modeswap's 1,000 switches
     torchao_switches: int  # halved on graphs of more than 2,000 nodes (several seconds each)
     modal: Policy  # check, capture and two exports
+    writes: Policy  # a swap and the first thing done to its result, per weight policy
     capture_profiled: bool  # whether a capture's peak allocation is profiled (several seconds on ResNet-50)
 
     def to_json(self) -> dict[str, Any]:
-        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport", "modal")}
+        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport", "modal", "writes")}
         return {
             "quick": self.quick,
             **policies,
@@ -116,6 +131,7 @@ FULL = Settings(
     switch_budget_s=5.0,
     torchao_switches=4,
     modal=Policy(10.0, 3, 5, warmup=False),
+    writes=Policy(3.0, 3, 7),
     capture_profiled=True,
 )
 QUICK = Settings(
@@ -126,6 +142,7 @@ QUICK = Settings(
     switch_budget_s=1.0,
     torchao_switches=2,
     modal=Policy(0.0, 1, 1, warmup=False),
+    writes=Policy(0.0, 1, 1, warmup=False),
     capture_profiled=False,
 )
 
@@ -391,6 +408,50 @@ def run_modal(
     }
 
 
+def first_writes(
+    program: torch.export.ExportedProgram, source: GraphModule, args: tuple[torch.Tensor, ...]
+) -> dict[str, Callable[[dict[str, bool]], object]]:
+    """A to_eval under a weight policy, alone and followed by the first thing a caller does with its result.
+
+    The forward reads the weights; the optimizer step (after a backward) and
+    ``load_state_dict`` write every parameter, which is where copy-on-write pays
+    the copy it deferred; ``torch.export.save`` follows a swap of the program.
+    """
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+
+    def step(result: GraphModule) -> None:
+        outputs = [t for t in torch.utils._pytree.tree_leaves(result(*args)) if isinstance(t, torch.Tensor)]
+        sum(t.float().sum() for t in outputs if t.is_floating_point()).backward()
+        torch.optim.SGD(result.parameters(), lr=1e-3).step()
+
+    def save(options: dict[str, bool]) -> None:
+        swapped = modeswap.swap(program, "eval", **options).module
+        torch.export.save(swapped, io.BytesIO())
+
+    return {
+        "swap": lambda options: modeswap.to_eval(source, **options),
+        "swap + forward": lambda options: modeswap.to_eval(source, **options)(*args),
+        "swap + optimizer step": lambda options: step(modeswap.to_eval(source, **options)),
+        "swap + load_state_dict": lambda options: modeswap.to_eval(source, **options).load_state_dict(state),
+        "program swap + torch.export.save": save,
+    }
+
+
+def run_writes(
+    program: torch.export.ExportedProgram, source: GraphModule, args: tuple[torch.Tensor, ...], settings: Settings
+) -> dict[str, Any]:
+    """Times of :func:`first_writes` under each policy, all interleaved; keys ``"<what> | <policy>"``."""
+    log("  to_eval and the first write to its result, per weight policy")
+    contenders = {
+        f"{what} | {policy}": same(functools.partial(call, options))
+        for what, call in first_writes(program, source, args).items()
+        for policy, options in POLICIES.items()
+    }
+    timings = measure(contenders, settings.writes, progress=log)
+    report_timings(timings)
+    return {name: t.to_json() for name, t in timings.items()}
+
+
 def _timed(fn: Callable[[], object]) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -400,21 +461,22 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def timed_export(
     eager: torch.nn.Module, args: tuple[torch.Tensor, ...], *, train: bool
-) -> tuple[GraphModule, tuple[float, float]]:
+) -> tuple[torch.export.ExportedProgram, tuple[float, float]]:
     eager.train(train)
     gc.collect()
     start, start_cpu = time.perf_counter(), time.process_time()
     program = torch.export.export(eager, args)
     sample = time.perf_counter() - start, time.process_time() - start_cpu
-    return program.module(), sample  # type: ignore[return-value]
+    return program, sample
 
 
 def run_model(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     log(f"{spec.name}: building and exporting ({spec.description})")
     torch.manual_seed(0)
     eager, args = spec.build(), spec.inputs()
-    train_graph, train_export_s = timed_export(eager, args, train=True)
-    eval_graph, eval_export_s = timed_export(eager, args, train=False)
+    train_program, train_export_s = timed_export(eager, args, train=True)
+    eval_program, eval_export_s = timed_export(eager, args, train=False)
+    train_graph, eval_graph = train_program.module(), eval_program.module()
     log(
         f"  exported: {count_nodes(train_graph)} nodes in train mode ({train_export_s[0]:.2f} s), "
         f"{count_nodes(eval_graph)} in eval mode ({eval_export_s[0]:.2f} s)"
@@ -433,7 +495,7 @@ def run_model(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     try:
-        return measure_model(spec, eager, args, directions, train_graph, allow_ao, settings)
+        return measure_model(spec, eager, args, directions, train_program, allow_ao, settings)
     finally:
         gc.unfreeze()
 
@@ -443,10 +505,11 @@ def measure_model(
     eager: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     directions: list[Direction],
-    train_graph: GraphModule,
+    train_program: torch.export.ExportedProgram,
     allow_ao: Callable[[GraphModule], Any] | None,
     settings: Settings,
 ) -> dict[str, Any]:
+    train_graph = directions[0].source
     result: dict[str, Any] = {
         "description": spec.description,
         "is_chain": spec.is_chain,
@@ -460,6 +523,8 @@ def measure_model(
         "modeswap": modeswap_switch(train_graph, args, settings.switch_budget_s),
         "torchao": torchao_switch(train_graph, allow_ao, switches) if allow_ao else {"error": "torchao unavailable"},
     }
+    if spec.name in WRITES_MODELS:
+        result["writes"] = run_writes(train_program, train_graph, args, settings)
     if spec.name in MODAL_MODELS:
         result["modal"] = run_modal(spec, eager, args, settings)
     return result

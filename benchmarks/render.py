@@ -8,6 +8,8 @@ from typing import Any
 from targets import (
     CAPTURE_RATIO,
     CHECK_RATIO,
+    COW_MEMORY_RATIO,
+    COW_SHARED_RATIO,
     FLOOR_RATIO,
     MEMORY_RATIO,
     Results,
@@ -102,7 +104,9 @@ def ratio_table(results: Results, direction: str) -> list[str]:
         "modeswap / floor",
         "share_weights / no-clone floor",
         "+ 1st call / floor + 1st call",
+        "copy_on_write / share_weights",
         "torchao / modeswap",
+        "torchao / copy_on_write",
         "re-export / modeswap",
     ]
     rows = []
@@ -115,7 +119,9 @@ def ratio_table(results: Results, direction: str) -> list[str]:
                 _mark(ratio(results, name, direction, "modeswap", "floor"), FLOOR_RATIO),
                 _mark(ratio(results, name, direction, "modeswap_shared", "floor_shared"), FLOOR_RATIO),
                 _mark(ratio(results, name, direction, "modeswap_first_call", "floor_first_call"), FLOOR_RATIO),
+                _mark(ratio(results, name, direction, "modeswap_cow", "modeswap_shared"), COW_SHARED_RATIO),
                 _x(ratio(results, name, direction, "torchao", "modeswap")),
+                _x(ratio(results, name, direction, "torchao", "modeswap_cow")),
                 _x(ratio(results, name, direction, "reexport", "modeswap")),
             ]
         )
@@ -129,6 +135,8 @@ def memory_table(results: Results) -> list[str]:
         "modeswap kept MiB",
         "modeswap peak MiB",
         "peak / state",
+        "copy_on_write kept / peak MiB",
+        "copy_on_write peak / state",
         "share_weights kept / peak bytes",
         "floor kept MiB",
     ]
@@ -136,10 +144,7 @@ def memory_table(results: Results) -> list[str]:
     for name, model in results["models"].items():
         if "to_eval" not in model:
             continue
-        shared = [
-            memory(results, name, "to_eval", "modeswap_shared", k)
-            for k in ("new_storage_bytes", "peak_allocated_bytes")
-        ]
+        shared = [memory(results, name, "to_eval", "modeswap_shared", k) for k in _KEPT_PEAK]
         rows.append(
             [
                 name,
@@ -147,10 +152,32 @@ def memory_table(results: Results) -> list[str]:
                 _mb(memory(results, name, "to_eval", "modeswap", "new_storage_bytes")),
                 _mb(memory(results, name, "to_eval", "modeswap", "peak_allocated_bytes")),
                 _mark(memory_ratio(results, name, "to_eval"), MEMORY_RATIO),
+                " / ".join(_mb(memory(results, name, "to_eval", "modeswap_cow", k)) for k in _KEPT_PEAK),
+                _mark(memory_ratio(results, name, "to_eval", "modeswap_cow"), COW_MEMORY_RATIO),
                 " / ".join("-" if v is None else str(v) for v in shared),
                 _mb(memory(results, name, "to_eval", "floor", "new_storage_bytes")),
             ]
         )
+    return _table(header, rows)
+
+
+_KEPT_PEAK = ("new_storage_bytes", "peak_allocated_bytes")
+
+#: The weight policies of the first-write table, in column order.
+POLICIES = ("clone", "copy_on_write", "share_weights")
+
+
+def writes_table(results: Results) -> list[str]:
+    """Per model and first write: each policy's min / median ms, and copy-on-write's and sharing's min over clone's."""
+    header = ["model", "what", *POLICIES, "copy_on_write / clone", "share_weights / clone"]
+    rows = []
+    for name, model in results["models"].items():
+        timings = model.get("writes", {})
+        for what in dict.fromkeys(key.partition(" | ")[0] for key in timings):
+            cells = {policy: timings.get(f"{what} | {policy}") for policy in POLICIES}
+            mins = {policy: (c or {}).get("min_s") for policy, c in cells.items()}
+            over = [_x(mins[p] / mins["clone"] if mins[p] and mins["clone"] else None) for p in POLICIES[1:]]
+            rows.append([name, what, *(_cell(cells[p]) for p in POLICIES), *over])
     return _table(header, rows)
 
 
@@ -292,6 +319,9 @@ def errors(results: Results) -> list[str]:
         for key, entry in model.get("switch", {}).items():
             if entry.get("error"):
                 lines.append(f"- {name} switch {key}: `{entry['error']}`")
+        for key, timing in model.get("writes", {}).items():
+            if timing.get("error"):
+                lines.append(f"- {name} {key}: `{timing['error']}`")
         modal = model.get("modal", {})
         for key, timing in modal.get("timings", {}).items():
             if timing.get("error"):
@@ -335,6 +365,17 @@ def markdown(results: Results) -> str:
         "allocated and not yet freed during the swap (torch.profiler memory events). share_weights in bytes.",
         "",
         *memory_table(results),
+        "",
+    ]
+    lines += [
+        "## A to_eval and the first write to its result",
+        "",
+        "In ms, min / median, per weight policy: clone (the default), `copy_on_write=True`, `share_weights=True`. "
+        "forward reads the weights; an optimizer step (after a forward and a backward) and `load_state_dict` "
+        "write every parameter, so a copy-on-write result pays there the copies its swap deferred; "
+        "`torch.export.save` follows a swap of the `ExportedProgram`.",
+        "",
+        *writes_table(results),
         "",
     ]
     lines += [

@@ -1,4 +1,4 @@
-"""The targets of issue 6, and our own for issue 13's check and capture, checked against one run's results.
+"""The targets of issues 6 and 14, and our own for issue 13's check and capture, checked against one run's results.
 
 Time targets are ratios of minimum wall-clock times (``min_s``); each also
 carries the same ratio of minimum CPU times (``cpu_min_s``), which the other
@@ -18,6 +18,13 @@ FLOOR_RATIO = 1.2
 SCALING = 11.0
 #: Extra memory of a pure swap over the model's state.
 MEMORY_RATIO = 1.1
+#: Extra memory of a copy-on-write swap over the model's state, until something writes.
+COW_MEMORY_RATIO = 0.05
+#: A copy-on-write swap's time over share_weights', on these models.
+COW_SHARED_RATIO = 1.1
+COW_SHARED_MODELS = ("resnet50", "mobilenet_v2", "bert")
+#: How many times faster than torchao's in-place move a copy-on-write to_eval must be.
+COW_SPEEDUPS = {"resnet50": 15.0, "bert": 15.0, "chain-10": 50.0}
 #: Our own targets: issue 13 asks for the cost of check and capture next to two plain exports, and gives no number.
 CHECK_RATIO = 2.0
 CAPTURE_RATIO = 1.5
@@ -74,11 +81,11 @@ def memory(results: Results, model: str, direction: str, contender: str, key: st
     return int(value) if value is not None else None
 
 
-def memory_ratio(results: Results, model: str, direction: str) -> float | None:
+def memory_ratio(results: Results, model: str, direction: str, contender: str = "modeswap") -> float | None:
     """Peak extra bytes of a pure swap (at least what it keeps) over the model's state bytes."""
     extra = _max_known(
-        memory(results, model, direction, "modeswap", "peak_allocated_bytes"),
-        memory(results, model, direction, "modeswap", "new_storage_bytes"),
+        memory(results, model, direction, contender, "peak_allocated_bytes"),
+        memory(results, model, direction, contender, "new_storage_bytes"),
     )
     state = results["models"][model].get("state_bytes")
     return extra / state if extra is not None and state else None
@@ -95,12 +102,13 @@ def _worst(values: dict[str, float | None]) -> tuple[float | None, str]:
 
 def check(results: Results) -> list[Target]:
     """Every target of the issue, with the worst model where one target covers all models."""
-    targets = [
-        _speedup(results, "resnet50", "torchao", 15.0),
-        _speedup(results, "chain-10", "torchao", 50.0),
+    targets = [_speedup(results, model, "torchao", limit, "modeswap_cow") for model, limit in COW_SPEEDUPS.items()]
+    targets += [
         _speedup(results, "chain-10", "reexport", 10.0),
         _speedup(results, "resnet50", "reexport", 5.0),
     ]
+    for direction in ("to_eval", "to_train"):
+        targets.append(_cow_shared(results, direction))
     for direction in ("to_eval", "to_train"):
         targets += [
             _floor(results, direction, "modeswap", "floor", "pure / floor"),
@@ -114,10 +122,20 @@ def check(results: Results) -> list[Target]:
     return targets
 
 
-def _speedup(results: Results, model: str, contender: str, limit: float) -> Target:
-    """How many times faster pure ``to_eval`` is than ``contender`` on ``model``."""
-    value, cpu = (ratio(results, model, "to_eval", contender, "modeswap", clock) for clock in ("min_s", "cpu_min_s"))
-    return Target(f"to_eval speed-up over {contender}, {model}", value, limit, at_least=True, cpu_value=cpu)
+def _speedup(results: Results, model: str, contender: str, limit: float, swap: str = "modeswap") -> Target:
+    """How many times faster pure ``to_eval`` (``swap``: the default or copy-on-write) is than ``contender``."""
+    value, cpu = (ratio(results, model, "to_eval", contender, swap, clock) for clock in ("min_s", "cpu_min_s"))
+    how = " (copy_on_write)" if swap == "modeswap_cow" else ""
+    return Target(f"to_eval{how} speed-up over {contender}, {model}", value, limit, at_least=True, cpu_value=cpu)
+
+
+def _cow_shared(results: Results, direction: str) -> Target:
+    """A copy-on-write swap's time over share_weights', on the worst of ``COW_SHARED_MODELS``."""
+    models = [m for m in COW_SHARED_MODELS if direction in results["models"].get(m, {})]
+    value, where = _worst({m: ratio(results, m, direction, "modeswap_cow", "modeswap_shared") for m in models})
+    cpu, _ = _worst({m: ratio(results, m, direction, "modeswap_cow", "modeswap_shared", "cpu_min_s") for m in models})
+    name = f"{direction} copy_on_write / share_weights, worst of {', '.join(COW_SHARED_MODELS)}"
+    return Target(name, value, COW_SHARED_RATIO, False, where, cpu)
 
 
 def _floor(results: Results, direction: str, top: str, bottom: str, label: str) -> Target:
@@ -154,6 +172,7 @@ def _scaling(results: Results, direction: str) -> Target:
 def _memory(results: Results, direction: str) -> list[Target]:
     models = results["models"]
     value, where = _worst({m: memory_ratio(results, m, direction) for m in models})
+    cow, cow_where = _worst({m: memory_ratio(results, m, direction, "modeswap_cow") for m in models})
     shared = {
         m: _max_known(
             memory(results, m, direction, "modeswap_shared", "new_storage_bytes"),
@@ -164,6 +183,7 @@ def _memory(results: Results, direction: str) -> list[Target]:
     shared_value, shared_where = _worst(shared)
     return [
         Target(f"{direction} pure extra memory / state, worst model", value, MEMORY_RATIO, False, where),
+        Target(f"{direction} copy_on_write extra memory / state, worst model", cow, COW_MEMORY_RATIO, False, cow_where),
         Target(f"{direction} share_weights tensor bytes allocated, worst model", shared_value, 0, False, shared_where),
     ]
 

@@ -140,11 +140,13 @@ def allow_train_eval(
     attention_dropout: float | None = None,
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
+    copy_on_write: bool = False,
 ) -> ModalModule:
     """Return a new module that behaves as the eager model does after the same ``.train()`` / ``.eval()`` calls.
 
     ``module`` is not modified: the new module owns a copy of its parameters
-    and buffers, shared by both modes. It starts in the mode ``module`` was
+    and buffers, shared by both modes; ``copy_on_write`` makes that copy lazily,
+    as ``modeswap.swap`` does (see there what it changes). It starts in the mode ``module`` was
     captured in, or in eval when its graph shows no mode (then its behaviour is
     the eval variant's). ``attention_dropout`` and ``dropout`` state the
     training values the graph does not record, for the train variant; ``keep``
@@ -167,7 +169,7 @@ def allow_train_eval(
             f"({_mixed_sites(captured)}); swap it first with modeswap.to_train(gm) or modeswap.to_eval(gm)"
         )
         raise UnsupportedGraphError(msg)
-    state = copy_module(gm)
+    state = copy_module(gm, copy_on_write=copy_on_write)
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:

@@ -166,6 +166,33 @@ def test_a_write_on_either_side_never_shows_on_the_other(target, write, result_f
             assert torch.equal(actual[name], expected[name]), name
 
 
+@pytest.mark.parametrize("source", ["graph", "program"])
+@pytest.mark.parametrize("write", ["train_steps", "load_state_dict", "batch_norm_forward"])
+def test_allow_train_eval_copies_lazily_and_a_write_never_shows_on_the_other_side(write, source):
+    def run(copy_on_write: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
+        exported = program(Mode.TRAIN)
+        gm = exported.module()
+        before = values(gm)
+        modal = modeswap.allow_train_eval(exported if source == "program" else gm, copy_on_write=copy_on_write)
+        assert all(is_cow(v) == copy_on_write for v in modal.state_dict().values())
+        torch.manual_seed(3)
+        outputs = [modal.eval()(x), modal.train()(x)]
+        WRITES[write](modal)
+        assert_values(gm, before)
+        WRITES[write](gm)
+        torch.manual_seed(4)
+        outputs.append(modal(x))
+        return values(gm), values(modal), outputs
+
+    expected, actual = run(copy_on_write=False), run(copy_on_write=True)
+    for want, got in zip(expected[:2], actual[:2], strict=True):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    for want, got in zip(expected[2], actual[2], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_batch_norm_in_the_swapped_train_graph_updates_its_own_running_stats_only():
     gm = export(Mode.EVAL)
     before = values(gm)

@@ -75,9 +75,10 @@ def can_copy_on_write(t: torch.Tensor) -> bool:
 class _CopyOnWrite:
     """Copies tensors lazily, one ``torch._lazy_clone`` per storage, and deep-copies what it cannot.
 
-    Each storage is cloned once and every tensor on it is rebuilt as a view of
-    the clone, so tensors that alias in the input alias in the copy; cloning each
-    tensor on its own would part them at the first write.
+    Each storage is cloned once, with the first tensor met on it, and every
+    other tensor on it is rebuilt as a view of that clone, so tensors that alias
+    in the input alias in the copy; cloning each tensor on its own would part
+    them at the first write.
     """
 
     def __init__(self, memo: dict[int, Any]) -> None:
@@ -91,12 +92,14 @@ class _CopyOnWrite:
         if not can_copy_on_write(t):
             return copy.deepcopy(t, self.memo)
         storage = t.untyped_storage()
-        if storage._cdata not in self.storages:
-            whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            self.storages[storage._cdata] = (storage, torch._lazy_clone(whole).untyped_storage())
-        _, clone = self.storages[storage._cdata]
-        with torch.no_grad():
-            new = torch.empty(0, dtype=t.dtype, device=t.device).set_(clone, t.storage_offset(), t.size(), t.stride())
+        if storage._cdata in self.storages:
+            _, clone = self.storages[storage._cdata]
+            with torch.no_grad():
+                new = torch.empty(0, dtype=t.dtype, device=t.device)
+                new.set_(clone, t.storage_offset(), t.size(), t.stride())
+        else:
+            new = torch._lazy_clone(t.detach())  # the same view of a lazy clone of the whole storage
+            self.storages[storage._cdata] = (storage, new.untyped_storage())
         if type(t) is torch.nn.Parameter:
             new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
         else:

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, SupportsIndex
 
 import attrs
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule
 
@@ -30,6 +31,7 @@ from modeswap.program import refuse_lowered, swap_program
 from modeswap.report import report
 from modeswap.skeleton import Skeleton
 from modeswap.stated import Stated
+from modeswap.weights import copy_tensor
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
 #: code and their bookkeeping. A ``ModalModule`` takes every other attribute of
@@ -285,14 +287,20 @@ def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
         if isinstance(value, torch.nn.Module):
             state.add_module(new, value)
         else:
-            setattr(state, new, copy.deepcopy(value))
+            setattr(state, new, copy_tensor(value, {}) if isinstance(value, torch.Tensor) else copy.deepcopy(value))
         node.target = renamed[target] = new
     return renamed
 
 
 def _same_attribute(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+        if a is b:
+            return True
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            return False
+        if a.is_meta or isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
+            return False  # no values to compare: each graph keeps a constant of its own
+        return bool(torch.equal(a, b))
     if isinstance(a, GraphModule) and isinstance(b, GraphModule):
         return a.code == b.code
     return a is b and a is not None

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from modeswap.errors import InvalidOptionError
 
@@ -39,7 +40,30 @@ def tensor_copier(*, share_weights: bool = False, copy_on_write: bool = False) -
     memo: dict[int, Any] = {}
     if copy_on_write:
         return _CopyOnWrite(memo)
-    return lambda t: copy.deepcopy(t, memo)
+    return lambda t: copy_tensor(t, memo)
+
+
+def copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """``copy.deepcopy(t, memo)``, except that a fake tensor is cloned in its own fake mode.
+
+    ``Tensor.__deepcopy__`` asks a tensor subclass for its ``data_ptr()`` (torch
+    warns that this will become an error for a fake tensor) and deep-copies its
+    ``__dict__``, which holds a fake tensor's ``FakeTensorMode``: the copy would
+    live in a copied mode, which refuses the caller's fake inputs and whose
+    ``StorageWeakRef`` objects (raw pointers) are freed twice, a crash.
+    """
+    if not isinstance(t, FakeTensor):
+        return copy.deepcopy(t, memo)
+    if id(t) in memo:
+        return memo[id(t)]  # type: ignore[no-any-return]
+    memo.setdefault(id(t.fake_mode), t.fake_mode)  # the one mode, never a copy of it
+    with torch.no_grad():
+        new = t.clone()  # dispatched to t.fake_mode: no memory
+    if t.requires_grad:
+        new.requires_grad_()
+    new.__dict__ = copy.deepcopy(vars(t), memo)  # nn.Parameter's mark, the fake device; the mode itself
+    memo[id(t)] = new
+    return new
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +114,7 @@ class _CopyOnWrite:
         if id(t) in self.memo:
             return self.memo[id(t)]  # type: ignore[no-any-return]
         if not can_copy_on_write(t):
-            return copy.deepcopy(t, self.memo)
+            return copy_tensor(t, self.memo)
         storage = t.untyped_storage()
         if storage._cdata in self.storages:
             _, clone = self.storages[storage._cdata]

@@ -4,9 +4,11 @@ The oracle is the same model on real weights: a meta swap must make the rewrite
 a real swap makes, keep every tensor on meta (or fake), and, once given memory
 and the real model's values, compute what the eager model computes in that mode.
 
-A copy of a fake tensor deep-copies its ``FakeTensorMode`` today, and a copied
-mode crashes the process when it is collected (see ``forked``): every check
-that makes such a copy runs in a forked child.
+``copy.deepcopy`` of a fake tensor copies its ``FakeTensorMode``, and a copied
+mode crashes the process when it is collected; modeswap clones fake tensors in
+their own mode instead (``weights.copy_tensor``). Should that regress, a crash
+would end the whole test run, so every check that copies a fake tensor runs in
+a forked child (see ``forked``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ POLICIES: dict[str, dict[str, bool]] = {
 }
 COPYING = ["default", "copy_on_write"]
 CONTAINERS = ["GraphModule", "ExportedProgram"]
-#: torch's warning when Tensor.__deepcopy__ reads a fake tensor's data pointer (see the xfail at the end).
-DATA_POINTER = "ignore:Accessing the data pointer of FakeTensor:UserWarning"
 x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 x_meta = torch.empty(2, 3, 8, 8, device="meta")
 
@@ -421,11 +421,6 @@ class Scaled(nn.Module):
         return self.drop(self.fc(input)) * self.scale
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="modal._same_attribute compares the two exports' constants with torch.equal, which has no meta kernel",
-)
 def test_capture_of_a_meta_model_with_a_tensor_constant():
     with torch.device("meta"):
         model = Scaled()
@@ -441,10 +436,10 @@ def test_capture_of_a_meta_model_with_a_tensor_constant():
 def forked(check: Callable[[], object]) -> None:
     """Run ``check`` in a forked child; raise here what it raised there, or ``ChildProcessError`` if it died.
 
-    A copy of a fake tensor deep-copies its ``FakeTensorMode`` (a swap's default
-    copy does today), and with it the ``StorageWeakRef`` objects the mode keeps,
-    which hold raw pointers: collecting the copy frees them a second time, and
-    the process crashes there or later. Such a copy is made in a child only.
+    ``copy.deepcopy`` of a fake tensor copies its ``FakeTensorMode``, and with
+    it the ``StorageWeakRef`` objects the mode keeps, which hold raw pointers:
+    collecting the copy frees them a second time, and the process crashes there
+    or later. A swap that copied fake tensors that way again would crash a child.
     """
     if not hasattr(os, "fork"):
         pytest.skip("needs os.fork")
@@ -522,7 +517,6 @@ def test_a_shared_fake_swap_is_the_real_swap_and_keeps_every_tensor_fake(contain
     assert_fake_swap_is_the_real_swap(container, target, "share_weights")
 
 
-@pytest.mark.filterwarnings(DATA_POINTER)  # see test_a_fake_swap_reads_no_data_pointer
 @pytest.mark.parametrize("target", list(Mode))
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_a_copied_fake_swap_is_the_real_swap_and_keeps_every_tensor_fake(container, target):
@@ -535,7 +529,6 @@ def test_a_copied_fake_swap_is_the_real_swap_and_keeps_every_tensor_fake(contain
     forked(check)
 
 
-@pytest.mark.filterwarnings(DATA_POINTER)
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_a_4_gib_fake_model_swaps_without_allocating_its_weights(container, policy):
@@ -543,21 +536,10 @@ def test_a_4_gib_fake_model_swaps_without_allocating_its_weights(container, poli
     isolated(policy, lambda: assert_swaps_without_allocating(program, container, policy, "fake"))
 
 
-@pytest.mark.filterwarnings(DATA_POINTER)
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_allow_train_eval_on_a_4_gib_fake_model_allocates_nothing(container):
     program = fake_big()
     forked(lambda: assert_allow_train_eval_allocates_nothing(program, container, "fake"))
-
-
-FAKE_MODE_COPIED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "weights.tensor_copier deep-copies a FakeTensor's __dict__, its fake_mode with it: the copies live in a new "
-        "FakeTensorMode, and running them on the caller's fake inputs fails with 'Mixing fake modes NYI'"
-    ),
-)
 
 
 def assert_runs_in_the_callers_fake_mode(container: str, policy: str) -> None:
@@ -570,18 +552,13 @@ def assert_runs_in_the_callers_fake_mode(container: str, policy: str) -> None:
     assert all(t.fake_mode is fake_mode for t in tensors(swapped).values())
 
 
-@pytest.mark.filterwarnings(DATA_POINTER)
-@pytest.mark.parametrize(
-    "policy", [*(pytest.param(policy, marks=FAKE_MODE_COPIED) for policy in COPYING), "share_weights"]
-)
+@pytest.mark.parametrize("policy", [*COPYING, "share_weights"])
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_the_fake_result_runs_in_the_callers_fake_mode(container, policy):
     fake_net(Mode.TRAIN)
     isolated(policy, lambda: assert_runs_in_the_callers_fake_mode(container, policy))
 
 
-@FAKE_MODE_COPIED
-@pytest.mark.filterwarnings(DATA_POINTER)
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_allow_train_eval_on_fake_weights_runs_in_the_callers_fake_mode(container):
     fake_net(Mode.TRAIN)
@@ -596,15 +573,6 @@ def test_allow_train_eval_on_fake_weights_runs_in_the_callers_fake_mode(containe
     forked(check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "weights.tensor_copier deep-copies each fake tensor's FakeTensorMode, and with it the StorageWeakRef "
-        "objects the mode keeps: raw pointers, which both objects free, so that collecting the copy crashes"
-    ),
-)
-@pytest.mark.filterwarnings(DATA_POINTER)
 @pytest.mark.parametrize("policy", COPYING)
 def test_a_copied_fake_swap_copies_no_storage_weak_reference(policy):
     """Each ``StorageWeakRef`` took a weak reference of its own; a copy of one frees it a second time.
@@ -623,15 +591,6 @@ def test_a_copied_fake_swap_copies_no_storage_weak_reference(policy):
     forked(check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "modal._same_attribute asks torch.equal of two fake constants, one of them a copy in a new fake mode "
-        "(see above): 'Mixing fake modes NYI'"
-    ),
-)
-@pytest.mark.filterwarnings(DATA_POINTER)
 def test_capture_of_a_fake_model_with_a_tensor_constant():
     def check() -> None:
         fake_mode = FakeTensorMode()
@@ -654,19 +613,7 @@ def warn_always() -> Iterator[None]:
     torch.set_warn_always(previous)
 
 
-DATA_POINTER_READ = pytest.mark.xfail(
-    strict=True,
-    raises=UserWarning,
-    reason=(
-        "weights.tensor_copier copies a FakeTensor with copy.deepcopy, and Tensor.__deepcopy__ asks a tensor "
-        "subclass for its data_ptr(): torch warns that this 'will error'"
-    ),
-)
-
-
-@pytest.mark.parametrize(
-    "policy", [*(pytest.param(policy, marks=DATA_POINTER_READ) for policy in COPYING), "share_weights"]
-)
+@pytest.mark.parametrize("policy", [*COPYING, "share_weights"])
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_a_fake_swap_reads_no_data_pointer(warn_always, container, policy):
     fake_net(Mode.TRAIN)

@@ -32,6 +32,12 @@ bench *args:
     done
     python benchmarks/bench.py {{args}}
 
+# A 1.1B-parameter Llama swapped per weight policy, and swap time on exported stacks of 1k/10k/100k nodes.
+# Full run (35-45 min, mostly exporting the 100k-node stacks) writes build/bench/scale; `--out docs/performance`
+# publishes it; `just bench-scale --quick` takes about four minutes. Needs transformers (the bench extra).
+bench-scale *args:
+    python benchmarks/scale.py {{args}}
+
 # docs/coverage.md: every architecture of the integration zoo, swapped both ways, against eager.
 coverage:
     python -m tests.integration.coverage --out docs/coverage.md

@@ -1,9 +1,10 @@
 """How a copy of a graph gets its parameters and buffers: cloned, shared, or copy-on-write.
 
-A swap copies every tensor its input holds (``copy.deepcopy``, aliasing between
-them kept), aliases them with ``share_weights=True``, or, with
-``copy_on_write=True``, gives the copy tensors that share memory with the
-input's until either side writes (``torch._lazy_clone``). docs/semantics.md says
+A swap copies every tensor its input holds (``copy.deepcopy``, aliasing
+between them kept; a fake tensor in its own fake mode), aliases them with
+``share_weights=True``, or, with ``copy_on_write=True``, gives the copy tensors
+that share memory with the input's until either side writes
+(``torch._lazy_clone``). docs/semantics.md says
 why copy-on-write is an option and not the default.
 """
 
@@ -73,11 +74,12 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 def can_copy_on_write(t: torch.Tensor) -> bool:
     """Whether ``t`` can be copied lazily and then written on either side safely; reads no data.
 
-    Everything else is deep-copied: tensor subclasses (fake tensors among them),
-    sparse, quantized and nested tensors, meta tensors, conjugate and negative
-    views, tensors that are not graph leaves or carry a gradient, and storages
-    that are not resizable, which covers memory torch did not allocate itself
-    (``torch.load``, ``torch.export.load``, NumPy, mmap, DLPack, shared memory).
+    Everything else is copied as the default swap copies it (``copy_tensor``):
+    tensor subclasses (fake tensors among them), sparse, quantized and nested
+    tensors, meta tensors, conjugate and negative views, tensors that are not
+    graph leaves or carry a gradient, and storages that are not resizable,
+    which covers memory torch did not allocate itself (``torch.load``,
+    ``torch.export.load``, NumPy, mmap, DLPack, shared memory).
     """
     # Checked in this order so that a fake or meta tensor is never asked for its storage.
     return (
@@ -97,7 +99,7 @@ def can_copy_on_write(t: torch.Tensor) -> bool:
 
 
 class _CopyOnWrite:
-    """Copies tensors lazily, one ``torch._lazy_clone`` per storage, and deep-copies what it cannot.
+    """Copies tensors lazily, one ``torch._lazy_clone`` per storage, and the others as ``copy_tensor`` does.
 
     Each storage is cloned once, with the first tensor met on it, and every
     other tensor on it is rebuilt as a view of that clone, so tensors that alias

@@ -37,6 +37,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import modeswap
 from modeswap import Mode
 from modeswap.testing import assert_same_run, call_signature, other, run_forward_backward
+from modeswap.testing.oracle import _all_tensors
 
 T = TypeVar("T")
 META, CPU = torch.device("meta"), torch.device("cpu")
@@ -102,13 +103,7 @@ def module_of(result: GraphModule | ExportedProgram) -> nn.Module:
 
 def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor ``module`` holds: parameters, buffers, and plain tensor attributes (constants)."""
-    found: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    found.update(module.named_buffers(remove_duplicate=False))
-    for path, sub in module.named_modules():
-        for key, value in vars(sub).items():
-            if isinstance(value, torch.Tensor):
-                found[f"{path}.{key}" if path else key] = value
-    return found
+    return dict(_all_tensors(module))
 
 
 def all_tensors(result: GraphModule | ExportedProgram) -> dict[str, torch.Tensor]:

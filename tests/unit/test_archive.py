@@ -17,6 +17,7 @@ from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 import modeswap
 from modeswap import Mode
+from modeswap.testing.models import AuxiliaryHeads
 from modeswap.testing.oracle import assert_same_run, assert_trains_like, run_forward_backward
 
 
@@ -329,3 +330,32 @@ def test_bad_files_get_an_error_that_says_what_they_are(make: Any, phrases: list
     assert isinstance(caught.value, ValueError)
     for phrase in phrases:
         assert phrase in str(caught.value)
+
+
+#: A modal archive written at format version 1 (tests/unit/data/make_format1.py made it): later modeswaps read it.
+FORMAT_1 = Path(__file__).with_name("data") / "format1.pt2"
+
+
+def format1_model() -> nn.Module:
+    """The eager model of ``FORMAT_1``: ``AuxiliaryHeads`` with weights no random number generator made."""
+    model = AuxiliaryHeads(channels=2, classes=2)
+    with torch.no_grad():
+        for index, (_, tensor) in enumerate(model.state_dict(keep_vars=True).items()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.linspace(-0.5, 0.5 + index / 10, tensor.numel()).reshape(tensor.shape).cos())
+            else:
+                tensor.fill_(3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_archive_of_format_1_loads_as_the_eager_model(training: bool) -> None:
+    eager, x = format1_model(), torch.linspace(-2, 2, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    loaded = modeswap.load(FORMAT_1)
+    assert loaded.training is False
+    assert_same_state(eager, loaded)
+    want = run_forward_backward(copy.deepcopy(eager).train(training), (x,), seed=5)
+    got = run_forward_backward(copy.deepcopy(loaded).train(training), (x,), seed=5)
+    assert_same_run(want, got, atol=1e-6, rtol=1e-5)
+    assert len(got["outputs"]) == (2 if training else 1)  # the auxiliary head: the train program's own branch
+    assert_trains_like(copy.deepcopy(eager), loaded, (x,))

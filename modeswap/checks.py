@@ -45,9 +45,12 @@ from modeswap.stated import Stated
 _SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
 
-def warn_nondeterministic(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-    """Warn when ``gm``, swapped to eval, still draws random numbers in nodes that no rule owns."""
-    found = list(random_nodes(gm))
+def warn_nondeterministic(gm: GraphModule, context: Context, told: Stated) -> tuple[Change, ...]:
+    """Warn when ``gm``, swapped to eval, still draws random numbers in nodes that no rule owns.
+
+    Only nodes of the modules the swap is for count (``Stated.within``).
+    """
+    found = [(name, node) for name, node in random_nodes(gm) if told.reaches(module_path(node))]
     if found:
         where = ", ".join(describe(name, node) for name, node in found)
         msg = (
@@ -82,15 +85,17 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned
         for node in calls(module.graph, _SITE_OPS):
             if (rule := rule_for(node)) is not None and rule.applies(node):
                 with_sites.update(module_paths(node))
-    found = [f"{path!r} ({what})" for path, what in branches.items() if path not in with_sites]
+    found = [(path, what) for path, what in branches.items() if path not in with_sites]
     if mode is Mode.TRAIN and context.modules is not None:
         ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
-        found += [f"{path!r} (named like a drop path, and left no node)" for path in _erased(context.modules, ran)]
+        found += [(path, "named like a drop path, and left no node") for path in _erased(context.modules, ran)]
+    found = [(path, what) for path, what in found if pinned.reaches(path)]
     if found:
+        listed = ", ".join(f"{path!r} ({what})" for path, what in found)
         msg = (
             f"the graph holds {len(found)} module(s) whose forward branches on self.training, and export kept "
             f"only the side that ran, so the {mode.value} graph may differ from eager {mode.value} mode there: "
-            f"{', '.join(found)}. No swap can change them: export the model in {mode.value} mode instead. "
+            f"{listed}. No swap can change them: export the model in {mode.value} mode instead. "
             "A drop path exported in train mode survives to_eval and back; one that is an nn.Identity "
             "(a drop rate of 0) loses nothing."
         )
@@ -129,7 +134,9 @@ def preflight(
             if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
                 probabilities.append(path)
             memo = memo_of(target.node)
-            if kind not in kinds or mode is not Mode.TRAIN or (memo is not None and memo.kept) or told.keeps(path):
+            if kind not in kinds or mode is not Mode.TRAIN or (memo is not None and memo.kept):
+                continue
+            if told.keeps(path) or not told.reaches(path):
                 continue
             training = flags.training_probability(target)  # raises on a contradiction
             if training is not None and training[1] is flags.UNKNOWN:

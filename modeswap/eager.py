@@ -24,7 +24,7 @@ from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.exported import is_exported
 from modeswap.fidelity import Cause, Difference, Direction, Fidelity
 from modeswap.graphs import copy_module, graph_modules, recompile_all
-from modeswap.modal import ModalModule, modal_of
+from modeswap.modal import Layout, ModalModule, modal_of, set_flags
 from modeswap.modes import Mode
 from modeswap.running import run_differences, run_forward_backward
 from modeswap.swapping import swap
@@ -45,11 +45,26 @@ def export_modes(
 
     Every module's ``training`` flag is set back as it was, whatever happens.
     """
+    programs, _ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return programs
+
+
+def _export_modes(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None,
+    *,
+    dynamic_shapes: Any,
+    strict: bool,
+) -> tuple[dict[Mode, ExportedProgram], dict[Mode, dict[str, bool]]]:
+    """:func:`export_modes`, and each module's flag in each export: what ``model.train(mode)`` left it at."""
     _require_eager(model)
     with _modes_restored(model):
         programs: dict[Mode, ExportedProgram] = {}
+        flags: dict[Mode, dict[str, bool]] = {}
         for mode in Mode:
             model.train(mode is Mode.TRAIN)
+            flags[mode] = {path: module.training for path, module in model.named_modules()}
             try:
                 programs[mode] = torch.export.export(
                     model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict
@@ -57,7 +72,7 @@ def export_modes(
             except Exception as error:
                 error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
                 raise
-    return programs
+    return programs, flags
 
 
 def _require_eager(model: object) -> None:
@@ -129,13 +144,18 @@ def capture(
     ``dynamic_shapes`` and ``strict`` go to ``torch.export.export``); the new
     module runs the export of its current mode on one copy of the model's
     parameters and buffers, under the model's names. It starts in the mode
-    ``model`` is in. ``model`` is left as it was.
+    ``model`` is in, each submodule's included (a batch norm frozen with
+    ``model.bn.eval()`` stays frozen), and its ``.train()`` and ``.eval()`` set
+    each submodule as the model's do. ``model`` is left as it was.
 
     >>> modal = modeswap.capture(model, (x,))
     >>> logits = modal.eval()(x)
     """
-    programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return modal_of(programs, training=model.training)
+    _require_eager(model)
+    flags = {path: module.training for path, module in model.named_modules()}
+    programs, exported = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    modal = modal_of(programs, training=model.training, layout=Layout.of(exported, model))
+    return set_flags(modal, flags)
 
 
 def fidelity_of(

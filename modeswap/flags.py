@@ -103,11 +103,17 @@ def targets(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: St
 
 
 def stays(node: Node, stated: Stated) -> bool:
-    """Whether the site at ``node`` is to stay as it is; mark one that ``keep=`` names, so later swaps keep it too."""
+    """Whether the site at ``node`` is to stay as it is; mark one that ``keep=`` names, so later swaps keep it too.
+
+    A site outside the modules the swap is for (``Stated.within``) stays unmarked.
+    """
     memo = memo_of(node)
     if memo is not None and memo.kept:
         return True
-    if not stated.keeps(module_path(node)):
+    path = module_path(node)
+    if not stated.reaches(path):
+        return True
+    if not stated.keeps(path):
         return False
     set_memo(node, attrs.evolve(memo or Memo(), kept=True))
     return True

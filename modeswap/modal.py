@@ -1,10 +1,17 @@
 """``allow_train_eval``: an exported module whose ``.train()`` and ``.eval()`` switch its behaviour as eager does.
 
 The returned :class:`ModalModule` owns one copy of the parameters and buffers,
-under the exported module's names, and the code of two graphs generated once:
-the graph swapped to train and the graph swapped to eval. ``forward`` runs the
-code of the mode ``self.training`` names, against the module's own state, so a
-switch is ``nn.Module.train``: no trace, no rewrite, no recompile.
+under the exported module's names, and the code of the graphs it runs: the
+graph of each mode, generated once, and one graph per combination of
+submodule modes met (``modal.train(); modal.bn.eval()``), generated on first
+use. ``forward`` runs the code that the ``.training`` flags of its modules
+name, against the module's own state, so a switch is ``nn.Module.train``: no
+trace, no rewrite, no recompile.
+
+Each site follows the flag of the module that owns it (the innermost module
+that ran it), as in eager. Every module an export called is reachable with
+``get_submodule``: a stateless one, such as a ``Dropout``, as an empty
+placeholder whose ``.training`` is its flag.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import copy
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, SupportsIndex
 
 import attrs
@@ -21,14 +28,21 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule
 
-from modeswap.errors import ModeswapWarning, UnsupportedGraphError
+from modeswap.compare import Found, compare
+from modeswap.errors import (
+    ModeswapError,
+    ModeswapWarning,
+    NondeterministicEvalWarning,
+    TrainingBranchWarning,
+    UnsupportedGraphError,
+)
 from modeswap.exported import require_exported
-from modeswap.graphs import attribute, copy_module, recompile_all
-from modeswap.modes import Mode, ModeReport
-from modeswap.pass_base import Pass, pipeline
-from modeswap.passes import swap_passes
+from modeswap.graphs import attribute, copy_module, graph_modules, module_path, module_paths, recompile_all, set_memo
+from modeswap.modes import Memo, Mode, ModeReport
+from modeswap.pass_base import pipeline
+from modeswap.passes import stated_passes
 from modeswap.program import refuse_lowered, swap_program
-from modeswap.report import report
+from modeswap.report import report, site_paths
 from modeswap.skeleton import Skeleton
 from modeswap.stated import Stated
 from modeswap.weights import copy_tensor
@@ -42,12 +56,13 @@ _GRAPH_MODULE_ONLY = frozenset(vars(GraphModule(torch.nn.Module(), Graph()))) - 
 
 @attrs.frozen(eq=False)
 class Variant:
-    """One mode of a :class:`ModalModule`: the swapped graph, its generated code, and what ``mode_of`` reports.
+    """One graph a :class:`ModalModule` runs: the swapped graph, its generated code, and what ``mode_of`` reports.
 
     ``forward`` takes the module as ``self``, so one variant serves every copy
     of the module. ``skeleton`` rebuilds the mode's ``ExportedProgram`` around
     the module's tensors (``modeswap.save``); it is ``None`` for a module made
-    from a ``GraphModule``, which carries no program.
+    from a ``GraphModule``, which carries no program, and for the graph of a
+    combination of submodule modes.
     """
 
     graph: Graph
@@ -58,16 +73,76 @@ class Variant:
     in_spec: Any = attrs.field(default=None, repr=False)
     out_spec: Any = attrs.field(default=None, repr=False)
     skeleton: Skeleton | None = attrs.field(default=None, repr=False)
+    #: The module paths of the nodes that a rule or an idiom swaps, whatever mode they show.
+    owners: frozenset[str] = attrs.field(factory=frozenset, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
         return self  # immutable and stateless: copies of the module share it
 
 
+def _no_overrides() -> Mapping[Mode, frozenset[str]]:
+    return dict.fromkeys(Mode, frozenset())
+
+
+@attrs.frozen
+class Layout:
+    """What the eager model's module tree says that its graphs do not.
+
+    ``overrides`` maps each mode to the modules that ``model.train()`` (for
+    train) or ``model.eval()`` leaves in the other mode: a ``train()`` override
+    that keeps batch norms frozen, as mmdetection's ``norm_eval`` does.
+    ``shared`` lists the groups of paths that name one module (a module
+    registered twice), so that one ``.eval()`` reaches it under every name.
+    """
+
+    overrides: Mapping[Mode, frozenset[str]] = attrs.field(factory=_no_overrides)
+    shared: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def of(cls, flags: Mapping[Mode, Mapping[str, bool]], model: torch.nn.Module) -> Layout:
+        """The layout of ``model``, whose modules had ``flags[mode]`` after ``model.train(mode is TRAIN)``."""
+        overrides = {
+            mode: frozenset(path for path, flag in flags[mode].items() if flag is not (mode is Mode.TRAIN))
+            for mode in Mode
+        }
+        paths: dict[int, list[str]] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), []).append(path)
+        return cls(overrides, tuple(tuple(p) for p in paths.values() if len(p) > 1))
+
+    def flag(self, mode: Mode, path: str) -> bool:
+        """The flag the module at ``path`` has after ``.train(mode is TRAIN)``."""
+        return (mode is Mode.TRAIN) is not (path in self.overrides[mode])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Layout:
+        return self  # immutable
+
+
+@attrs.frozen(eq=False)
+class Origin:
+    """Where the graphs of a :class:`ModalModule` come from, which says how to derive a combination of modes.
+
+    ``stated`` holds ``allow_train_eval``'s options, for the swaps of its one
+    graph. ``called`` is set when each mode runs its own export (``capture``,
+    ``load``): the paths of the modules each export called, which tell which
+    module decides a difference between the exports.
+    """
+
+    stated: Stated = attrs.field(factory=Stated)
+    called: Mapping[Mode, frozenset[str]] | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Origin:
+        return self  # immutable
+
+
 class ModalModule(torch.nn.Module):
     """An exported module that switches between train and eval behaviour with ``.train()`` and ``.eval()``.
 
-    Made by :func:`allow_train_eval`. Its parameters, buffers and submodules
-    carry the exported module's names, so ``state_dict()`` keys match.
+    Made by :func:`allow_train_eval`, ``modeswap.capture`` and
+    ``modeswap.load``. Its parameters, buffers and submodules carry the
+    exported module's names, so ``state_dict()`` keys match; each site follows
+    the ``.training`` flag of the module that owns it, so
+    ``modal.get_submodule("bn").eval()`` freezes that batch norm as it does in eager.
     """
 
     def __init__(
@@ -77,6 +152,8 @@ class ModalModule(torch.nn.Module):
         subgraphs: Mapping[str, GraphModule],
         *,
         training: bool,
+        layout: Layout | None = None,
+        origin: Origin | None = None,
     ) -> None:
         super().__init__()
         for key, value in vars(state).items():
@@ -87,16 +164,38 @@ class ModalModule(torch.nn.Module):
         modules = {k: v for k, v in state._modules.items() if not (k in captured and isinstance(v, GraphModule))}
         vars(self)["_modules"] = modules | dict(subgraphs)
         self._variants = dict(variants)
+        self._layout = layout or Layout()
+        self._origin = origin or Origin()
+        _add_placeholders(self, (path for v in self._variants.values() for path in v.owners))
+        _add_placeholders(self, (path for v in self._variants.values() for path in _ran(v.graph)))
+        if self._origin.called is not None:
+            _add_placeholders(self, (path for paths in self._origin.called.values() for path in paths))
+        _share(self, self._layout.shared)
+        flagged = [(path, m) for path, m in self.named_modules() if _has_flag(path, m)]
+        self._paths = tuple(path for path, _ in flagged)
+        self._flagged = tuple(m for _, m in flagged)
+        #: The variant each combination of flags met so far runs (a cache: the flags are the state).
+        self._built: dict[tuple[bool, ...], Variant] = {}
+        self._derived: dict[tuple[Mode, frozenset[str], frozenset[str]], Variant] = {}
+        self._facts: dict[str, Any] = {}
+        for mode, variant in self._variants.items():
+            self._built[self._key_of(mode)] = variant
         self.train(training)
 
     @property
     def variant(self) -> Variant:
-        """The :class:`Variant` that ``forward`` runs now: the one ``self.training`` names."""
-        return self._variants[Mode.TRAIN if self.training else Mode.EVAL]
+        """The :class:`Variant` that ``forward`` runs now: the one the modules' ``.training`` flags name."""
+        flags = tuple(m.training for m in self._flagged)
+        found = self._built.get(flags)
+        if found is None:
+            # Building traces and generates code: under torch.compile it runs eagerly, between graphs.
+            built: Variant = torch.compiler.disable(self._build)(flags)  # type: ignore[no-untyped-call]
+            return built
+        return found
 
     @property
     def variants(self) -> Mapping[Mode, Variant]:
-        """The :class:`Variant` of each mode (read only)."""
+        """The :class:`Variant` of each mode, every module in it (read only)."""
         return types.MappingProxyType(self._variants)
 
     @property
@@ -121,6 +220,18 @@ class ModalModule(torch.nn.Module):
         """Run the graph of the current mode on the module's parameters and buffers."""
         return self.variant.forward(self, *args, **kwargs)
 
+    def train(self, mode: bool = True) -> ModalModule:
+        """Set every module's ``.training`` as the eager model's ``.train(mode)`` does; return ``self``.
+
+        That is ``mode`` everywhere, but for the modules a ``train()`` override
+        of the eager model leaves in the other mode (see :class:`Layout`).
+        """
+        super().train(mode)
+        for path in self._layout.overrides[Mode.TRAIN if mode else Mode.EVAL]:
+            if path in self._paths:
+                self._flagged[self._paths.index(path)].training = not mode
+        return self
+
     def __deepcopy__(self, memo: dict[int, Any]) -> ModalModule:
         # What copy.deepcopy does by default; spelled out because __reduce_ex__ refuses.
         new = object.__new__(type(self))
@@ -134,6 +245,264 @@ class ModalModule(torch.nn.Module):
             "path) and read it back with modeswap.load(path), or save its state_dict()"
         )
         raise TypeError(msg)
+
+    def _key_of(self, mode: Mode) -> tuple[bool, ...]:
+        return tuple(self._layout.flag(mode, path) for path in self._paths)
+
+    def _build(self, flags: tuple[bool, ...]) -> Variant:
+        """The variant for ``flags``: the graph of the root's mode, the sites of modules in the other mode swapped."""
+        base = Mode.TRAIN if flags[0] else Mode.EVAL
+        now = dict(zip(self._paths, flags, strict=True))
+        exported = self._origin.called is not None
+        if exported:
+            self._warn_branches(base, now)
+        within = self._within(base, now)
+        if exported:
+            # Two exports: their comparison speaks of the modules without sites (_warn_branches).
+            within = {mode: paths & self._variants[base].owners for mode, paths in within.items()}
+        key = (base, within[Mode.TRAIN], within[Mode.EVAL])
+        if not any(within.values()):
+            found = self._variants[base]
+        elif key in self._derived:
+            found = self._derived[key]
+        else:
+            gm, changed = self._swapped(base, within, self._stated, self._pinned() if exported else frozenset())
+            found = self._variants[base] if not changed else self._variant_of(base, gm)
+            self._derived[key] = found
+        self._built[flags] = found
+        return found
+
+    def _within(self, base: Mode, now: Mapping[str, bool]) -> dict[Mode, frozenset[str]]:
+        """The modules whose sites the ``base`` graph holds in another mode than ``now`` gives, per mode to swap to.
+
+        They are the modules whose flag differs from the one they have in that
+        graph, and the paths of the sites they own (a site's owner is the
+        innermost module with a flag that ran it).
+        """
+        sites = self._variants[base].report.sites
+        within: dict[Mode, frozenset[str]] = {}
+        for mode in Mode:
+            going = {
+                p for p in self._paths if now[p] is (mode is Mode.TRAIN) and now[p] is not self._layout.flag(base, p)
+            }
+            within[mode] = frozenset(going | {s.module_path for s in sites if self._owner(s.module_path) in going})
+        return within
+
+    def _owner(self, path: str) -> str:
+        """The module whose flag a site run by the module at ``path`` follows: it, or its nearest enclosing one."""
+        while path not in self._paths:
+            path = path.rpartition(".")[0]
+        return path
+
+    def _swapped(
+        self,
+        base: Mode,
+        within: Mapping[Mode, frozenset[str]],
+        stated: Callable[[Mode, Mode, frozenset[str]], Stated],
+        pinned: frozenset[str],
+    ) -> tuple[GraphModule, bool]:
+        """A copy of the ``base`` graph whose sites under ``within[mode]`` are swapped to ``mode``, and whether any was.
+
+        Sites of the modules in ``pinned`` stay as they are: the model holds them in one mode.
+        """
+        gm = self._editable(base)
+        for _, module in graph_modules(gm):
+            for node in module.graph.nodes:
+                if node.op == "call_function" and module_path(node) in pinned:
+                    set_memo(node, Memo(kept=True))
+        changed = False
+        for mode in Mode:
+            if not within[mode]:
+                continue
+            with warnings.catch_warnings():
+                if self._origin.called is not None:
+                    # What a graph alone can say of branches, the comparison of the exports says better.
+                    warnings.simplefilter("ignore", TrainingBranchWarning)
+                    warnings.simplefilter("ignore", NondeterministicEvalWarning)
+                changed |= bool(pipeline(*stated_passes(mode, stated(base, mode, within[mode]))).edit(gm))
+        return gm, changed
+
+    def _variant_of(self, base: Mode, gm: GraphModule) -> Variant:
+        variant, bodies = variant_of(gm, f"{base.value}_{len(self._derived)}")
+        for name, body in bodies.items():
+            self.add_module(name, body)
+        return attrs.evolve(variant, in_spec=self._variants[base].in_spec, out_spec=self._variants[base].out_spec)
+
+    def _stated(self, base: Mode, mode: Mode, within: frozenset[str]) -> Stated:
+        """The options of the swap of the sites under ``within`` of the ``base`` graph to ``mode``."""
+        stated = self._origin.stated
+        if mode is Mode.EVAL:
+            return Stated(keep=stated.keep, within=within)
+        if self._origin.called is None:
+            return attrs.evolve(stated, within=within)
+        # The training p an eval export writes as 0.0, read off the train export.
+        learned = self._learned()
+        return Stated(dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within)
+
+    def _editable(self, mode: Mode) -> GraphModule:
+        """A ``GraphModule`` of this module's tree and ``mode``'s graph, to edit: its own graph and bodies."""
+        variant = self._variants[mode]
+        shell = GraphModule.__new__(GraphModule)
+        skipped = ("_variants", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts")
+        vars(shell).update({k: v for k, v in vars(self).items() if k not in skipped})
+        vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
+        return copy_module(shell, share_weights=True)
+
+    def _compared(self) -> tuple[Found | str, ...]:
+        """What differs between each export swapped to the other mode and that mode's own export (cached).
+
+        Each module is swapped to the flag it has in the other export. A swap that is refused is one string, its error.
+        """
+        if "found" not in self._facts:
+            found: list[Found | str] = []
+            for source in Mode:
+                target = _other(source)
+                flags = {path: self._layout.flag(target, path) for path in self._paths}
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ModeswapWarning)
+                        swapped, _ = self._swapped(
+                            source, self._within(source, flags), lambda b, m, w: Stated(within=w), frozenset()
+                        )
+                except ModeswapError as error:
+                    found.append(f"the swap of the {source.value} export to {target.value} mode is refused: {error}")
+                    continue
+                recompile_all(swapped)
+                found += compare(self._editable(target), swapped, target)
+            self._facts["found"] = tuple(found)
+        return self._facts["found"]  # type: ignore[no-any-return]
+
+    def _pinned(self) -> frozenset[str]:
+        """The modules with a site that an export holds in the other mode (``F.dropout(x, training=True)``)."""
+        return frozenset(f.module_path for f in self._compared() if isinstance(f, Found) and f.flag)
+
+    def _learned(self) -> dict[str, float]:
+        """The training ``p`` of each module whose dropout or attention the eval export holds at 0.0."""
+        return {
+            f.module_path: f.values[0] for f in self._compared() if isinstance(f, Found) and _zeroed(f) and f.values
+        }
+
+    def _warn_branches(self, base: Mode, now: Mapping[str, bool]) -> None:
+        """Warn about the modules in another mode than their export's whose forward branches on ``self.training``.
+
+        A difference between the exports is the doing of the innermost module
+        enclosing it that both exports called: a module that only one export
+        called was called by a branch of the module around it.
+        """
+        differing = {path for path in self._paths if now[path] is not self._layout.flag(base, path)}
+        if not differing:
+            return
+        called = self._origin.called
+        assert called is not None
+        both = called[Mode.TRAIN] & called[Mode.EVAL]
+        deciders: dict[str, list[str]] = {}
+        refused: list[str] = []
+        for f in self._compared():
+            if isinstance(f, str):
+                refused.append(f)
+            elif not (f.flag or f.side == "values" or _zeroed(f)):  # not what a swap sets: a site's mode, its p
+                decider = next(p for p in _enclosing(f.module_path) if p in both or not p)
+                deciders.setdefault(decider, []).extend(f.ops or (str(f.argument),))
+        found = {path: ops for path, ops in deciders.items() if path in differing}
+        if found:
+            listed = "; ".join(
+                f"{path!r} (the exports differ in {', '.join(dict.fromkeys(ops))})" for path, ops in found.items()
+            )
+            msg = (
+                f"{len(found)} module(s) are in another mode than the model around them, and their forward branches "
+                f"on self.training: {listed}. Each export holds only the side its mode ran, so they compute as in "
+                "the mode of the model around them, not as eager would. Put them back in the model's mode, or "
+                "export the model in this state (set the modes, then torch.export.export) and use that program"
+            )
+            warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
+        if refused:
+            msg = (
+                f"modules {', '.join(map(repr, sorted(differing)))} are in another mode than the model around them, "
+                f"and whether their forward branches on self.training cannot be told: {' '.join(refused)}"
+            )
+            warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
+
+
+def _zeroed(f: Found) -> bool:
+    """Whether ``f`` is a dropout or attention probability that the swap leaves at 0.0 where the export has another."""
+    return f.side == "both" and f.argument in ("p", "dropout_p") and f.values is not None and f.values[1] == 0.0
+
+
+def _other(mode: Mode) -> Mode:
+    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
+
+
+def _enclosing(path: str) -> Iterator[str]:
+    """``path`` and the paths of the modules enclosing it, innermost first, the root (``""``) last."""
+    while path:
+        yield path
+        path = path.rpartition(".")[0]
+    yield ""
+
+
+def _has_flag(path: str, module: torch.nn.Module) -> bool:
+    """Whether the ``.training`` of ``module`` can decide a site: a module of the model, not generated code."""
+    return not isinstance(module, GraphModule) and not path.rpartition(".")[2].startswith("_guards_fn")
+
+
+def _ran(graph: Graph) -> Iterator[str]:
+    """The paths of every module whose forward ran a node of ``graph``."""
+    for node in graph.nodes:
+        yield from module_paths(node)
+
+
+def _add_placeholders(root: torch.nn.Module, paths: Iterable[str]) -> None:
+    """Give ``root`` an empty module at each of ``paths`` it lacks: a module the export kept no state of.
+
+    A path whose name ``root`` holds as something else (a tensor, a method) is left out.
+    """
+    for path in sorted(set(paths), key=lambda p: p.count(".")):
+        if not path or "@" in path:
+            continue  # the root, or a module_call_graph entry of a repeated call ("block@1")
+        parent_path, _, name = path.rpartition(".")
+        parent = attribute(root, parent_path) if parent_path else root
+        if not isinstance(parent, torch.nn.Module) or name in parent._modules or hasattr(parent, name):
+            continue
+        parent.add_module(name, torch.nn.Module())
+
+
+def _share(root: torch.nn.Module, groups: Sequence[Sequence[str]]) -> None:
+    """Make each group of paths name one module, as in eager, where they name modules holding the same tensors."""
+    for group in groups:
+        present = [path for path in group if isinstance(attribute(root, path), torch.nn.Module)]
+        if not present:
+            continue
+        module = attribute(root, present[0])
+        for path in group:
+            held = attribute(root, path)
+            if held is module or (held is not None and not _same_state(held, module)):
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parent = attribute(root, parent_path) if parent_path else root
+            if isinstance(parent, torch.nn.Module) and (held is not None or not hasattr(parent, name)):
+                parent._modules[name] = module
+
+
+def shared_by_state(root: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The groups of paths of ``root`` whose modules hold the very same tensors under the same names.
+
+    An export keeps no trace of a module registered twice but its tensors, held
+    under both paths: modules that hold the same ones are taken to be one.
+    """
+    groups: dict[tuple[tuple[str, int], ...], list[str]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        if path and not isinstance(module, GraphModule) and (state := _state(module)):
+            groups.setdefault(tuple(sorted(state.items())), []).append(path)
+    return tuple(tuple(paths) for paths in groups.values() if len(paths) > 1)
+
+
+def _state(module: torch.nn.Module) -> dict[str, int]:
+    named = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+    return {name: id(t) for name, t in named}
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return _state(a) == _state(b)
 
 
 def allow_train_eval(
@@ -152,7 +521,8 @@ def allow_train_eval(
     captured in, or in eval when its graph shows no mode (then its behaviour is
     the eval variant's). ``attention_dropout`` and ``dropout`` state the
     training values the graph does not record, for the train variant; ``keep``
-    pins sites in both (see ``modeswap.swap``).
+    pins sites in both (see ``modeswap.swap``). Submodules switch on their own
+    too (``modal.get_submodule("bn").eval()``), as in eager.
 
     >>> model = modeswap.allow_train_eval(gm)
     >>> evaluated = model.eval()
@@ -163,66 +533,57 @@ def allow_train_eval(
     else:
         gm, modules = require_exported(module), None
     captured = report(gm)
-    pinned = Stated.of(Mode.EVAL, keep=keep)
-    modes = {site.mode for site in captured.sites if not (site.kept or pinned.keeps(site.module_path))}
+    stated = {mode: Stated.of(mode, keep=keep) for mode in Mode}
+    stated[Mode.TRAIN] = Stated.of(Mode.TRAIN, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    modes = {site.mode for site in captured.sites if not (site.kept or stated[Mode.EVAL].keeps(site.module_path))}
     if len(modes) > 1:
-        msg = (
-            f"allow_train_eval takes a graph in one mode, and this one mixes train and eval sites "
-            f"({_mixed_sites(captured)}); swap it first with modeswap.to_train(gm) or modeswap.to_eval(gm)"
-        )
-        raise UnsupportedGraphError(msg)
+        raise UnsupportedGraphError(_mixed(captured))
     state = copy_module(gm, copy_on_write=copy_on_write)
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:
         # The training values the graph does not record are the train variant's alone.
-        stated = (attention_dropout, dropout) if mode is Mode.TRAIN else (None, None)
-        passes = swap_passes(mode, attention_dropout=stated[0], dropout=stated[1], keep=keep)
         skeleton = None
         if isinstance(module, ExportedProgram):
-            skeleton = _swapped_skeleton(module, mode, attention_dropout=stated[0], dropout=stated[1], keep=keep)
-        variants[mode], bodies = _variant(state, mode, passes, modules, skeleton)
+            skeleton = _swapped_skeleton(module, mode, stated[mode])
+        swapped = copy_module(state, share_weights=True)
+        pipeline(*stated_passes(mode, stated[mode])).edit(swapped, modules=modules)
+        variants[mode], bodies = variant_of(swapped, mode.value, skeleton)
         subgraphs |= bodies
     # A graph that shows no mode computes what its eval variant computes.
-    return ModalModule(state, variants, subgraphs, training=modes == {Mode.TRAIN})
+    layout = Layout(shared=shared_by_state(state))
+    origin = Origin(stated[Mode.TRAIN])
+    return ModalModule(state, variants, subgraphs, training=modes == {Mode.TRAIN}, layout=layout, origin=origin)
 
 
-def _swapped_skeleton(
-    program: ExportedProgram,
-    mode: Mode,
-    *,
-    attention_dropout: float | None,
-    dropout: Mapping[str, float] | None,
-    keep: Sequence[str],
-) -> Skeleton:
+def _swapped_skeleton(program: ExportedProgram, mode: Mode, stated: Stated) -> Skeleton:
     # The program swapped by the passes that swap the variant's graph, for modeswap.save. They warn
     # alike: the variant's swap gives the warnings, once.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ModeswapWarning)
         swapped, _ = swap_program(
-            program, mode, share_weights=True, attention_dropout=attention_dropout, dropout=dropout, keep=keep
+            program,
+            mode,
+            share_weights=True,
+            attention_dropout=stated.attention_dropout,
+            dropout=dict(stated.dropout) or None,
+            keep=stated.keep,
         )
     return Skeleton.of(swapped)
 
 
-def _variant(
-    state: GraphModule, mode: Mode, passes: tuple[Pass, ...], modules: list[str] | None, skeleton: Skeleton | None
+def variant_of(
+    gm: GraphModule, suffix: str, skeleton: Skeleton | None = None
 ) -> tuple[Variant, dict[str, GraphModule]]:
-    # Edit a copy of our own, not Pass.rewrite: the subgraphs are renamed before
-    # the code is generated, so it is generated once.
-    swapped = copy_module(state, share_weights=True)
-    pipeline(*passes).edit(swapped, modules=modules)
-    return variant_of(swapped, mode, skeleton)
+    """Make ``gm`` (a copy of modeswap's own, edited no further) a variant of a :class:`ModalModule`.
 
-
-def variant_of(gm: GraphModule, mode: Mode, skeleton: Skeleton | None = None) -> tuple[Variant, dict[str, GraphModule]]:
-    """Make ``gm`` (a copy of modeswap's own, edited no further) the ``mode`` variant of a :class:`ModalModule`.
-
-    Returns the variant and its subgraph bodies, renamed for ``mode``. ``skeleton``
-    is that of the mode's ``ExportedProgram``, when there is one.
+    Returns the variant and its subgraph bodies, renamed with ``suffix`` (a
+    mode's name, for the graph of that mode). ``skeleton`` is that of the
+    mode's ``ExportedProgram``, when there is one.
     """
     found = report(gm)
-    bodies = _rename_subgraphs(gm, mode)
+    owners = frozenset(path for _, module in graph_modules(gm) for path in site_paths(module.graph))
+    bodies = _rename_subgraphs(gm, suffix)
     recompile_all(gm)
     variant = Variant(
         gm.graph,
@@ -232,6 +593,7 @@ def variant_of(gm: GraphModule, mode: Mode, skeleton: Skeleton | None = None) ->
         getattr(gm, "_in_spec", None),
         getattr(gm, "_out_spec", None),
         skeleton,
+        owners | {site.module_path for site in found.sites},
     )
     # The variant keeps the graph, and a graph its owning module: gm, whose tensors the code never
     # reads (it runs on the ModalModule's). Kept, they would hold an eager model's weights alive, or
@@ -240,7 +602,13 @@ def variant_of(gm: GraphModule, mode: Mode, skeleton: Skeleton | None = None) ->
     return variant, bodies
 
 
-def modal_of(programs: Mapping[Mode, ExportedProgram], *, training: bool, share_weights: bool = False) -> ModalModule:
+def modal_of(
+    programs: Mapping[Mode, ExportedProgram],
+    *,
+    training: bool,
+    share_weights: bool = False,
+    layout: Layout | None = None,
+) -> ModalModule:
     """Return a :class:`ModalModule` that runs each mode's own program on one copy of the weights.
 
     ``programs`` are ``torch.export.export`` of one model in each mode; they are
@@ -249,6 +617,7 @@ def modal_of(programs: Mapping[Mode, ExportedProgram], *, training: bool, share_
     names. A tensor constant or a guard that only one graph has, or that
     differs between them, is kept for that graph under a name of its own. Each
     variant keeps its program's skeleton (``modeswap.save``), not its tensors.
+    ``layout`` is what the eager model's module tree says (see :class:`Layout`).
     """
     modules = {mode: program.module() for mode, program in programs.items()}
     state = modules[Mode.TRAIN] if share_weights else copy_module(modules[Mode.TRAIN])
@@ -257,9 +626,22 @@ def modal_of(programs: Mapping[Mode, ExportedProgram], *, training: bool, share_
     for mode in Mode:
         gm = copy_module(modules[mode], share_weights=True)
         names = _adopt(state, gm, mode)
-        variants[mode], bodies = variant_of(gm, mode, Skeleton.of(programs[mode], names))
+        variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(programs[mode], names))
         subgraphs |= bodies
-    return ModalModule(state, variants, subgraphs, training=training)
+    called = {mode: frozenset(entry.fqn for entry in programs[mode].module_call_graph) for mode in Mode}
+    origin = Origin(called=called)
+    return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin)
+
+
+def set_flags(modal: ModalModule, flags: Mapping[str, bool]) -> ModalModule:
+    """Set the ``.training`` of each module of ``modal`` that ``flags`` names by path; return ``modal``.
+
+    A path ``modal`` lacks (a module no export called, such as an ``nn.ReLU``) decides nothing, and is passed over.
+    """
+    for path, module in modal.named_modules():
+        if path in flags and _has_flag(path, module):
+            module.training = flags[path]
+    return modal
 
 
 def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
@@ -306,8 +688,8 @@ def _same_attribute(a: Any, b: Any) -> bool:
     return a is b and a is not None
 
 
-def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:
-    # Both modes' code reads its subgraph bodies off the one module: each mode's
+def _rename_subgraphs(gm: GraphModule, suffix: str) -> dict[str, GraphModule]:
+    # Every graph's code reads its subgraph bodies off the one module: each graph's
     # bodies get names of their own.
     renamed: dict[str, GraphModule] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
@@ -315,18 +697,27 @@ def _rename_subgraphs(gm: GraphModule, mode: Mode) -> dict[str, GraphModule]:
         body = attribute(gm, target)  # None for a tensor _adopt renamed: the state holds it, gm does not
         if not isinstance(body, GraphModule):
             continue
-        new = f"{target.replace('.', '_')}_{mode.value}"
+        new = f"{target.replace('.', '_')}_{suffix}"
         if hasattr(gm, new):
-            msg = f"cannot name the {mode.value} copy of subgraph {target!r}: the module already has {new!r}"
+            msg = f"cannot name the {suffix} copy of subgraph {target!r}: the module already has {new!r}"
             raise UnsupportedGraphError(msg)
         renamed[new] = body
         node.target = new
     return renamed
 
 
-def _mixed_sites(captured: ModeReport) -> str:
-    def names(mode: Mode) -> str:
-        found = [site.node for site in captured.sites if site.mode is mode]
-        return ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-
-    return "; ".join(f"{mode.value}: {names(mode)}" for mode in Mode)
+def _mixed(captured: ModeReport) -> str:
+    """Why a graph whose sites disagree cannot be made modal as it is, and the ``keep=`` that pins the minority."""
+    counts = {mode: [site for site in captured.sites if site.mode is mode and not site.kept] for mode in Mode}
+    majority = max(Mode, key=lambda mode: len(counts[mode]))
+    minority = counts[_other(majority)]
+    paths = tuple(dict.fromkeys(site.module_path for site in minority))
+    nodes = ", ".join(site.node for site in minority[:3]) + (", ..." if len(minority) > 3 else "")
+    return (
+        f"allow_train_eval takes a graph whose sites follow one mode, and this one mixes them: the "
+        f"{_other(majority).value} sites {nodes} are under {', '.join(map(repr, paths)) or 'the root module'}, the "
+        f"rest in {majority.value} mode. If those modules stay in {_other(majority).value} mode whatever the model's "
+        f"mode (frozen batch norms, Monte Carlo dropout), pin them: modeswap.allow_train_eval(gm, keep={paths!r}). "
+        "To switch them with the rest, export the model in one mode; with the eager model at hand, "
+        "modeswap.capture(model, args) keeps each module's own mode"
+    )

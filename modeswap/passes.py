@@ -196,10 +196,6 @@ def swap_drop_path(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     return _checked("drop_path", mode, keep=keep)
 
 
-#: Warn when an eval graph still draws random numbers that no rule owns.
-warn_nondeterministic = Pass("warn_nondeterministic", checks.warn_nondeterministic)
-
-
 def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
     """Return the pass that warns about modules whose forward branches on ``self.training`` where no swap reaches.
 
@@ -207,12 +203,25 @@ def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pas
     tell the mode the graph was captured in.
     """
     target = Mode.parse(mode)
-    pinned = Stated.of(Mode.EVAL, keep=keep)
+    return _warn_training_branches(target, Stated.of(Mode.EVAL, keep=keep))
 
+
+def _warn_training_branches(target: Mode, stated: Stated) -> Pass:
     def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_training_branches(gm, context, target, pinned)
+        return checks.warn_training_branches(gm, context, target, stated)
 
     return Pass(f"warn_training_branches({target.value})", kernel)
+
+
+def _warn_nondeterministic(stated: Stated) -> Pass:
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return checks.warn_nondeterministic(gm, context, stated)
+
+    return Pass("warn_nondeterministic", kernel)
+
+
+#: Warn when an eval graph still draws random numbers that no rule owns.
+warn_nondeterministic = _warn_nondeterministic(Stated())
 
 
 def swap_passes(
@@ -231,10 +240,14 @@ def swap_passes(
     they were and no dead-code pass is needed. The options are ``modeswap.swap``'s.
     """
     target = Mode.parse(mode)
-    stated = Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    return stated_passes(target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+
+
+def stated_passes(target: Mode, stated: Stated) -> tuple[Pass, ...]:
+    """:func:`swap_passes` for options already checked into a :class:`Stated` record (``within`` included)."""
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
-    checked = (warn_nondeterministic,) if target is Mode.EVAL else ()
-    return (_preflight(target, stated), *swaps, *checked, warn_training_branches(target, keep=keep))
+    checked = (_warn_nondeterministic(stated),) if target is Mode.EVAL else ()
+    return (_preflight(target, stated), *swaps, *checked, _warn_training_branches(target, stated))
 
 
 def swap_pipeline(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from modeswap import idioms
 from modeswap.flags import UNKNOWN, recorded_probability
@@ -42,6 +42,18 @@ def sites(gm: GraphModule) -> Iterator[Site]:
                 kept=bool(memo is not None and memo.kept),
                 known=recorded is None or recorded[1] is not UNKNOWN,
             )
+
+
+def site_paths(graph: Graph) -> Iterator[str]:
+    """Yield the module path of every node of ``graph`` (not its subgraphs) that a rule applies to, whatever its mode.
+
+    An eval attention node at ``dropout_p=0.0`` shows no mode, so it is no
+    :class:`Site`, but its module's flag still decides it.
+    """
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is not None and rule.applies(node):
+            yield module_path(node)
 
 
 def idiom_sites(gm: GraphModule) -> Iterator[Site]:

@@ -41,11 +41,16 @@ class Stated:
     attention sites whose graph holds 0.0 and records no training value;
     ``attention_dropout`` is that value for attention nodes no pattern matches;
     ``keep`` lists the patterns of modules whose sites no swap changes.
+    ``within``, when given, names the only modules (exact paths) whose own
+    sites this swap changes and whose traces its checks speak of: a
+    ``ModalModule`` swaps the modules whose ``.training`` differs from the
+    rest this way. Other sites stay as they are, and are not marked kept.
     """
 
     dropout: tuple[tuple[str, float], ...] = ()
     attention_dropout: float | None = None
     keep: tuple[str, ...] = ()
+    within: frozenset[str] | None = None
 
     @classmethod
     def of(
@@ -80,6 +85,10 @@ class Stated:
     def keeps(self, path: str) -> bool:
         """Whether a site run by the module at ``path`` is to be left as it is."""
         return any(matches(pattern, path) for pattern in self.keep)
+
+    def reaches(self, path: str) -> bool:
+        """Whether this swap is for the sites the module at ``path`` runs itself (see ``within``)."""
+        return self.within is None or path in self.within
 
     def dropout_for(self, path: str) -> tuple[str, float] | None:
         """The pattern of ``dropout`` that decides a site run by the module at ``path``, and its ``p``."""

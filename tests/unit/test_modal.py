@@ -366,13 +366,22 @@ def test_a_no_grad_region_gets_a_body_per_mode() -> None:
     assert "dropout.default(linear, 0.4, False)" in modal.submod_1_eval.code
 
 
-def test_a_mixed_graph_is_refused() -> None:
-    model = nn.Sequential(nn.BatchNorm1d(3), nn.Dropout(0.5))
+def test_a_mixed_graph_is_refused_with_the_keep_that_pins_its_minority() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.5), nn.BatchNorm1d(3))
     model.train()
-    model[1].eval()
-    gm = torch.export.export(model, (torch.randn(4, 3),)).module()
-    with pytest.raises(modeswap.UnsupportedGraphError, match=r"mixes train and eval sites .*to_train\(gm\)"):
+    model[1].eval()  # a frozen batch norm while fine-tuning
+    x = torch.randn(4, 3)
+    gm = torch.export.export(copy.deepcopy(model), (x,)).module()
+    with pytest.raises(modeswap.UnsupportedGraphError, match=r"the eval sites .* under '1'.*keep=\('1',\)") as raised:
         modeswap.allow_train_eval(gm)
+    assert "to_train(gm)" not in str(raised.value)  # swapping first would unfreeze the batch norm
+    modal = modeswap.allow_train_eval(gm, keep=("1",))
+    for training in (True, False, True):
+        model.train(training), modal.train(training)
+        model[1].eval()  # the eager loop keeps it frozen; the pin does it for the module
+        torch.testing.assert_close(run(modal, (x,), 2), run(model, (x,), 2))
+        assert_same_state(model, modal)
 
 
 def test_a_graph_without_sites_starts_in_eval() -> None:

@@ -71,3 +71,12 @@ class TrainingBranchWarning(ModeswapWarning):
     A drop path an eval export erased, ``nn.MultiheadAttention(need_weights=True)``
     exported in eval, a spectral norm's power iteration: no swap can change them.
     """
+
+
+class RecomputedUpdateWarning(ModeswapWarning):
+    """Eager updates a module's buffers again in backward, where ``torch.utils.checkpoint`` recomputes it.
+
+    A batch norm in train mode inside a checkpointed region updates its running
+    stats in the forward and again in the recompute; an export traces the
+    forward once and updates them once, as eager does without checkpointing.
+    """

@@ -26,6 +26,7 @@ from modeswap.fidelity import Cause, Difference, Direction, Fidelity
 from modeswap.graphs import copy_module, graph_modules, recompile_all
 from modeswap.modal import Layout, ModalModule, modal_of, set_flags
 from modeswap.modes import Mode
+from modeswap.recompute import checkpoints_entered, warn_recomputed
 from modeswap.running import run_differences, run_forward_backward
 from modeswap.swapping import swap
 
@@ -66,12 +67,18 @@ def _export_modes(
             model.train(mode is Mode.TRAIN)
             flags[mode] = {path: module.training for path, module in model.named_modules()}
             try:
-                programs[mode] = torch.export.export(
-                    model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict
-                )
+                with checkpoints_entered() as checkpointed:
+                    programs[mode] = torch.export.export(
+                        model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict
+                    )
             except Exception as error:
                 error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
                 raise
+            if checkpointed and mode is Mode.TRAIN:
+                # Eager recomputes checkpointed regions in backward, the export never: say what that updates.
+                warn_recomputed(
+                    model, args, kwargs, program=programs[mode], stacklevel=3
+                )  # the caller of check or capture
     return programs, flags
 
 
@@ -126,7 +133,7 @@ def check(
     >>> fidelity = modeswap.check(model, (x,))
     >>> print(fidelity)
     """
-    programs = export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    programs, _ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep, seeds=seeds)
 
 

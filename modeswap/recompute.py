@@ -15,12 +15,14 @@ runs one on fake tensors and counts the writes to each buffer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
@@ -152,6 +154,43 @@ def recomputed_message(found: Sequence[RecomputedUpdate]) -> str:
         "regions (torchvision's DenseNet: memory_efficient=False), or accept the difference: the export keeps "
         "the buffers that eager keeps without checkpointing."
     )
+
+
+@contextlib.contextmanager
+def checkpoints_entered() -> Iterator[list[str]]:
+    """Within the block, note each region ``torch.utils.checkpoint`` checkpoints; yield the list of notes.
+
+    The one trace of a checkpoint that costs nothing: a non-strict export runs
+    the model's Python, ``checkpoint`` and ``checkpoint_sequential`` included,
+    and they reach torch's two implementations through the module's globals,
+    which are wrapped for the block (process-wide, as export itself is not
+    thread-safe). On a torch that lacks either name, a note says so: then
+    only :func:`recomputed_updates` can tell.
+    """
+    notes: list[str] = []
+    module = torch.utils.checkpoint
+    names = ("CheckpointFunction", "_checkpoint_without_reentrant_generator")
+    if not all(hasattr(module, name) for name in names):
+        notes.append("this torch's checkpoint cannot be watched")
+        yield notes
+        return
+    reentrant, generator = module.CheckpointFunction, module._checkpoint_without_reentrant_generator
+
+    class Reentrant:
+        @staticmethod
+        def apply(*args: Any) -> Any:
+            notes.append("reentrant")
+            return reentrant.apply(*args)  # type: ignore[no-untyped-call]
+
+    def non_reentrant(*args: Any, **kwargs: Any) -> Any:
+        notes.append("non-reentrant")
+        return generator(*args, **kwargs)
+
+    module.CheckpointFunction, module._checkpoint_without_reentrant_generator = Reentrant, non_reentrant  # type: ignore[assignment, misc]
+    try:
+        yield notes
+    finally:
+        module.CheckpointFunction, module._checkpoint_without_reentrant_generator = reentrant, generator  # type: ignore[misc]
 
 
 def _times(n: int) -> str:

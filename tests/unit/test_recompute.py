@@ -12,8 +12,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
+import modeswap
+import modeswap.recompute
 from modeswap.errors import RecomputedUpdateWarning
-from modeswap.recompute import recomputed_updates, warn_recomputed
+from modeswap.recompute import checkpoints_entered, recomputed_updates, warn_recomputed
 
 
 class DenseLayer(nn.Module):
@@ -357,3 +359,40 @@ def test_a_model_that_cannot_run_on_fake_tensors_is_said_to_be_unchecked() -> No
     with pytest.warns(RecomputedUpdateWarning, match="could not run the model's forward and backward") as caught:
         assert warn_recomputed(DataDependent().train(), (_rows(),)) == ()
     assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("call", ["capture", "check"])
+@pytest.mark.parametrize("name", MODELS)
+def test_capture_and_check_name_what_eager_updates_again_and_nothing_else(name: str, call: str) -> None:
+    model, args, expected = _build(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(modeswap, call)(model, args, **({"seeds": ()} if call == "check" else {}))
+    said = [str(w.message) for w in caught if issubclass(w.category, RecomputedUpdateWarning)]
+    assert all(w.filename == __file__ for w in caught if issubclass(w.category, RecomputedUpdateWarning))
+    if not expected:
+        assert said == []
+        return
+    (message,) = said
+    assert {path for path in expected if repr(path) in message} == expected
+
+
+def test_checkpoints_entered_notes_each_checkpointed_region_and_puts_torch_back() -> None:
+    reentrant = torch.utils.checkpoint.CheckpointFunction
+    for name, count in [("function", 1), ("checkpoint_sequential", 1), ("nested", 2), ("no checkpoint", 0)]:
+        model, args, _ = _build(name)
+        with checkpoints_entered() as notes:
+            _export(model, args)  # the export runs the forward, as capture's does
+        assert len(notes) == count, name
+    assert torch.utils.checkpoint.CheckpointFunction is reentrant
+
+
+def test_without_a_checkpoint_nothing_runs_on_fake_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(modeswap.recompute, "recomputed_updates", lambda *a, **k: ran.append("") or ())
+    model, args, _ = _build("no checkpoint")
+    modeswap.capture(model, args)
+    assert ran == []
+    model, args, _ = _build("function")
+    modeswap.capture(model, args)
+    assert ran == [""]

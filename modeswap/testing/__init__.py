@@ -22,7 +22,7 @@ from modeswap.testing.oracle import (
     train_side_by_side,
 )
 
-_STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "build", "cases", "layers")
+_STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "ModeCall", "build", "cases", "layers", "mode_calls")
 
 __all__ = [
     "Snapshot",

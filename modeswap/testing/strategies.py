@@ -41,6 +41,7 @@ __all__ = [
     "DropPath",
     "Fresh",
     "Layer",
+    "ModeCall",
     "Outputs",
     "PinnedMode",
     "Recurrent",
@@ -50,6 +51,7 @@ __all__ = [
     "build",
     "cases",
     "layers",
+    "mode_calls",
 ]
 
 #: Layer kinds a generated model may contain.
@@ -345,6 +347,38 @@ def cases(
     seed = draw(st.integers(0, 2**16))
     x = torch.randn((batch, channels, *spatial), generator=torch.Generator().manual_seed(seed))
     return Case(model, (x,), specs, dims)
+
+
+@attrs.frozen
+class ModeCall:
+    """One ``.train(training)`` call on the submodule at ``path`` of a model (``""``: the model itself)."""
+
+    path: str
+    training: bool
+
+    def apply(self, model: nn.Module) -> None:
+        """Make the call on ``model``: ``model.get_submodule(path).train(training)``."""
+        model.get_submodule(self.path).train(self.training)
+
+    def __repr__(self) -> str:
+        return f"{f'model.{self.path}' if self.path else 'model'}.{'train' if self.training else 'eval'}()"
+
+
+def mode_calls(model: nn.Module, *, max_calls: int = 5) -> st.SearchStrategy[tuple[ModeCall, ...]]:
+    """Strategy for a sequence of ``.train()`` / ``.eval()`` calls on ``model`` and its submodules.
+
+    The calls set submodule modes as everyday eager code does (``model.train();
+    model.bn.eval()`` freezes a batch norm while fine-tuning), so the model
+    ends up with its modules in mixed modes::
+
+        @given(data=st.data(), case=cases())
+        def test_modal_follows_submodule_modes(data, case):
+            for call in data.draw(mode_calls(case.model)):
+                call.apply(case.model)
+    """
+    paths = [path for path, _ in model.named_modules()]
+    call = st.builds(ModeCall, st.sampled_from(paths), st.booleans())
+    return st.lists(call, min_size=1, max_size=max_calls).map(tuple)
 
 
 @st.composite

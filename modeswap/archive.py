@@ -1,66 +1,107 @@
 """``modeswap.save`` and ``modeswap.load``: a :class:`ModalModule`'s two programs in one PT2 archive.
 
 The file is torch's own PT2 archive (``torch.export.pt2_archive``), the format
-``torch.export.save`` writes, holding two programs instead of one: ``train``
-and ``eval``, each with the module's parameters and buffers, and the extra file
-``modeswap.json`` that marks it as modeswap's (the format version and the mode
-the module was in). ``torch.export.pt2_archive._package.load_pt2`` reads it
-without modeswap.
+``torch.export.save`` writes, holding two programs instead of one, ``train``
+and ``eval``, whose tables name one record per storage, so that a tensor both
+programs hold is stored, and loaded, once (:mod:`modeswap.packing`). The extra
+file ``modeswap.json`` marks it as modeswap's and records what the programs do
+not: every module's mode, which tensor names are one tensor, the modules that
+define the output types (:class:`modeswap.files.Header`).
+``torch.export.pt2_archive._package.load_pt2`` reads the programs without
+modeswap.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch.export import ExportedProgram
 
-from modeswap.errors import NotExportedError
-from modeswap.files import load_archive, save_archive
-from modeswap.modal import ModalModule, modal_of
+from modeswap.errors import NotExportedError, ProgramFileError
+from modeswap.files import MODAL_FORMAT, Header, load_archive, save_archive
+from modeswap.modal import Layout, ModalModule, modal_of
 from modeswap.modes import Mode
+from modeswap.packing import Packed, identities
+from modeswap.skeleton import Skeleton
 
 
 def save(modal: ModalModule, path: str | os.PathLike[str]) -> None:
     """Write ``modal`` to ``path``, a ``.pt2`` file: each mode's program, with the module's tensors as they are now.
 
     The parameters and buffers saved are the module's at the time of the call,
-    after training steps, ``.to()`` or ``load_state_dict``; ``modal`` is not
-    modified. The file is written next to ``path`` and renamed, so it appears
-    complete or not at all; an existing file is replaced. :func:`load` reads it.
+    after training steps, ``.to()`` or ``load_state_dict``, each stored once;
+    names that share one tensor (tied weights) stay one tensor, and every
+    submodule's mode is recorded. ``modal`` is not modified. The file is
+    written next to ``path`` and renamed, so it appears complete or not at
+    all; an existing file is replaced. :func:`load` reads it.
 
     >>> modal = modeswap.capture(model, (x,))
     >>> modeswap.save(modal, "model.pt2")
     """
-    save_archive(programs_of(modal), Mode.TRAIN if modal.training else Mode.EVAL, path)
+    skeletons = skeletons_of(modal)
+    packed: dict[Mode, Packed] = {}
+    types: dict[str, str] = {}
+    for mode, skeleton in skeletons.items():
+        program, inputs = skeleton.records()
+        packed[mode] = Packed(program, inputs, *skeleton.tensors(modal))
+        types |= skeleton.output_types()
+    # ModalModule keeps what the eager model's module tree says in a Layout, which has no public name.
+    layout: Layout = modal._layout
+    header = Header(
+        MODAL_FORMAT,
+        Mode.TRAIN if modal.training else Mode.EVAL,
+        training={name: module.training for name, module in modal.named_modules()},
+        overrides={mode.value: sorted(paths) for mode, paths in layout.overrides.items()},
+        shared=[list(paths) for paths in layout.shared],
+        tensors=identities({mode.value: part for mode, part in packed.items()}),
+        types=types,
+    )
+    save_archive(path, packed, header)
 
 
 def load(path: str | os.PathLike[str]) -> ModalModule:
     """Return the :class:`ModalModule` that :func:`save` wrote to ``path``, in the mode it was saved in.
 
-    Each parameter and buffer is loaded into the module once, and its
-    ``state_dict`` is the saved module's. Loading a file runs torch's
-    deserializer on it: load only files you trust.
+    Each parameter and buffer is read once, and names that were one tensor are
+    one tensor again; ``state_dict`` and every submodule's mode are the saved
+    module's. Loading a file runs torch's deserializer on it and imports the
+    modules that define its output types: load only files you trust.
 
     >>> modal = modeswap.load("model.pt2")
     >>> evaluated = modal.eval()
     """
-    programs, mode = load_archive(path)
-    # The loaded train program's tensors are ours alone: the module takes them; the eval program's go.
-    return modal_of(programs, training=mode is Mode.TRAIN, share_weights=True)
+    archive = load_archive(path)
+    header = archive.header
+    overrides = {mode: frozenset(header.overrides.get(mode.value, ())) for mode in Mode}
+    layout = Layout(overrides, tuple(tuple(paths) for paths in header.shared))
+    # The train program's tensors are the module's own; the eval program's are the same objects.
+    modal = modal_of(archive.programs, training=header.mode is Mode.TRAIN, share_weights=True, layout=layout)
+    for name, training in (header.training or {}).items():
+        try:
+            module = modal.get_submodule(name)
+        except AttributeError as error:
+            msg = (
+                f"{Path(path)}: the archive records the mode of a module at {name!r}, which the module it loads "
+                "lacks; it was saved by another modeswap, which gives modules this one does not: load it with that one"
+            )
+            raise ProgramFileError(msg) from error
+        module.training = training  # not train(), which would set its submodules too
+    for mode, variant in modal.variants.items():
+        if variant.skeleton is not None:
+            variant.skeleton.remember(archive.records[mode])  # a later save writes the records it read
+    return modal
 
 
-def programs_of(modal: ModalModule) -> dict[Mode, ExportedProgram]:
-    """Return the ``ExportedProgram`` of each mode of ``modal``, holding its parameters and buffers as they are now.
-
-    The programs' state dicts and constants are ``modal``'s own tensors, not copies.
-    """
+def skeletons_of(modal: ModalModule) -> dict[Mode, Skeleton]:
+    """Return the :class:`Skeleton` of each mode of ``modal``; raise :class:`NotExportedError` where there is none."""
     if not isinstance(modal, ModalModule):
         msg = (
             f"modeswap.save takes a ModalModule, from modeswap.capture or modeswap.allow_train_eval; got "
             f"{type(modal).__name__}. An ExportedProgram is saved with torch.export.save"
         )
         raise NotExportedError(msg)
-    programs: dict[Mode, ExportedProgram] = {}
+    skeletons: dict[Mode, Skeleton] = {}
     for mode in Mode:
         skeleton = modal.variants[mode].skeleton
         if skeleton is None:
@@ -71,5 +112,13 @@ def programs_of(modal: ModalModule) -> dict[Mode, ExportedProgram]:
                 "load_state_dict() this module's state_dict() into that one and save it"
             )
             raise NotExportedError(msg)
-        programs[mode] = skeleton.program(modal)
-    return programs
+        skeletons[mode] = skeleton
+    return skeletons
+
+
+def programs_of(modal: ModalModule) -> dict[Mode, ExportedProgram]:
+    """Return the ``ExportedProgram`` of each mode of ``modal``, holding its parameters and buffers as they are now.
+
+    The programs' state dicts and constants are ``modal``'s own tensors, not copies.
+    """
+    return {mode: skeleton.program(modal) for mode, skeleton in skeletons_of(modal).items()}

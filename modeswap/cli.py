@@ -117,7 +117,8 @@ def inspect_archive(args: argparse.Namespace) -> int:
     from modeswap.eager import fidelity_of
     from modeswap.files import load_archive
 
-    programs, saved = load_archive(args.file)
+    archive = load_archive(args.file)
+    programs, saved = archive.programs, archive.header.mode
     reports = {mode: modeswap.mode_of(program) for mode, program in programs.items()}
     fidelity = fidelity_of(programs)
     if args.json:
@@ -179,8 +180,8 @@ def convert_archive(args: argparse.Namespace) -> int:
             f"{'it' if len(flags) == 1 else 'them'} out, or swap a file of one program"
         )
         raise InvalidOptionError(msg)
-    programs, _ = load_archive(args.file)
-    save_program(programs[Mode.parse(args.to)], args.output, force=args.force)
+    program = load_archive(args.file).programs[Mode.parse(args.to)]
+    save_program(program, args.output, force=args.force)
     print(f"{args.file} -> {args.output}: the archive's {args.to} program, as exported (no swap)")
     return 0
 

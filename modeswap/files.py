@@ -8,31 +8,42 @@ import logging
 import os
 import secrets
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+import attrs
 import torch
 from torch.export import ExportedProgram
-from torch.export.pt2_archive._package import load_pt2, package_pt2
 
-from modeswap import __version__
+from modeswap import __version__, pt2
 from modeswap.errors import ProgramFileError
 from modeswap.modes import Mode
+from modeswap.output_types import program_type_names, require
+from modeswap.packing import Packed, pack, unpack
 
 #: The extra file (``extra/modeswap.json`` in the archive) by which ``modeswap.save`` marks a modal archive.
 MODAL_HEADER = "modeswap.json"
-#: The version of the modal archive's layout that this modeswap writes and reads.
-MODAL_FORMAT = 1
+#: The version of the modal archive's layout that this modeswap writes; it reads this one and every earlier one.
+#: 1: each program with its own copy of the tensors, and the mode. 2: each storage stored once for both
+#: programs, which tensors are one object, every module's training flag, the output types' modules.
+MODAL_FORMAT = 2
 
 
 def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
     """Return the ``ExportedProgram`` saved at ``path`` with ``torch.export.save``.
 
-    Loading a file runs torch's deserializer on it: load only files you trust.
+    Every record is checked against its checksum first, and the modules that
+    define the program's output types are imported (:func:`require`). Loading
+    a file runs torch's deserializer on it: load only files you trust.
     """
     file = Path(path)
     check_input(file)
+    names = _zip_names(file)
+    if names is not None:
+        _verify(file)
+        _require_types(file, names)
     # torch.export.load logs the error it met as a traceback, then raises a vaguer one; its package
     # reader (a child logger, whose records reach this one's handlers) logs "Unable to load package"
     # for a name not ending in .pt2, then loads the file anyway.
@@ -45,6 +56,18 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
             msg = f"{file}: {_what_instead(file) or f'not a program saved with torch.export.save ({reason})'}"
             raise ProgramFileError(msg) from error
     return program
+
+
+def _require_types(file: Path, names: list[str]) -> None:
+    """Import the modules that define the types of the programs in ``file`` (see :func:`require`)."""
+    with zipfile.ZipFile(file) as archive:
+        for name in names:
+            if name.partition("/")[2].startswith("models/") and name.endswith(".json"):
+                try:
+                    names = program_type_names(json.loads(archive.read(name)))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # not a program of torch's schema: torch's reader says what it is
+                require(names, f"{file}")
 
 
 def check_input(path: str | os.PathLike[str]) -> None:
@@ -107,44 +130,88 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
         raise
 
 
-def load_archive(path: str | os.PathLike[str]) -> tuple[dict[Mode, ExportedProgram], Mode]:
-    """Return the programs of the modal archive at ``path``, one per mode, and the mode its module was saved in.
+@attrs.frozen
+class Header:
+    """What ``extra/modeswap.json`` records of the module a modal archive holds.
+
+    ``training`` maps every module's path (``""`` the root) to its
+    ``training`` flag; ``overrides`` maps each mode to the paths of the
+    modules that the eager model's ``.train()`` or ``.eval()`` leaves in the
+    other mode, and ``shared`` groups the paths that name one module (the
+    module's :class:`modeswap.modal.Layout`); ``tensors`` numbers each tensor
+    name of each program, one number per object
+    (:func:`modeswap.packing.identities`); ``types`` maps the serialized name
+    of each type the programs' inputs and outputs nest in to its module.
+    Format 1 recorded the mode alone.
+    """
+
+    version: int
+    mode: Mode
+    training: Mapping[str, bool] | None = None
+    overrides: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    shared: Sequence[Sequence[str]] = ()
+    tensors: Mapping[str, Mapping[str, int]] | None = None
+    types: Mapping[str, str] = attrs.field(factory=dict)
+
+    def to_json(self) -> str:
+        """Return the header as ``extra/modeswap.json`` holds it."""
+        found = {"format": "modeswap.ModalModule", "version": self.version, "modeswap": __version__}
+        found |= {"mode": self.mode.value, "training": self.training, "overrides": self.overrides}
+        found |= {"shared": self.shared, "tensors": self.tensors, "types": self.types}
+        return json.dumps(found)
+
+
+@attrs.frozen(eq=False)
+class Archive:
+    """A modal archive read back: a program per mode, its :class:`Header`, and each program's two records as read."""
+
+    programs: Mapping[Mode, ExportedProgram]
+    header: Header
+    records: Mapping[Mode, tuple[bytes, bytes]] = attrs.field(repr=False)
+
+
+def load_archive(path: str | os.PathLike[str]) -> Archive:
+    """Return the programs of the modal archive at ``path``, one per mode, with its header.
 
     A modal archive is what ``modeswap.save`` writes: torch's PT2 archive with a
     program per mode, named after it, and the extra file ``modeswap.json``.
-    Anything else raises :class:`ProgramFileError`, saying what it is. Loading
-    a file runs torch's deserializer on it: load only files you trust.
+    Each record is read once and checked against its checksum; a tensor that
+    both programs hold is one tensor in both. Anything else raises
+    :class:`ProgramFileError`, saying what it is. Loading a file runs torch's
+    deserializer on it and imports the modules that define its output types:
+    load only files you trust.
     """
     file = Path(path)
     check_input(file)
-    saved = _modal_header(file)
-    # A stream, not the path: torch's reader logs a line for a name not ending in .pt2, then reads it anyway.
-    with _captured("torch.export"), open(file, "rb") as stream:
+    header = _modal_header(file)
+    with _reading(file) as reader:
+        unpacked = unpack(reader, [mode.value for mode in Mode], header.tensors)
+    for part in unpacked.values():
+        require(part.type_names, f"{file}", header.types)
+    programs: dict[Mode, ExportedProgram] = {}
+    for mode in Mode:
+        part = unpacked[mode.value]
         try:
-            contents = load_pt2(stream)
+            programs[mode] = pt2.deserialized_program(part.program, part.state, part.constants, part.example_inputs)
         except Exception as error:
             msg = f"{file}: a modal archive that torch cannot read ({_first_cause(error)})"
             raise ProgramFileError(msg) from error
-    return {mode: contents.exported_programs[mode.value] for mode in Mode}, saved
+    records = {mode: (unpacked[mode.value].json, unpacked[mode.value].example_inputs) for mode in Mode}
+    return Archive(programs, header, records)
 
 
-def save_archive(programs: Mapping[Mode, ExportedProgram], mode: Mode, path: str | os.PathLike[str]) -> None:
-    """Write ``programs``, one per mode, to ``path`` as the modal archive of a module in ``mode``.
+def save_archive(path: str | os.PathLike[str], programs: Mapping[Mode, Packed], header: Header) -> None:
+    """Write ``programs``, one per mode, to ``path`` as a modal archive with ``header``, each storage once.
 
     The write is atomic, as :func:`save_program`'s; an existing file is replaced.
     """
-    header = {"format": "modeswap.ModalModule", "version": MODAL_FORMAT, "mode": mode.value, "modeswap": __version__}
-
-    def write(stream: BinaryIO) -> None:
-        named = {m.value: programs[m] for m in Mode}
-        package_pt2(stream, exported_programs=named, extra_files={MODAL_HEADER: json.dumps(header)})
-
-    write_atomically(path, write, force=True)
+    named = {mode.value: programs[mode] for mode in Mode}
+    write_atomically(path, lambda stream: pack(stream, named, {MODAL_HEADER: header.to_json()}), force=True)
 
 
-def _modal_header(file: Path) -> Mode:
-    """Check that ``file`` is a modal archive this modeswap reads, holding both programs; return its saved mode."""
-    names = archive_names(file)
+def _modal_header(file: Path) -> Header:
+    """Check that ``file`` is a modal archive this modeswap reads, holding both programs; return its header."""
+    names = _zip_names(file)
     if names is None:
         raise ProgramFileError(f"{file}: not a modal archive written by modeswap.save (not a zip archive)")
     within = {name.partition("/")[2]: name for name in names}  # less the folder torch writes them in
@@ -158,20 +225,12 @@ def _modal_header(file: Path) -> Mode:
         else:
             msg = f"{file}: {_what_instead(file) or 'not a modal archive written by modeswap.save'}"
         raise ProgramFileError(msg)
-    with zipfile.ZipFile(file) as archive:
-        text = archive.read(within[f"extra/{MODAL_HEADER}"]).decode("utf-8", errors="replace")
     try:
-        header = json.loads(text)
-        version, mode = header["version"], Mode.parse(header["mode"])
-    except (ValueError, KeyError, TypeError) as error:
-        msg = f"{file}: a modal archive whose {MODAL_HEADER} cannot be read ({type(error).__name__}: {error})"
-        raise ProgramFileError(msg) from error
-    if not isinstance(version, int) or version > MODAL_FORMAT:
-        msg = (
-            f"{file}: a modal archive of format version {version!r}, written by a later modeswap; this one "
-            f"({__version__}) reads version {MODAL_FORMAT}: upgrade modeswap"
-        )
-        raise ProgramFileError(msg)
+        with zipfile.ZipFile(file) as archive:
+            text = archive.read(within[f"extra/{MODAL_HEADER}"]).decode("utf-8", errors="replace")
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+        raise ProgramFileError(_damaged(file, f"extra/{MODAL_HEADER}: {_first_cause(error)}")) from error
+    header = _header(file, text)
     missing = [m.value for m in Mode if f"models/{m.value}.json" not in within]
     if missing:
         held = " and ".join(m.value for m in Mode if m.value not in missing) or "no"
@@ -180,7 +239,94 @@ def _modal_header(file: Path) -> Mode:
             f"holding the {held} program only; modeswap.save writes both: save the module again"
         )
         raise ProgramFileError(msg)
-    return mode
+    return header
+
+
+def _header(file: Path, text: str) -> Header:
+    """Parse ``extra/modeswap.json``; raise :class:`ProgramFileError` for one this modeswap cannot read."""
+    try:
+        found = json.loads(text)
+        version, mode = found["version"], Mode.parse(found["mode"])
+    except (ValueError, KeyError, TypeError) as error:
+        msg = f"{file}: a modal archive whose {MODAL_HEADER} cannot be read ({type(error).__name__}: {error})"
+        raise ProgramFileError(msg) from error
+    if not isinstance(version, int) or version > MODAL_FORMAT:
+        msg = (
+            f"{file}: a modal archive of format version {version!r}, written by a later modeswap; this one "
+            f"({__version__}) reads versions 1 to {MODAL_FORMAT}: upgrade modeswap"
+        )
+        raise ProgramFileError(msg)
+    if version == 1:
+        return Header(version, mode)
+    training, tensors, types = found.get("training"), found.get("tensors"), found.get("types", {})
+    overrides, shared = found.get("overrides", {}), found.get("shared", [])
+    well_formed = (
+        _mapping_of(training, bool)
+        and isinstance(overrides, dict)
+        and set(overrides) <= {m.value for m in Mode}
+        and all(_strings(paths) for paths in overrides.values())
+        and isinstance(shared, list)
+        and all(_strings(paths) for paths in shared)
+        and isinstance(tensors, dict)
+        and all(_mapping_of(numbers, int) for numbers in tensors.values())
+        and _mapping_of(types, str)
+    )
+    if not well_formed:
+        msg = f"{file}: a modal archive whose {MODAL_HEADER} does not hold what format {version} records"
+        raise ProgramFileError(msg)
+    return Header(version, mode, training, overrides, shared, tensors, types)
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _mapping_of(value: object, kind: type) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, kind) for k, v in value.items())
+
+
+@contextlib.contextmanager
+def _reading(file: Path) -> Iterator[pt2.Reader]:
+    """Open ``file`` with :class:`pt2.Reader`; a record that cannot be read names the file as damaged."""
+    try:
+        yield pt2.Reader(file)
+    except pt2.Damaged as error:
+        raise ProgramFileError(_damaged(file, str(error))) from error
+
+
+def _damaged(file: Path, reason: str) -> str:
+    return (
+        f"{file}: a truncated or damaged .pt2 file ({reason}); it cannot be read. Save it again, or copy it "
+        "again from where it came"
+    )
+
+
+def _zip_names(file: Path) -> list[str] | None:
+    """The names in the zip archive ``file``; ``None`` if it is none; :class:`ProgramFileError` if it is damaged."""
+    names = archive_names(file)
+    if names is None and _starts_as_zip(file):
+        # A zip file begins with a record's header and ends with the directory of all of them:
+        # begun but without its directory, the file was cut short, or its end was damaged.
+        reason = "it begins as a zip archive, as a .pt2 file does, but its zip directory is missing or unreadable"
+        raise ProgramFileError(_damaged(file, reason))
+    return names
+
+
+def _starts_as_zip(file: Path) -> bool:
+    with open(file, "rb") as stream:
+        return stream.read(4) == b"PK\x03\x04"
+
+
+def _verify(file: Path) -> None:
+    """Raise :class:`ProgramFileError` unless every record of the zip archive ``file`` matches its checksum."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError) as error:
+        raise ProgramFileError(_damaged(file, _first_cause(error))) from error
+    if bad is not None:
+        reason = f"{bad.partition('/')[2]}: its bytes do not match the checksum the zip directory records"
+        raise ProgramFileError(_damaged(file, reason))
 
 
 class _Records(logging.Handler):
@@ -227,7 +373,7 @@ def _what_instead(file: Path) -> str | None:
     """Say what a zip archive that torch.export.load refused holds instead of a program, when it can tell."""
     names = archive_names(file)
     if names is None:
-        return None  # not a readable zip: torch's own error says more
+        return None  # not a readable zip: the caller says what it is
     if _marked(names):
         return (
             "a modal archive from modeswap.save, with a train and an eval program: modeswap.load(path) reads it, "

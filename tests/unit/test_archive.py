@@ -6,6 +6,7 @@ import copy
 import gc
 import json
 import weakref
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -158,25 +159,31 @@ def test_a_module_moved_with_to_is_saved_as_it_is(tmp_path: Path) -> None:
         assert_same_run(want, got, atol=1e-12, rtol=1e-12)
 
 
-def test_each_weight_is_loaded_into_the_module_once(trained: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_weight_is_read_once_and_both_programs_hold_the_modules_own(
+    trained: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, _, path = trained
-    programs: dict[str, Any] = {}
+    programs: list[torch.export.ExportedProgram] = []
+    reads: list[str] = []
+    deserialized, read_storage = modeswap.pt2.deserialized_program, modeswap.pt2.Reader.read_storage
 
-    def recording(f: Any) -> Any:
-        contents = load_pt2(f)
-        programs.update(contents.exported_programs)
-        return contents
+    def recording(*args: Any) -> torch.export.ExportedProgram:
+        programs.append(deserialized(*args))
+        return programs[-1]
 
-    monkeypatch.setattr(modeswap.files, "load_pt2", recording)
+    def counted(self: Any, name: str, dtype: torch.dtype) -> torch.UntypedStorage:
+        reads.append(name)
+        return read_storage(self, name, dtype)
+
+    monkeypatch.setattr(modeswap.pt2, "deserialized_program", recording)
+    monkeypatch.setattr(modeswap.pt2.Reader, "read_storage", counted)
     loaded = modeswap.load(path)
+    assert sorted(reads) == sorted(set(reads))
+    weights = [name for name in reads if name.startswith("data/weights/")]
+    assert len(weights) == len({id(t) for t in loaded.state_dict(keep_vars=True).values()})
     held = {name: id(t) for name, t in loaded.state_dict(keep_vars=True).items()}
-    # The module's tensors are the train program's, not copies of them ...
-    assert held == {name: id(programs["train"].state_dict[name]) for name in held}
-    # ... and the eval program's copies are not kept.
-    dropped = [weakref.ref(t) for t in programs.pop("eval").state_dict.values()]
-    programs.clear()
-    gc.collect()
-    assert [ref() for ref in dropped] == [None] * len(dropped)
+    for program in programs:  # the module's tensors are the train program's and the eval program's, not copies
+        assert {name: id(t) for name, t in program.state_dict.items()} == held
 
 
 def test_capture_keeps_none_of_the_eager_models_weights_alive() -> None:
@@ -189,16 +196,17 @@ def test_capture_keeps_none_of_the_eager_models_weights_alive() -> None:
     assert all(variant.skeleton is not None for variant in modal.variants.values())
 
 
-def test_the_file_holds_the_state_twice_once_per_program(tmp_path: Path) -> None:
+def test_the_file_holds_the_state_once_for_both_programs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.BatchNorm1d(512), nn.Dropout(0.1), nn.Linear(512, 256))
     modal = modeswap.capture(model, (torch.randn(8, 256),))
     modeswap.save(modal, tmp_path / "wide.pt2")
     state = sum(t.untyped_storage().nbytes() for t in modal.state_dict().values())
     size = (tmp_path / "wide.pt2").stat().st_size
-    # torch's archive stores each program's weights (it shares storage within a program, not across);
-    # the rest is the two graphs and their sample inputs.
-    assert 2 * state < size < 2 * state + 200_000, (size, state)
+    records = modeswap.archive.skeletons_of(modal)
+    graphs = sum(len(part) for skeleton in records.values() for part in skeleton.records())
+    # The state once, the two graphs and their sample inputs, and the tables and zip headers around them.
+    assert state + graphs < size < 1.05 * (state + graphs), (size, state, graphs)
 
 
 def test_saving_leaves_the_module_as_it_was(trained: Any, tmp_path: Path) -> None:
@@ -218,15 +226,28 @@ def test_saving_leaves_the_module_as_it_was(trained: Any, tmp_path: Path) -> Non
     assert (set(vars(module)), module.code, module.training) == (attributes, code, training)
 
 
-def test_the_archive_is_torchs_own_format(trained: Any) -> None:
+def test_the_archive_is_torchs_own_format_whose_tables_name_one_record_per_tensor(trained: Any) -> None:
     _, modal, path = trained
     contents = load_pt2(path)
     assert sorted(contents.exported_programs) == ["eval", "train"]
     header = json.loads(contents.extra_files["modeswap.json"])
-    assert header["mode"] == "eval"
-    assert header["version"] == 1
+    assert (header["mode"], header["version"]) == ("eval", 2)
     evaluated = contents.exported_programs["eval"].module()
     torch.testing.assert_close(evaluated(X), modal.eval()(X))
+    for program in contents.exported_programs.values():
+        for name, tensor in program.state_dict.items():
+            assert torch.equal(tensor, modal.state_dict()[name])
+    with zipfile.ZipFile(path) as archive:
+        folder = archive.namelist()[0].partition("/")[0]
+        tables = {
+            mode: json.loads(archive.read(f"{folder}/data/weights/{mode}_weights_config.json"))["config"]
+            for mode in ("train", "eval")
+        }
+        weights = [name for name in archive.namelist() if "/data/weights/weight_" in name]
+    assert {k: v["path_name"] for k, v in tables["train"].items()} == {
+        k: v["path_name"] for k, v in tables["eval"].items()
+    }
+    assert len(weights) == len(tables["train"])
 
 
 def test_a_module_from_allow_train_eval_of_a_program_is_saved(tmp_path: Path) -> None:
@@ -267,11 +288,11 @@ def test_a_failed_write_leaves_nothing_behind(trained: Any, tmp_path: Path, monk
     target = tmp_path / "kept.pt2"
     target.write_bytes(b"the old file")
 
-    def failing(stream: Any, **_: Any) -> None:
+    def failing(stream: Any, *_: Any) -> None:
         stream.write(b"half an archive")
         raise OSError("disk full")
 
-    monkeypatch.setattr(modeswap.files, "package_pt2", failing)
+    monkeypatch.setattr(modeswap.files, "pack", failing)
     with pytest.raises(OSError, match="disk full"):
         modeswap.save(modal, target)
     assert target.read_bytes() == b"the old file"
@@ -294,7 +315,7 @@ def one_mode(folder: Path) -> Path:
 
 def later_version(folder: Path) -> Path:
     path = folder / "later.pt2"
-    header = json.dumps({"format": "modeswap.ModalModule", "version": 2, "mode": "eval"})
+    header = json.dumps({"format": "modeswap.ModalModule", "version": 3, "mode": "eval"})
     programs = {mode.value: program for mode, program in modeswap.eager.export_modes(net(), (X,)).items()}
     package_pt2(path, exported_programs=programs, extra_files={"modeswap.json": header})
     return path
@@ -318,7 +339,7 @@ def state_dict(folder: Path) -> Path:
         (lambda folder: folder / "missing.pt2", ["missing.pt2: no such file"]),
         (one_program, ["one program", "torch.export.load", "modeswap convert"]),
         (one_mode, ["without its eval program", "holding the train program only"]),
-        (later_version, ["format version 2", "upgrade modeswap"]),
+        (later_version, ["format version 3", "upgrade modeswap"]),
         (text, ["not a modal archive", "not a zip archive"]),
         (state_dict, ["a torch.save() file"]),
     ],

@@ -206,7 +206,7 @@ def test_convert_does_not_overwrite_without_force(files, tmp_path):
         (".", ("is a directory",)),
         ("empty.pt2", ("empty.pt2", "empty")),
         ("text.pt2", ("text.pt2", "not a program saved with torch.export.save")),
-        ("truncated.pt2", ("truncated.pt2", "not a program saved with torch.export.save")),
+        ("truncated.pt2", ("truncated.pt2", "a truncated or damaged .pt2 file")),
         ("weights.pt2", ("weights.pt2", "torch.save() file")),
         ("compiled.pt2", ("compiled.pt2", "compiled by AOTInductor", "Swap the ExportedProgram, then compile")),
         ("zip.pt2", ("zip.pt2", "a zip archive that holds no exported program")),

@@ -46,7 +46,7 @@ def export_modes(
 
     Every module's ``training`` flag is set back as it was, whatever happens.
     """
-    programs, _ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    programs, *_ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return programs
 
 
@@ -57,29 +57,56 @@ def _export_modes(
     *,
     dynamic_shapes: Any,
     strict: bool,
-) -> tuple[dict[Mode, ExportedProgram], dict[Mode, dict[str, bool]]]:
-    """:func:`export_modes`, and each module's flag in each export: what ``model.train(mode)`` left it at."""
+) -> tuple[dict[Mode, ExportedProgram], dict[Mode, dict[str, bool]], dict[Mode, frozenset[str]] | None]:
+    """:func:`export_modes`, each module's flag in each export, and the modules each export called.
+
+    A flag is what ``model.train(mode)`` left it at. The calls are watched with
+    forward pre-hooks, which a strict export would trace: then they are ``None``.
+    """
     _require_eager(model)
     with _modes_restored(model):
         programs: dict[Mode, ExportedProgram] = {}
         flags: dict[Mode, dict[str, bool]] = {}
+        called: dict[Mode, frozenset[str]] = {}
         for mode in Mode:
             model.train(mode is Mode.TRAIN)
             flags[mode] = {path: module.training for path, module in model.named_modules()}
             try:
-                with checkpoints_entered() as checkpointed:
+                with checkpoints_entered() as checkpointed, _calls(model, watched=not strict) as calls:
                     programs[mode] = torch.export.export(
                         model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict
                     )
             except Exception as error:
                 error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
                 raise
+            called[mode] = frozenset(calls)
             if checkpointed and mode is Mode.TRAIN:
                 # Eager recomputes checkpointed regions in backward, the export never: say what that updates.
                 warn_recomputed(
                     model, args, kwargs, program=programs[mode], stacklevel=3
                 )  # the caller of check or capture
-    return programs, flags
+    return programs, flags, None if strict else called
+
+
+@contextmanager
+def _calls(model: torch.nn.Module, *, watched: bool) -> Iterator[set[str]]:
+    """Collect the path of each module of ``model`` whose forward is called in the block, if ``watched``."""
+    paths: set[str] = set()
+    if not watched:
+        yield paths
+        return
+
+    def hook(path: str) -> Any:
+        return lambda module, inputs: paths.add(path)
+
+    handles = [
+        module.register_forward_pre_hook(hook(path)) for path, module in model.named_modules(remove_duplicate=False)
+    ]
+    try:
+        yield paths
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _require_eager(model: object) -> None:
@@ -133,7 +160,7 @@ def check(
     >>> fidelity = modeswap.check(model, (x,))
     >>> print(fidelity)
     """
-    programs, _ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    programs, *_ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep, seeds=seeds)
 
 
@@ -160,8 +187,8 @@ def capture(
     """
     _require_eager(model)
     flags = {path: module.training for path, module in model.named_modules()}
-    programs, exported = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    modal = modal_of(programs, training=model.training, layout=Layout.of(exported, model))
+    programs, exported, called = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    modal = modal_of(programs, training=model.training, layout=Layout.of(model, exported, called))
     return set_flags(modal, flags)
 
 

@@ -93,13 +93,22 @@ class Layout:
     that keeps batch norms frozen, as mmdetection's ``norm_eval`` does.
     ``shared`` lists the groups of paths that name one module (a module
     registered twice), so that one ``.eval()`` reaches it under every name.
+    ``called`` maps each mode to the paths of the modules whose forward its
+    export called, when known: a module that only one export called was
+    called by a branch of the module around it, which its own mode cannot change.
     """
 
     overrides: Mapping[Mode, frozenset[str]] = attrs.field(factory=_no_overrides)
     shared: tuple[tuple[str, ...], ...] = ()
+    called: Mapping[Mode, frozenset[str]] | None = None
 
     @classmethod
-    def of(cls, flags: Mapping[Mode, Mapping[str, bool]], model: torch.nn.Module) -> Layout:
+    def of(
+        cls,
+        model: torch.nn.Module,
+        flags: Mapping[Mode, Mapping[str, bool]],
+        called: Mapping[Mode, frozenset[str]] | None = None,
+    ) -> Layout:
         """The layout of ``model``, whose modules had ``flags[mode]`` after ``model.train(mode is TRAIN)``."""
         overrides = {
             mode: frozenset(path for path, flag in flags[mode].items() if flag is not (mode is Mode.TRAIN))
@@ -108,11 +117,31 @@ class Layout:
         paths: dict[int, list[str]] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             paths.setdefault(id(module), []).append(path)
-        return cls(overrides, tuple(tuple(p) for p in paths.values() if len(p) > 1))
+        return cls(overrides, tuple(tuple(p) for p in paths.values() if len(p) > 1), called)
 
     def flag(self, mode: Mode, path: str) -> bool:
         """The flag the module at ``path`` has after ``.train(mode is TRAIN)``."""
         return (mode is Mode.TRAIN) is not (path in self.overrides[mode])
+
+    def to_json(self) -> dict[str, Any]:
+        """The layout as JSON: lists of paths (what ``modeswap.save`` writes)."""
+        found: dict[str, Any] = {
+            "overrides": {mode.value: sorted(self.overrides[mode]) for mode in Mode},
+            "shared": [list(group) for group in self.shared],
+        }
+        if self.called is not None:
+            found["called"] = {mode.value: sorted(self.called[mode]) for mode in Mode}
+        return found
+
+    @classmethod
+    def from_json(cls, found: Mapping[str, Any]) -> Layout:
+        """The layout :meth:`to_json` wrote."""
+        called = found.get("called")
+        return cls(
+            {mode: frozenset(found["overrides"][mode.value]) for mode in Mode},
+            tuple(tuple(group) for group in found["shared"]),
+            None if called is None else {mode: frozenset(called[mode.value]) for mode in Mode},
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Layout:
         return self  # immutable
@@ -123,13 +152,12 @@ class Origin:
     """Where the graphs of a :class:`ModalModule` come from, which says how to derive a combination of modes.
 
     ``stated`` holds ``allow_train_eval``'s options, for the swaps of its one
-    graph. ``called`` is set when each mode runs its own export (``capture``,
-    ``load``): the paths of the modules each export called, which tell which
-    module decides a difference between the exports.
+    graph; ``exports`` is true when each mode runs its own export (``capture``,
+    ``load``), whose comparison tells what a swap cannot.
     """
 
     stated: Stated = attrs.field(factory=Stated)
-    called: Mapping[Mode, frozenset[str]] | None = None
+    exports: bool = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Origin:
         return self  # immutable
@@ -168,10 +196,10 @@ class ModalModule(torch.nn.Module):
         self._origin = origin or Origin()
         _add_placeholders(self, (path for v in self._variants.values() for path in v.owners))
         _add_placeholders(self, (path for v in self._variants.values() for path in _ran(v.graph)))
-        if self._origin.called is not None:
-            _add_placeholders(self, (path for paths in self._origin.called.values() for path in paths))
+        if self._layout.called is not None:
+            _add_placeholders(self, (path for paths in self._layout.called.values() for path in paths))
         _share(self, self._layout.shared)
-        flagged = [(path, m) for path, m in self.named_modules() if _has_flag(path, m)]
+        flagged = [(path, m) for path, m in self.named_modules(remove_duplicate=False) if _has_flag(path, m)]
         self._paths = tuple(path for path, _ in flagged)
         self._flagged = tuple(m for _, m in flagged)
         #: The variant each combination of flags met so far runs (a cache: the flags are the state).
@@ -192,6 +220,11 @@ class ModalModule(torch.nn.Module):
             built: Variant = torch.compiler.disable(self._build)(flags)  # type: ignore[no-untyped-call]
             return built
         return found
+
+    @property
+    def layout(self) -> Layout:
+        """What the eager model's module tree says that the graphs do not (see :class:`Layout`)."""
+        return self._layout
 
     @property
     def variants(self) -> Mapping[Mode, Variant]:
@@ -253,7 +286,7 @@ class ModalModule(torch.nn.Module):
         """The variant for ``flags``: the graph of the root's mode, the sites of modules in the other mode swapped."""
         base = Mode.TRAIN if flags[0] else Mode.EVAL
         now = dict(zip(self._paths, flags, strict=True))
-        exported = self._origin.called is not None
+        exported = self._origin.exports
         if exported:
             self._warn_branches(base, now)
         within = self._within(base, now)
@@ -315,7 +348,7 @@ class ModalModule(torch.nn.Module):
             if not within[mode]:
                 continue
             with warnings.catch_warnings():
-                if self._origin.called is not None:
+                if self._origin.exports:
                     # What a graph alone can say of branches, the comparison of the exports says better.
                     warnings.simplefilter("ignore", TrainingBranchWarning)
                     warnings.simplefilter("ignore", NondeterministicEvalWarning)
@@ -333,7 +366,7 @@ class ModalModule(torch.nn.Module):
         stated = self._origin.stated
         if mode is Mode.EVAL:
             return Stated(keep=stated.keep, within=within)
-        if self._origin.called is None:
+        if not self._origin.exports:
             return attrs.evolve(stated, within=within)
         # The training p an eval export writes as 0.0, read off the train export.
         learned = self._learned()
@@ -348,15 +381,15 @@ class ModalModule(torch.nn.Module):
         vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
         return copy_module(shell, share_weights=True)
 
-    def _compared(self) -> tuple[Found | str, ...]:
-        """What differs between each export swapped to the other mode and that mode's own export (cached).
+    def _compared(self) -> dict[Mode, tuple[Found | str, ...]]:
+        """Per mode, what differs between the other export swapped to it and its own export (cached).
 
         Each module is swapped to the flag it has in the other export. A swap that is refused is one string, its error.
         """
         if "found" not in self._facts:
-            found: list[Found | str] = []
-            for source in Mode:
-                target = _other(source)
+            found: dict[Mode, tuple[Found | str, ...]] = {}
+            for target in Mode:
+                source = _other(target)
                 flags = {path: self._layout.flag(target, path) for path in self._paths}
                 try:
                     with warnings.catch_warnings():
@@ -365,45 +398,49 @@ class ModalModule(torch.nn.Module):
                             source, self._within(source, flags), lambda b, m, w: Stated(within=w), frozenset()
                         )
                 except ModeswapError as error:
-                    found.append(f"the swap of the {source.value} export to {target.value} mode is refused: {error}")
+                    found[target] = (
+                        f"the swap of the {source.value} export to {target.value} mode is refused: {error}",
+                    )
                     continue
                 recompile_all(swapped)
-                found += compare(self._editable(target), swapped, target)
-            self._facts["found"] = tuple(found)
+                found[target] = compare(self._editable(target), swapped, target)
+            self._facts["found"] = found
         return self._facts["found"]  # type: ignore[no-any-return]
 
     def _pinned(self) -> frozenset[str]:
         """The modules with a site that an export holds in the other mode (``F.dropout(x, training=True)``)."""
-        return frozenset(f.module_path for f in self._compared() if isinstance(f, Found) and f.flag)
+        return frozenset(
+            f.module_path for fs in self._compared().values() for f in fs if isinstance(f, Found) and f.flag
+        )
 
     def _learned(self) -> dict[str, float]:
         """The training ``p`` of each module whose dropout or attention the eval export holds at 0.0."""
-        return {
-            f.module_path: f.values[0] for f in self._compared() if isinstance(f, Found) and _zeroed(f) and f.values
-        }
+        found = self._compared()[Mode.TRAIN]
+        return {f.module_path: f.values[0] for f in found if isinstance(f, Found) and _zeroed(f) and f.values}
 
     def _warn_branches(self, base: Mode, now: Mapping[str, bool]) -> None:
         """Warn about the modules in another mode than their export's whose forward branches on ``self.training``.
 
         A difference between the exports is the doing of the innermost module
-        enclosing it that both exports called: a module that only one export
-        called was called by a branch of the module around it.
+        enclosing it that both exports called. Where the exports' calls are not
+        known, every module between the innermost one both graphs ran and the
+        difference is suspected.
         """
         differing = {path for path in self._paths if now[path] is not self._layout.flag(base, path)}
         if not differing:
             return
-        called = self._origin.called
-        assert called is not None
-        both = called[Mode.TRAIN] & called[Mode.EVAL]
-        deciders: dict[str, list[str]] = {}
+        found: dict[str, list[str]] = {}
         refused: list[str] = []
-        for f in self._compared():
-            if isinstance(f, str):
-                refused.append(f)
-            elif not (f.flag or f.side == "values" or _zeroed(f)):  # not what a swap sets: a site's mode, its p
-                decider = next(p for p in _enclosing(f.module_path) if p in both or not p)
-                deciders.setdefault(decider, []).extend(f.ops or (str(f.argument),))
-        found = {path: ops for path, ops in deciders.items() if path in differing}
+        for target, differences in self._compared().items():
+            going = {path for path in differing if now[path] is (target is Mode.TRAIN)}
+            if not going:
+                continue
+            for f in differences:
+                if isinstance(f, str):
+                    refused.append(f)
+                elif not (f.flag or f.side == "values" or _zeroed(f)):  # not what a swap sets: a site's mode, its p
+                    for path in self._deciders(f.module_path) & going:
+                        found.setdefault(path, []).extend(f.ops or (str(f.argument),))
         if found:
             listed = "; ".join(
                 f"{path!r} (the exports differ in {', '.join(dict.fromkeys(ops))})" for path, ops in found.items()
@@ -421,6 +458,20 @@ class ModalModule(torch.nn.Module):
                 f"and whether their forward branches on self.training cannot be told: {' '.join(refused)}"
             )
             warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
+
+    def _deciders(self, path: str) -> set[str]:
+        """The modules whose own mode may decide a difference the exports show at ``path``."""
+        called = self._layout.called
+        if called is not None:
+            both = called[Mode.TRAIN] & called[Mode.EVAL]
+            return {next(p for p in _enclosing(path) if p in both or not p)}
+        ran = [frozenset(_ran(variant.graph)) for variant in self._variants.values()]
+        suspects: set[str] = set()
+        for p in _enclosing(path):
+            suspects.add(p)
+            if all(p in paths for paths in ran):
+                break
+        return suspects
 
 
 def _zeroed(f: Found) -> bool:
@@ -628,8 +679,7 @@ def modal_of(
         names = _adopt(state, gm, mode)
         variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(programs[mode], names))
         subgraphs |= bodies
-    called = {mode: frozenset(entry.fqn for entry in programs[mode].module_call_graph) for mode in Mode}
-    origin = Origin(called=called)
+    origin = Origin(exports=True)
     return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin)
 
 

@@ -43,6 +43,7 @@ from modeswap.pass_base import pipeline
 from modeswap.passes import stated_passes
 from modeswap.program import refuse_lowered, swap_program
 from modeswap.report import report, site_paths
+from modeswap.sharing import alias_groups, tie
 from modeswap.skeleton import Skeleton
 from modeswap.stated import Stated
 from modeswap.weights import copy_tensor
@@ -552,6 +553,21 @@ def _state(module: torch.nn.Module) -> dict[str, int]:
     return {name: id(t) for name, t in named}
 
 
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict((*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)))
+
+
+def _tie(root: torch.nn.Module, groups: Iterable[Sequence[str]]) -> None:
+    """Make the parameters or buffers of each group of names one tensor: the first name's."""
+    named = _named_tensors(root)
+    for group in groups:
+        for name in group[1:]:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            table[leaf] = named[group[0]]  # type: ignore[assignment]
+
+
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return _state(a) == _state(b)
 
@@ -573,7 +589,9 @@ def allow_train_eval(
     the eval variant's). ``attention_dropout`` and ``dropout`` state the
     training values the graph does not record, for the train variant; ``keep``
     pins sites in both (see ``modeswap.swap``). Submodules switch on their own
-    too (``modal.get_submodule("bn").eval()``), as in eager.
+    too (``modal.get_submodule("bn").eval()``), as in eager. Weights that
+    ``torch.export.load`` untied (distinct parameters over one memory, of one
+    shape and stride: tied embeddings) are one tensor again, as in the model.
 
     >>> model = modeswap.allow_train_eval(gm)
     >>> evaluated = model.eval()
@@ -589,7 +607,10 @@ def allow_train_eval(
     modes = {site.mode for site in captured.sites if not (site.kept or stated[Mode.EVAL].keeps(site.module_path))}
     if len(modes) > 1:
         raise UnsupportedGraphError(_mixed(captured))
+    # torch.export.load gives tied weights back as Parameters over one memory: one tensor again.
+    ties = alias_groups(tie(_named_tensors(gm)))
     state = copy_module(gm, copy_on_write=copy_on_write)
+    _tie(state, ties)
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
     for mode in Mode:

@@ -216,6 +216,7 @@ def _modal_header(file: Path) -> Header:
         raise ProgramFileError(f"{file}: not a modal archive written by modeswap.save (not a zip archive)")
     within = {name.partition("/")[2]: name for name in names}  # less the folder torch writes them in
     if f"extra/{MODAL_HEADER}" not in within:
+        _verify(file)  # a damaged file is named as damaged first, as load_program names it
         if "models/model.json" in within:
             msg = (
                 f"{file}: a program saved with torch.export.save, not a modal archive from modeswap.save: it "
@@ -352,12 +353,20 @@ def _captured(logger: str) -> Iterator[list[logging.LogRecord]]:
 
 
 def archive_names(path: str | os.PathLike[str]) -> list[str] | None:
-    """Return the names in the zip archive at ``path``, ``None`` if it is not one (torch's are ``FOLDER/NAME``)."""
+    """Return the names in the zip archive at ``path``, ``None`` if it is not one (torch's are ``FOLDER/NAME``).
+
+    A file whose zip directory lists no record at its start is none either:
+    it is the end of a zip stored inside a longer file that was cut short (a
+    PT2 archive stores its sample inputs as a ``torch.save`` zip, uncompressed).
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError):
         return None
+    if infos and min(info.header_offset for info in infos) != 0:
+        return None
+    return [info.filename for info in infos]
 
 
 def is_modal_archive(path: str | os.PathLike[str]) -> bool:

@@ -328,6 +328,8 @@ class Reader:
         try:
             with zipfile.ZipFile(path) as archive:
                 infos = archive.infolist()
+            if infos and min(info.header_offset for info in infos) != 0:
+                raise zipfile.BadZipFile("its zip directory lists no record at its start: the end of another zip")
             self._archive = PT2ArchiveReader(str(path))
         except (zipfile.BadZipFile, RuntimeError, AssertionError, EOFError, ValueError) as error:
             raise Damaged(_reason(error)) from error

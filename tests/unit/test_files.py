@@ -1,4 +1,4 @@
-"""Truncated and damaged ``.pt2`` files are named as such, in the same words by ``modeswap.load`` and the command line."""
+"""Truncated and damaged ``.pt2`` files are named as such, in the same words by modeswap.load and the command line."""
 
 from __future__ import annotations
 

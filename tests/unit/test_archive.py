@@ -380,3 +380,67 @@ def test_an_archive_of_format_1_loads_as_the_eager_model(training: bool) -> None
     assert_same_run(want, got, atol=1e-6, rtol=1e-5)
     assert len(got["outputs"]) == (2 if training else 1)  # the auxiliary head: the train program's own branch
     assert_trains_like(copy.deepcopy(eager), loaded, (x,))
+
+
+@pytest.mark.parametrize("path", ["bn", "drop"])
+def test_every_modules_mode_is_saved_and_restored(tmp_path: Path, path: str) -> None:
+    eager = net().train()
+    modal = modeswap.capture(copy.deepcopy(eager), (X,)).train()
+    modal.get_submodule(path).eval()  # a batch norm frozen, or one dropout off, in a model in train mode
+    eager.get_submodule(path).eval()
+    modeswap.save(modal, tmp_path / "mixed.pt2")
+    loaded = modeswap.load(tmp_path / "mixed.pt2")
+    flags = {name: module.training for name, module in modal.named_modules()}
+    assert {name: module.training for name, module in loaded.named_modules()} == flags
+    assert flags[""] is True
+    assert flags[path] is False
+    want = run_forward_backward(copy.deepcopy(eager), (X,), seed=2)
+    got = run_forward_backward(copy.deepcopy(loaded), (X,), seed=2)
+    assert_same_run(want, got, atol=1e-6, rtol=1e-5)
+
+
+def test_a_recorded_module_the_loaded_one_lacks_is_named(
+    trained: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, modal, _ = trained
+    pack = modeswap.files.pack
+
+    def with_a_ghost(stream: Any, programs: Any, extra_files: dict[str, str]) -> None:
+        header = json.loads(extra_files["modeswap.json"])
+        header["training"]["head.ghost"] = True
+        pack(stream, programs, {"modeswap.json": json.dumps(header)})
+
+    monkeypatch.setattr(modeswap.files, "pack", with_a_ghost)
+    modeswap.save(modal, tmp_path / "ghost.pt2")
+    with pytest.raises(
+        modeswap.ModeswapError, match=r"ghost\.pt2: the archive records the mode of a module at 'head\.ghost'"
+    ):
+        modeswap.load(tmp_path / "ghost.pt2")
+
+
+def test_saving_again_and_saving_a_loaded_module_serialize_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    serialized = modeswap.pt2.serialized_program
+
+    def counted(*args: Any) -> tuple[bytes, bytes]:
+        calls.append(args)
+        return serialized(*args)
+
+    monkeypatch.setattr(modeswap.pt2, "serialized_program", counted)
+    modal = modeswap.capture(net(), (X,))
+    modeswap.save(modal, tmp_path / "first.pt2")
+    assert len(calls) == 2  # a program per mode
+    run_forward_backward(modal, (X,), seed=0)
+    modeswap.save(modal, tmp_path / "second.pt2")  # its tensors changed, its graphs did not
+    modeswap.save(copy.deepcopy(modal), tmp_path / "copy.pt2")
+    loaded = modeswap.load(tmp_path / "second.pt2")
+    modeswap.save(loaded, tmp_path / "again.pt2")
+    assert len(calls) == 2
+    with zipfile.ZipFile(tmp_path / "first.pt2") as before, zipfile.ZipFile(tmp_path / "again.pt2") as after:
+        for mode in ("train", "eval"):
+            assert after.read(f"archive/models/{mode}.json") == before.read(f"archive/models/{mode}.json")
+    for training in (True, False):
+        same_run(modal, modeswap.load(tmp_path / "again.pt2"), training)
+    assert_same_state(modal, modeswap.load(tmp_path / "copy.pt2"))

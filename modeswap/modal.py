@@ -9,9 +9,10 @@ name, against the module's own state, so a switch is ``nn.Module.train``: no
 trace, no rewrite, no recompile.
 
 Each site follows the flag of the module that owns it (the innermost module
-that ran it), as in eager. Every module an export called is reachable with
-``get_submodule``: a stateless one, such as a ``Dropout``, as an empty
-placeholder whose ``.training`` is its flag.
+that ran it), as in eager. Every module of the model is reachable with
+``get_submodule`` (from a ``GraphModule``, every module that ran a node): a
+stateless one, such as a ``Dropout``, as an empty placeholder whose
+``.training`` is its flag.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class ModalModule(torch.nn.Module):
         training: bool,
         layout: Layout | None = None,
         origin: Origin | None = None,
+        paths: Iterable[str] = (),
     ) -> None:
         super().__init__()
         for key, value in vars(state).items():
@@ -197,8 +199,7 @@ class ModalModule(torch.nn.Module):
         self._origin = origin or Origin()
         _add_placeholders(self, (path for v in self._variants.values() for path in v.owners))
         _add_placeholders(self, (path for v in self._variants.values() for path in _ran(v.graph)))
-        if self._layout.called is not None:
-            _add_placeholders(self, (path for paths in self._layout.called.values() for path in paths))
+        _add_placeholders(self, paths)  # the model's other modules, as a program's module call graph lists them
         _share(self, self._layout.shared)
         flagged = [(path, m) for path, m in self.named_modules(remove_duplicate=False) if _has_flag(path, m)]
         self._paths = tuple(path for path, _ in flagged)
@@ -625,7 +626,10 @@ def allow_train_eval(
     # A graph that shows no mode computes what its eval variant computes.
     layout = Layout(shared=shared_by_state(state))
     origin = Origin(stated[Mode.TRAIN])
-    return ModalModule(state, variants, subgraphs, training=modes == {Mode.TRAIN}, layout=layout, origin=origin)
+    training = modes == {Mode.TRAIN}
+    return ModalModule(
+        state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=modules or ()
+    )
 
 
 def _swapped_skeleton(program: ExportedProgram, mode: Mode, stated: Stated) -> Skeleton:
@@ -700,8 +704,9 @@ def modal_of(
         names = _adopt(state, gm, mode)
         variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(programs[mode], names))
         subgraphs |= bodies
+    paths = [entry.fqn for program in programs.values() for entry in program.module_call_graph]
     origin = Origin(exports=True)
-    return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin)
+    return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=paths)
 
 
 def set_flags(modal: ModalModule, flags: Mapping[str, bool]) -> ModalModule:

@@ -64,10 +64,10 @@ def _require_types(file: Path, names: list[str]) -> None:
         for name in names:
             if name.partition("/")[2].startswith("models/") and name.endswith(".json"):
                 try:
-                    names = program_type_names(json.loads(archive.read(name)))
+                    types = program_type_names(json.loads(archive.read(name)))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # not a program of torch's schema: torch's reader says what it is
-                require(names, f"{file}")
+                require(types, f"{file}")
 
 
 def check_input(path: str | os.PathLike[str]) -> None:

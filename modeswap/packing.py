@@ -67,18 +67,17 @@ def identities(programs: Mapping[str, Packed]) -> dict[str, dict[str, int]]:
 
 def pack(stream: BinaryIO, programs: Mapping[str, Packed], extra_files: Mapping[str, str]) -> None:
     """Write ``programs`` (by name) and ``extra_files`` to ``stream`` as one PT2 archive, each storage once."""
-    writer = pt2.Writer(stream)
-    records = _Records(writer)
-    for model, packed in programs.items():
-        weights = {name: records.row(pt2.WEIGHTS_DIR, value) for name, value in packed.state.items()}
-        constants = {name: records.row(pt2.CONSTANTS_DIR, value) for name, value in packed.constants.items()}
-        writer.write(pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model), json.dumps({"config": weights}).encode())
-        writer.write(pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(model), json.dumps({"config": constants}).encode())
-        writer.write(pt2.MODELS_FILENAME_FORMAT.format(model), packed.program)
-        writer.write(pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(model), packed.example_inputs)
-    for name, text in extra_files.items():
-        writer.write(f"{pt2.EXTRA_DIR}{name}", text.encode())
-    writer.close()
+    with pt2.Writer(stream) as writer:
+        records = _Records(writer)
+        for model, packed in programs.items():
+            weights = {name: records.row(pt2.WEIGHTS_DIR, value) for name, value in packed.state.items()}
+            constants = {name: records.row(pt2.CONSTANTS_DIR, value) for name, value in packed.constants.items()}
+            writer.write(pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model), json.dumps({"config": weights}).encode())
+            writer.write(pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(model), json.dumps({"config": constants}).encode())
+            writer.write(pt2.MODELS_FILENAME_FORMAT.format(model), packed.program)
+            writer.write(pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(model), packed.example_inputs)
+        for name, text in extra_files.items():
+            writer.write(f"{pt2.EXTRA_DIR}{name}", text.encode())
 
 
 class _Records:

@@ -373,7 +373,7 @@ class Reader:
 
 
 class Writer:
-    """A PT2 archive open for writing on ``stream``: torch's ``PT2ArchiveWriter``, with storages written whole."""
+    """A PT2 archive written on ``stream``, in a ``with`` block: torch's ``PT2ArchiveWriter``, storages whole."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._archive = PT2ArchiveWriter(stream)
@@ -395,9 +395,14 @@ class Writer:
         size = storage.nbytes() - storage.nbytes() % tensor.element_size()
         self._archive.archive_file.write_record(name, storage, size)
 
-    def close(self) -> None:
-        """Finish the archive: torch's format and version records, then the zip directory."""
-        self._archive.__exit__(None, None, None)
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        # torch's writer adds its format and version records, then the zip directory; a failed
+        # write is left as it is, for the caller to delete, not finished into a valid archive.
+        if kind is None:
+            self._archive.__exit__(None, None, None)
 
 
 def _reason(error: BaseException) -> str:

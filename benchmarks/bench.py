@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick          # chains of 10 and 100 blocks and ResNet-50, about two minutes
     python benchmarks/bench.py --models chain-10,bert --out /tmp/bench
     python benchmarks/bench.py --render docs/performance/results.json --out docs/performance  # re-render only
+    python benchmarks/bench.py --only archive   # save and load of ResNet-50's and BERT's captures, a few minutes
 
 Writes ``results.json`` (raw times, memory, node counts, machine), ``table.md``
 and ``plot.png`` to ``--out``: by default ``docs/performance`` for a full run,
@@ -29,6 +30,10 @@ On ResNet-50 and BERT, a to_eval under each weight policy (cloned, copy-on-write
 shared) alone and followed by the first thing a caller does with the result: a
 forward, an optimizer step, ``load_state_dict``, ``torch.export.save`` (after a
 swap of the program).
+
+On ResNet-50 and BERT, ``modeswap.save`` and ``modeswap.load`` of a capture next to ``torch.export.save`` and
+``torch.export.load`` of its train program, and the archive's size (benchmarks/archive.py);
+``--only archive`` measures these rows alone.
 
 On chain-100, ResNet-50 and BERT, from the eager model: ``modeswap.check`` and
 ``modeswap.capture`` next to ``two_exports``, ``torch.export.export`` in train
@@ -60,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import archive
 import torch
 from checkout import ROOT
 from measure import (
@@ -75,7 +81,7 @@ from measure import (
     storages,
 )
 from models import ModelSpec, all_specs, chain, quick_specs
-from render import markdown, plot
+from render import machine_line, markdown, plot
 from targets import check
 from torch.fx import GraphModule
 
@@ -88,6 +94,8 @@ START = time.perf_counter()
 MODAL_MODELS = ("chain-100", "resnet50", "bert")
 #: Where a to_eval is timed with the first thing a caller does to its result, under each weight policy.
 WRITES_MODELS = ("resnet50", "bert")
+#: Where modeswap.save and modeswap.load of a capture are timed next to torch.export.save and load.
+ARCHIVE_MODELS = ("resnet50", "bert")
 #: How a swap gives its result tensors: modeswap's options for each.
 POLICIES: dict[str, dict[str, bool]] = {
     "clone": {},
@@ -111,9 +119,10 @@ class Settings:
     modal: Policy  # check, capture and two exports
     writes: Policy  # a swap and the first thing done to its result, per weight policy
     capture_profiled: bool  # whether a capture's peak allocation is profiled (several seconds on ResNet-50)
+    archive: Policy  # modeswap.save and load of a capture, torch.export.save and load of a program
 
     def to_json(self) -> dict[str, Any]:
-        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport", "modal", "writes")}
+        policies = {k: vars(getattr(self, k)) for k in ("swaps", "torchao", "reexport", "modal", "writes", "archive")}
         return {
             "quick": self.quick,
             **policies,
@@ -133,6 +142,7 @@ FULL = Settings(
     modal=Policy(10.0, 3, 5, warmup=False),
     writes=Policy(3.0, 3, 7),
     capture_profiled=True,
+    archive=Policy(10.0, 5, 9),
 )
 QUICK = Settings(
     True,
@@ -144,6 +154,7 @@ QUICK = Settings(
     modal=Policy(0.0, 1, 1, warmup=False),
     writes=Policy(0.0, 1, 1, warmup=False),
     capture_profiled=False,
+    archive=Policy(0.0, 3, 3),
 )
 
 
@@ -527,7 +538,61 @@ def measure_model(
         result["writes"] = run_writes(train_program, train_graph, args, settings)
     if spec.name in MODAL_MODELS:
         result["modal"] = run_modal(spec, eager, args, settings)
+    if spec.name in ARCHIVE_MODELS:
+        result["archive"] = run_archive(eager, args, train_program, settings)
     return result
+
+
+def run_archive(
+    eager: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    program: torch.export.ExportedProgram,
+    settings: Settings,
+) -> dict[str, Any]:
+    """modeswap.save and load of a capture of ``eager``, next to torch's of ``program`` (see benchmarks/archive.py)."""
+    log("  save and load of a capture next to torch.export.save and load of one program")
+    try:
+        modal = modeswap.capture(eager, args)
+        found = archive.run_archive(modal, program, settings.archive, log, ROOT / "build")
+    except Exception as error:
+        return {"error": describe(error)}
+    report_timings({name: Timing(t["times_s"], t["cpu_times_s"], t["error"]) for name, t in found["timings"].items()})
+    for what, (value, cpu) in archive.ratios(found).items():
+        log(f"    {what}: {value:.3f} (CPU {cpu:.3f})" if value is not None and cpu is not None else f"    {what}: n/a")
+    return found
+
+
+def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
+    """``--only archive``: the archive rows of each model alone, to ``out``/results.json and archive.md."""
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": settings.to_json(),
+        "only": "archive",
+        "models": {},
+    }
+    for spec in specs:
+        log(f"{spec.name}: building, exporting and capturing ({spec.description})")
+        torch.manual_seed(0)
+        eager, args = spec.build(), spec.inputs()
+        program = torch.export.export(eager.train(), args)
+        gc.collect()
+        gc.freeze()
+        try:
+            found = run_archive(eager, args, program, settings)
+        finally:
+            gc.unfreeze()
+        results["models"][spec.name] = {"description": spec.description, "archive": found}
+    results["duration_s"] = time.perf_counter() - START
+    results["machine"]["load_average_end"] = _load()
+    results["targets"] = [t.to_json() for t in check(results)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = archive.markdown(results["models"])
+    (out / "archive.md").write_text(
+        "\n".join([f"Measured {results['started']} on {machine_line(results)}.", "", *table])
+    )
+    log(f"wrote {out}/results.json and archive.md")
 
 
 def machine() -> dict[str, Any]:
@@ -599,9 +664,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where the outputs go (default: see above)")
     parser.add_argument("--models", help="comma-separated model names, e.g. chain-10,resnet50")
     parser.add_argument("--render", type=Path, help="re-render table.md and plot.png from this results.json")
+    parser.add_argument(
+        "--only", choices=["archive"], help="only these rows: archive, save and load of a capture (resnet50, bert)"
+    )
     args = parser.parse_args()
     if args.out is None:
-        partial = args.quick or args.models or args.render
+        partial = args.quick or args.models or args.render or args.only
         args.out = ROOT / ("build/bench" if partial else "docs/performance")
     if args.render:
         write(json.loads(args.render.read_text()), args.out, final=True)
@@ -609,6 +677,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     settings = QUICK if args.quick else FULL
+    if args.only == "archive":
+        specs = [s for s in select(False, args.models) if args.models or s.name in ARCHIVE_MODELS]
+        only_archive(specs, settings, args.out)
+        return
     specs = select(args.quick, args.models)
     results: dict[str, Any] = {
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

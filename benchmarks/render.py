@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import archive
 from targets import (
     CAPTURE_RATIO,
     CHECK_RATIO,
@@ -358,6 +359,7 @@ def markdown(results: Results) -> str:
         *target_table(targets),
         "",
     ]
+    lines += archive.markdown(results["models"])
     lines += [
         "## Memory of a to_eval",
         "",

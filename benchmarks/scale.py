@@ -4,6 +4,7 @@
     python benchmarks/scale.py --quick                  # a 58M-parameter Llama, stacks of 1k and 10k nodes: ~4 min
     python benchmarks/scale.py --out docs/performance   # the published scale.json and scale.md
     python benchmarks/scale.py --parts scaling --sizes 1000,10000 --profile
+    python benchmarks/scale.py --parts archive          # save and load of the Llama's capture, ~10 minutes
 
 1. LLM: a transformers ``LlamaForCausalLM`` built from its config with random
    weights (nothing is downloaded) in TinyLlama's shape: 22 layers, hidden 2048,
@@ -30,6 +31,12 @@
    1.1 times the node ratio (or with ``--profile``), one swap at each of the two
    largest sizes runs under cProfile, and the report lists the functions whose
    time grows faster than the graph.
+
+3. Archive (``--parts archive``, not in the default parts): the same Llama captured
+   (``modeswap.capture``: its own copy of the weights), ``modeswap.save`` and
+   ``modeswap.load`` of the capture next to ``torch.export.save`` and
+   ``torch.export.load`` of its train export, and the archive's size
+   (benchmarks/archive.py; the files go to build/, about 11 GB while it runs).
 
 Targets: on the LLM, ``to_eval`` and ``to_train`` each take under 1 s, and the
 peak extra memory of a pure swap stays at most 5% of the state. Going from 10k
@@ -65,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import archive
 import torch
 from bench import count_nodes, floor, machine
 from checkout import ROOT
@@ -350,6 +358,29 @@ def run_llm(settings: Settings) -> dict[str, Any]:
     return result
 
 
+def run_llm_archive(settings: Settings) -> dict[str, Any]:
+    """modeswap.save and load of the Llama's capture, next to torch's of its train export (benchmarks/archive.py)."""
+    spec = settings.llm
+    log(f"archive: building {spec.name} ({spec.description()})")
+    torch.manual_seed(0)
+    model = spec.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        program = torch.export.export(model.train(), spec.inputs())  # shares the eager model's tensors
+        modal = modeswap.capture(model, spec.inputs())  # its own copy of them
+        log(f"  exported and captured in {time.perf_counter() - start:.1f} s")
+    del model
+    gc.collect()
+    gc.freeze()
+    try:
+        found = archive.run_archive(modal, program, Policy(0.0, 3, 3, warmup=False), log, ROOT / "build")
+    finally:
+        gc.unfreeze()
+    report_timings({name: Timing(t["times_s"], t["cpu_times_s"], t["error"]) for name, t in found["timings"].items()})
+    return {"name": spec.name, "description": spec.description(), **found}
+
+
 # --- 2. Scaling -----------------------------------------------------------------------------------------------------
 
 
@@ -582,6 +613,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     MEMORY_RATIO,
                     note,
                 )
+    rows = results.get("archive")
+    if rows and "timings" in rows:
+        for what, (value, cpu) in archive.ratios(rows).items():
+            add(f"archive {rows['name']} {what}", value, archive.limits()[what], f"CPU {_fmt(cpu)}")
     scaling = results.get("scaling")
     if scaling:
         for direction in DIRECTIONS:
@@ -698,6 +733,9 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {direction} | {step} | {r['node_ratio']:.2f} | {r['limit']:.1f} | {' | '.join(cells)} |"
                 )
+    rows = results.get("archive")
+    if rows:
+        lines += ["", *archive.markdown({rows.get("name", "llm"): {"archive": rows}})]
     lines += ["", "## Targets", "", "| target | value | limit | met | |", "| --- | --- | --- | --- | --- |"]
     for t in results.get("targets", []):
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
@@ -717,13 +755,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 58M-parameter Llama and stacks of 1k and 10k nodes")
     parser.add_argument("--out", type=Path, default=ROOT / "build/bench/scale", help="where the outputs go")
-    parser.add_argument("--parts", default="llm,scaling", help="llm, scaling or both (comma-separated)")
+    parser.add_argument(
+        "--parts", default="llm,scaling", help="llm, scaling, archive (comma-separated; default llm,scaling)"
+    )
     parser.add_argument("--sizes", help="the stack's sizes in nodes, comma-separated (default 1000,10000,100000)")
     parser.add_argument("--profile", action="store_true", help="cProfile the two largest stacks even when linear")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"llm", "scaling"}:
-        raise SystemExit(f"unknown parts {sorted(parts - {'llm', 'scaling'})}; known: llm, scaling")
+    if parts - {"llm", "scaling", "archive"}:
+        raise SystemExit(f"unknown parts {sorted(parts - {'llm', 'scaling', 'archive'})}; known: llm, scaling, archive")
     torch.set_num_threads(1)
     settings = settings_for(args.quick, args.sizes, args.profile)
     results: dict[str, Any] = {
@@ -733,6 +773,9 @@ def main() -> None:
     }
     if "llm" in parts:
         results["llm"] = run_llm(settings)
+        write(results, args.out)
+    if "archive" in parts:
+        results["archive"] = run_llm_archive(settings)
         write(results, args.out)
     if "scaling" in parts:
         results["scaling"] = run_scaling(settings, args.out)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import archive
+
 Results = dict[str, Any]
 
 #: modeswap's times over the floor's must stay within this, on every model.
@@ -119,7 +121,20 @@ def check(results: Results) -> list[Target]:
     for direction in ("to_eval", "to_train"):
         targets += _memory(results, direction)
     targets += [_modal(results, "check", CHECK_RATIO), _modal(results, "capture", CAPTURE_RATIO)]
+    targets += _archive(results)
     return targets
+
+
+def _archive(results: Results) -> list[Target]:
+    """Issue 20's targets for the archive rows, on every model that has them."""
+    found: list[Target] = []
+    for model, measured in results["models"].items():
+        rows = measured.get("archive")
+        if not rows or "timings" not in rows:
+            continue
+        for what, (value, cpu) in archive.ratios(rows).items():
+            found.append(Target(f"archive {what}", value, archive.limits()[what], False, model, cpu))
+    return found
 
 
 def _speedup(results: Results, model: str, contender: str, limit: float, swap: str = "modeswap") -> Target:

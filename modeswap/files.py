@@ -184,18 +184,19 @@ def load_archive(path: str | os.PathLike[str]) -> Archive:
     file = Path(path)
     check_input(file)
     header = _modal_header(file)
+    # The programs are deserialized while the checksums of their tensors are computed: the block ends with them.
     with _reading(file) as reader:
         unpacked = unpack(reader, [mode.value for mode in Mode], header.tensors)
-    for part in unpacked.values():
-        require(part.type_names, f"{file}", header.types)
-    programs: dict[Mode, ExportedProgram] = {}
-    for mode in Mode:
-        part = unpacked[mode.value]
-        try:
-            programs[mode] = pt2.deserialized_program(part.program, part.state, part.constants, part.example_inputs)
-        except Exception as error:
-            msg = f"{file}: a modal archive that torch cannot read ({_first_cause(error)})"
-            raise ProgramFileError(msg) from error
+        for part in unpacked.values():
+            require(part.type_names, f"{file}", header.types)
+        programs: dict[Mode, ExportedProgram] = {}
+        for mode in Mode:
+            part = unpacked[mode.value]
+            try:
+                programs[mode] = pt2.deserialized_program(part.program, part.state, part.constants, part.example_inputs)
+            except Exception as error:
+                msg = f"{file}: a modal archive that torch cannot read ({_first_cause(error)})"
+                raise ProgramFileError(msg) from error
     records = {mode: (unpacked[mode.value].json, unpacked[mode.value].example_inputs) for mode in Mode}
     return Archive(programs, header, records)
 
@@ -290,7 +291,8 @@ def _mapping_of(value: object, kind: type) -> bool:
 def _reading(file: Path) -> Iterator[pt2.Reader]:
     """Open ``file`` with :class:`pt2.Reader`; a record that cannot be read names the file as damaged."""
     try:
-        yield pt2.Reader(file)
+        with pt2.Reader(file) as reader:
+            yield reader
     except pt2.Damaged as error:
         raise ProgramFileError(_damaged(file, str(error))) from error
 

@@ -13,6 +13,7 @@ private serializer: this module is the one place that reaches it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import io
@@ -316,13 +317,18 @@ class Damaged(Exception):
 
 
 class Reader:
-    """A PT2 archive open for reading, each record's bytes checked against the CRC-32 of the zip directory.
+    """A PT2 archive open for reading, in a ``with`` block, each record checked against its zip directory's CRC-32.
 
     torch's reader checks no checksum: a flipped bit in a weight loads as a
     different weight. Raises :class:`Damaged` when the zip directory cannot be
     read (a truncated file has none), when a record cannot be, and when a
-    record's bytes do not match its checksum.
+    record's bytes do not match its checksum: a storage's at the end of the
+    block, as the checksums of large storages are computed on a thread of
+    their own meanwhile (``zlib`` lets go of the interpreter while it sums).
     """
+
+    #: Storages of at least this many bytes are checked on the thread; smaller ones at once.
+    THREADED = 1 << 20
 
     def __init__(self, path: Path) -> None:
         try:
@@ -335,6 +341,20 @@ class Reader:
             raise Damaged(_reason(error)) from error
         # torch writes every record inside one folder, named after the file: names here are less it.
         self._records = {info.filename.partition("/")[2]: info for info in infos}
+        self._checks: list[concurrent.futures.Future[None]] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        pool, checks = self._pool, self._checks
+        if pool is None:
+            return
+        pool.shutdown(wait=kind is None, cancel_futures=kind is not None)
+        if kind is None:
+            for check in checks:
+                check.result()  # raises the Damaged of the first storage that failed its check
 
     def names(self) -> list[str]:
         """Return the names of the records, less the archive's folder."""
@@ -350,7 +370,7 @@ class Reader:
         return data
 
     def read_storage(self, name: str, dtype: torch.dtype) -> torch.UntypedStorage:
-        """Return the record ``name`` as a new storage, read once from the file and checked."""
+        """Return the record ``name`` as a new storage, read once from the file; checked by the end of the block."""
         size = self._records[name].file_size
         if size == 0:
             return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
@@ -362,10 +382,17 @@ class Reader:
         except RuntimeError as error:
             raise Damaged(f"{name}: {_reason(error)}") from error
         storage = flat.untyped_storage()
-        self._check(name, (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr()))
+        data = (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
+        if size < self.THREADED:
+            self._check(name, data)
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modeswap-crc32")
+            # The storage goes along: its memory lives as long as the check reads it.
+            self._checks.append(self._pool.submit(self._check, name, data, storage))
         return storage
 
-    def _check(self, name: str, data: Any) -> None:
+    def _check(self, name: str, data: Any, *alive: object) -> None:
         info = self._records.get(name)
         # A CRC-32 of 0 for bytes: a writer told not to compute it (torch.serialization.set_crc32_options).
         if info is not None and (info.CRC or not info.file_size) and zlib.crc32(data) != info.CRC:

@@ -33,7 +33,10 @@ def whole(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("whole")
     modeswap.save(modeswap.capture(model(), (X,)), folder / "modal.pt2")
     torch.export.save(torch.export.export(model().eval(), (X,)), folder / "program.pt2")
-    return {kind: (folder / f"{kind}.pt2").read_bytes() for kind in ("modal", "program")}
+    # A weight of 2 MiB: its checksum is computed on a thread of its own, while the programs load.
+    wide = nn.Sequential(nn.Linear(1024, 512), nn.Dropout(0.1))
+    modeswap.save(modeswap.capture(wide, (torch.randn(2, 1024),)), folder / "wide.pt2")
+    return {kind: (folder / f"{kind}.pt2").read_bytes() for kind in ("modal", "program", "wide")}
 
 
 def data_offset(data: bytes, suffix: str) -> tuple[int, int]:
@@ -106,6 +109,7 @@ def test_a_truncated_file_is_named_truncated(whole: dict[str, bytes], tmp_path: 
         ("modal", "models/train.json"),
         ("modal", "models/eval.json"),
         ("modal", "data/weights/eval_weights_config.json"),
+        ("wide", "data/weights/weight_0"),
         ("program", "data/weights/weight_0"),
         ("program", "models/model.json"),
     ],
@@ -139,4 +143,5 @@ def test_an_intact_file_reads_as_before(whole: dict[str, bytes], tmp_path: Path)
     for kind, data in whole.items():
         (tmp_path / f"{kind}.pt2").write_bytes(data)
     assert modeswap.load(tmp_path / "modal.pt2").training is True
+    assert modeswap.load(tmp_path / "wide.pt2").get_parameter("0.weight").shape == (512, 1024)
     assert command("inspect", tmp_path / "program.pt2").returncode == 0

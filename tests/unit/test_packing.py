@@ -60,7 +60,8 @@ def test_each_storage_is_one_record_and_comes_back_as_views_of_one(records: tupl
             assert zipped.read(next(n for n in zipped.namelist() if n.endswith("extra/note.txt"))) == b"hello"
         # base (float32), base as int32, frozen, apart, meta, empty, count: one record each.
         assert len(stored) == 7
-        found = unpack(pt2.Reader(path), ["train", "eval"], numbers)
+        with pt2.Reader(path) as reader:
+            found = unpack(reader, ["train", "eval"], numbers)
     finally:
         path.unlink()
     state = found["train"].state
@@ -96,7 +97,8 @@ def test_without_identities_views_of_one_record_are_tied_as_torch_untied_them(re
     given = {"emb": tied, "out": tied, "other": nn.Parameter(base.clone()), "buffer": base}
     path, _ = archive({"model": Packed(*records, state=given, constants={})})
     try:
-        state = unpack(pt2.Reader(path), ["model"], None)["model"].state
+        with pt2.Reader(path) as reader:
+            state = unpack(reader, ["model"], None)["model"].state
     finally:
         path.unlink()
     assert state["emb"] is state["out"]

@@ -9,14 +9,17 @@ For one model, side by side in interleaved repetitions (``gc.collect()`` before 
 - ``save_cold``: the same with the records forgotten first (the first save of a capture), untimed;
 - ``load``: ``modeswap.load`` of the archive, the module ready to run in both modes.
 
+Every repetition starts once the file the last save wrote is deleted and every write is on the disk
+(``os.sync()``, untimed): a write of gigabytes otherwise waits for the writeback of the one before.
 Sizes: the archive, the state (the bytes of the module's distinct storages), the graphs (both programs'
-``models/*.json`` and sample inputs), and torch's file of one program. Targets (issue 20): the archive at most
-1.05x the state plus the graphs, ``load`` at most 1.2x ``torch_load``, ``save`` and ``save_cold`` at most 1.2x
-``torch_save``.
+``models/*.json`` and sample inputs), and torch's file of one program. Targets (issue 20): the archive
+at most 1.05x the state plus the graphs, ``load`` at most 1.2x ``torch_load``, ``save`` and
+``save_cold`` at most 1.2x ``torch_save``.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,15 +46,31 @@ def contenders(modal: modeswap.ModalModule, program: torch.export.ExportedProgra
     def cold() -> Callable[[], object]:
         # The records each skeleton remembers, forgotten: what the first save of a capture serializes.
         skeleton._RECORDS.clear()
-        return lambda: modeswap.save(modal, folder / "cold.pt2")
+        return lambda: modeswap.save(modal, folder / "written.pt2")
 
-    return {
-        "torch_save": lambda: lambda: torch.export.save(program, folder / "one_again.pt2"),
-        "save": lambda: lambda: modeswap.save(modal, folder / "again.pt2"),
+    calls: dict[str, Prepare] = {
+        "torch_save": lambda: lambda: torch.export.save(program, folder / "written.pt2"),
+        "save": lambda: lambda: modeswap.save(modal, folder / "written.pt2"),
         "save_cold": cold,
         "torch_load": lambda: lambda: torch.export.load(folder / "one.pt2"),
         "load": lambda: lambda: modeswap.load(folder / "modal.pt2"),
     }
+    return {name: _fresh(prepare, folder / "written.pt2") for name, prepare in calls.items()}
+
+
+def _fresh(prepare: Prepare, written: Path) -> Prepare:
+    """``prepare``, once the file the last save wrote is gone and every write has reached the disk.
+
+    Each save writes a new file, not over an old one, and none waits for the
+    writeback of the one before, or for memory that the page cache holds.
+    """
+
+    def fresh() -> Callable[[], object]:
+        written.unlink(missing_ok=True)
+        os.sync()
+        return prepare()
+
+    return fresh
 
 
 def sizes(modal: modeswap.ModalModule, folder: Path) -> dict[str, int]:

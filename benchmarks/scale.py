@@ -374,7 +374,7 @@ def run_llm_archive(settings: Settings) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     try:
-        found = archive.run_archive(modal, program, Policy(0.0, 3, 3, warmup=False), log, ROOT / "build")
+        found = archive.run_archive(modal, program, Policy(0.0, 5, 5), log, ROOT / "build")
     finally:
         gc.unfreeze()
     report_timings({name: Timing(t["times_s"], t["cpu_times_s"], t["error"]) for name, t in found["timings"].items()})

@@ -125,8 +125,9 @@ def require(names: Iterable[str], where: str, modules: Mapping[str, str] | None 
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
         cls, failure = _find(name, (modules or {}).get(name))
-        registrable = cls is not None and (pytree.is_namedtuple_class(cls) or cls in pytree.SUPPORTED_SERIALIZED_TYPES)
-        if registrable and cls is not None and _serialized_name(cls) is None:
+        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue  # importing the module registered it (a transformers ModelOutput)
+        if cls is not None and _serialized_name(cls) is None and _registrable(cls):
             _name(cls, name)
             continue
         module = (modules or {}).get(name) or name.rpartition(".")[0]
@@ -141,9 +142,14 @@ def require(names: Iterable[str], where: str, modules: Mapping[str, str] | None 
         msg = (
             f"{where}: its program returns or takes a {name}, a type torch reads back only once the module "
             f"that defines and registers it is imported, and {why}. Import the module that registers it first "
-            f"(modeswap --import MODULE on the command line, an import before modeswap.load in Python)"
+            f"(--import MODULE of modeswap inspect and convert; in Python, an import before modeswap.load)"
         )
         raise ProgramFileError(msg)
+
+
+def _registrable(cls: type) -> bool:
+    """Whether :func:`_name` can name ``cls``: a namedtuple, or a type registered with torch's pytree."""
+    return pytree.is_namedtuple_class(cls) or cls in pytree.SUPPORTED_SERIALIZED_TYPES
 
 
 def _find(name: str, module: str | None) -> tuple[type | None, str | None]:

@@ -553,7 +553,7 @@ def run_archive(
     log("  save and load of a capture next to torch.export.save and load of one program")
     try:
         modal = modeswap.capture(eager, args)
-        found = archive.run_archive(modal, program, settings.archive, log, ROOT / "build")
+        found = archive.run_archive(modal, program, settings.archive, log)
     except Exception as error:
         return {"error": describe(error)}
     report_timings({name: Timing(t["times_s"], t["cpu_times_s"], t["error"]) for name, t in found["timings"].items()})

@@ -7,6 +7,7 @@ answer at once; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shlex
@@ -218,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modeswap",
         description="Switch torch.export graphs between train and eval behaviour.",
-        epilog="Loading a .pt2 file runs torch's deserializer on it: use files you trust.",
+        epilog="Loading a .pt2 file runs torch's deserializer on it, and imports the modules that define its "
+        "output types: use files you trust.",
     )
     parser.add_argument("--version", action="version", version=f"modeswap {modeswap.__version__}")
     debug = "show the traceback when a command fails"
@@ -226,6 +228,16 @@ def _parser() -> argparse.ArgumentParser:
     # The same flag after the command; SUPPRESS keeps a subcommand from resetting one given before it.
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE before reading the file: one that registers a type the program returns or takes with "
+        "torch (the module that defines it is imported by itself; repeatable)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "demo",
@@ -235,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     ).set_defaults(run=demo)
     show = commands.add_parser(
         "inspect",
-        parents=[after],
+        parents=[after, reading],
         help="print the mode of a saved program, or of both programs of a modal archive",
         description=inspect.__doc__,
     )
@@ -246,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=inspect)
     swap = commands.add_parser(
         "convert",
-        parents=[after],
+        parents=[after, reading],
         help="swap a saved program to train or eval",
         description=convert.__doc__,
         epilog="A PATTERN matches the module path of a site (as inspect prints it) or of a module enclosing "
@@ -341,6 +353,16 @@ def _some(items: Sequence[str], shown: int = 3) -> str:
     return names + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
+def _import(modules: Sequence[str]) -> None:
+    """Import each of ``modules``; raise :class:`InvalidOptionError` naming one that fails."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            msg = f"--import {module}: importing it failed ({type(error).__name__}: {error})"
+            raise InvalidOptionError(msg) from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modeswap`` command line; return its exit code (0 done, 2 bad input or usage, 1 a bug)."""
     args = _parser().parse_args(argv)
@@ -350,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ModeswapWarning)
         try:
+            _import(getattr(args, "imports", ()))
             code: int = args.run(args)
         except ModeswapError as error:
             failure.append(f"modeswap {args.command}: {in_cli_words(str(error))}")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from modeswap.eager import capture, check
     from modeswap.errors import (
         InvalidOptionError,
+        MixedModeWarning,
         ModeswapError,
         ModeswapWarning,
         NondeterministicEvalWarning,
@@ -42,6 +43,7 @@ _HOMES = {
     "modeswap.archive": ("load", "save"),
     "modeswap.errors": (
         "InvalidOptionError",
+        "MixedModeWarning",
         "ModeswapError",
         "ModeswapWarning",
         "NondeterministicEvalWarning",
@@ -93,6 +95,7 @@ __all__ = [
     "Fidelity",
     "InvalidOptionError",
     "Memo",
+    "MixedModeWarning",
     "ModalModule",
     "Mode",
     "ModeReport",

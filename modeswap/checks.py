@@ -10,6 +10,7 @@ per swap, naming every node or module and saying what to do.
 
 from __future__ import annotations
 
+import collections
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -21,12 +22,14 @@ from torch.fx import GraphModule, Node
 from modeswap import flags, stated
 from modeswap.errors import (
     InvalidOptionError,
+    MixedModeWarning,
     NondeterministicEvalWarning,
     TrainingBranchWarning,
     UnknownTrainingValueWarning,
     UnsupportedGraphError,
 )
 from modeswap.graphs import (
+    attribute,
     calls,
     describe,
     graph_modules,
@@ -101,6 +104,102 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned
         )
         warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
     return ()
+
+
+def warn_minority(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tuple[Change, ...]:
+    """Warn when a swap of a mixed graph to ``mode`` changes the sites whose mode differs from the rest.
+
+    Sites the user pins (``keep=``) or states a value for (``dropout=``) are
+    spoken for, and a swap of some modules only (``Stated.within``) is not of the graph.
+    """
+    if told.within is not None:
+        return ()
+    modes = [(path, site) for path, site in context.modes if not (told.keeps(path) or told.dropout_for(path))]
+    counts = collections.Counter(site for _, site in modes)
+    if len(counts) < 2:
+        return ()
+    # The minority is the less common mode; with as many of each, the side that changes.
+    minority = min(Mode, key=lambda m: (counts[m], m is mode))
+    if minority is mode:
+        return ()  # the rest changes to the mode the minority is in already
+    paths = tuple(dict.fromkeys(path for path, site in modes if site is minority))
+    msg = (
+        f"the graph mixes modes: {counts[minority]} {minority.value} site(s) under "
+        f"{_some(list(paths), 'module', shown=5) if any(paths) else 'the root module'}, "
+        f"{counts[_other(minority)]} in {_other(minority).value} mode. This swap puts them in {mode.value} mode "
+        "with the rest. A batch norm frozen while fine-tuning, Monte Carlo dropout or F.batch_norm(training=False) "
+        f"holds its mode whatever the model's: if these do, leave them as they are with keep={paths!r}"
+    )
+    warnings.warn(MixedModeWarning(msg, keep=paths), stacklevel=2)
+    return ()
+
+
+def warn_unread_state(gm: GraphModule, context: Context, told: Stated) -> tuple[Change, ...]:
+    """Warn, on the way to train, about modules whose state no node reads and whose forward never ran.
+
+    That is what an eval export makes of a module that only training runs
+    (GoogLeNet's auxiliary heads: ``if self.training: return out, self.aux(h)``).
+    A module that ran a node and leaves some of its state unread (a mask token
+    read only when a mask is given) is not one of them.
+    """
+    if told.within is not None or context.captured(told.keeps) is Mode.TRAIN:
+        return ()
+    names, read = _state_reads(gm, context)
+    ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
+    unread = [name for name in names if name not in read]
+    untouched = {  # the model's own forward runs: the root is never one
+        path
+        for name in unread
+        for path in _enclosing(name.rpartition(".")[0])
+        if path and path not in ran and all(n in unread for n in names if _under(n, path))
+    }
+    tops = sorted(path for path in untouched if path.rpartition(".")[0] not in untouched)
+    if tops:
+        msg = (
+            f"the graph holds the parameters or buffers of {len(tops)} module(s) whose forward never ran and that "
+            f"no node reads: {_some(tops, 'module', shown=5)}. A module that only training runs (GoogLeNet's "
+            "auxiliary heads: `if self.training: return out, self.aux(h)`) leaves no node in an eval export, so "
+            "no swap can run it: the train graph computes what eval does there. With the eager model, "
+            "modeswap.check(model, args) names such branches and modeswap.capture(model, args) runs each mode's "
+            "own export; a module that no mode runs makes this warning speak without cause."
+        )
+        warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
+    return ()
+
+
+def _state_reads(gm: GraphModule, context: Context) -> tuple[list[str], set[str]]:
+    """The names of the parameters and buffers of ``gm``, and of those a node reads (one tensor: all its names)."""
+    if context.buffers or context.parameters:  # a lifted graph: its state comes in as placeholders
+        lifted = {**context.parameters, **context.buffers}
+        used = {
+            lifted[node.name] for node in gm.graph.find_nodes(op="placeholder") if node.name in lifted and node.users
+        }
+        tensors = {context.aliases.get(name, name) for name in used}  # a tensor read is read under every name
+        return list(lifted.values()), {name for name in lifted.values() if context.aliases.get(name, name) in tensors}
+    tensors = dict((*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)))
+    ids = {
+        id(value)
+        for _, module in graph_modules(gm)
+        for node in module.graph.find_nodes(op="get_attr")
+        if node.users and isinstance(value := attribute(module, str(node.target)), torch.Tensor)
+    }
+    return list(tensors), {name for name, t in tensors.items() if id(t) in ids}
+
+
+def _enclosing(path: str) -> Iterator[str]:
+    """``path`` and the paths of the modules enclosing it, innermost first, the root (``""``) last."""
+    while path:
+        yield path
+        path = path.rpartition(".")[0]
+    yield ""
+
+
+def _under(name: str, path: str) -> bool:
+    return not path or name.startswith(f"{path}.")
+
+
+def _other(mode: Mode) -> Mode:
+    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
 
 
 def _erased(modules: tuple[str, ...], ran: set[str]) -> list[str]:

@@ -80,3 +80,17 @@ class RecomputedUpdateWarning(ModeswapWarning):
     stats in the forward and again in the recompute; an export traces the
     forward once and updates them once, as eager does without checkpointing.
     """
+
+
+class MixedModeWarning(ModeswapWarning):
+    """A swap changed sites of a mixed graph whose mode differed from the rest of it.
+
+    That is what a batch norm frozen while fine-tuning, Monte Carlo dropout or
+    ``F.batch_norm(training=False)`` in a train graph looks like: sites that
+    hold their mode whatever the model's. ``keep`` lists the module paths that
+    ``keep=`` would leave as they are.
+    """
+
+    def __init__(self, message: str, *, keep: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keep = tuple(keep)

@@ -37,15 +37,26 @@ class Context:
     modes: tuple[tuple[str, Mode], ...]
     #: In a lifted graph (``ExportedProgram.graph``): placeholder name -> the buffer it stands for.
     buffers: Mapping[str, str] = attrs.field(factory=dict)
+    #: In a lifted graph: placeholder name -> the parameter it stands for.
+    parameters: Mapping[str, str] = attrs.field(factory=dict)
+    #: In a lifted graph: each parameter or buffer name -> the first name of its tensor (tied weights).
+    aliases: Mapping[str, str] = attrs.field(factory=dict)
     #: The module paths an ``ExportedProgram`` lists in its ``module_call_graph``; ``None`` for a GraphModule.
     modules: tuple[str, ...] | None = None
 
     @classmethod
     def of(
-        cls, gm: GraphModule, *, buffers: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
+        cls,
+        gm: GraphModule,
+        *,
+        buffers: Mapping[str, str] | None = None,
+        parameters: Mapping[str, str] | None = None,
+        aliases: Mapping[str, str] | None = None,
+        modules: Iterable[str] | None = None,
     ) -> Context:
         """Read the context of ``gm``, with what its ``ExportedProgram`` says where the caller has one."""
-        return cls(_modes(gm), dict(buffers or {}), None if modules is None else tuple(modules))
+        found = {"buffers": dict(buffers or {}), "parameters": dict(parameters or {}), "aliases": dict(aliases or {})}
+        return cls(_modes(gm), **found, modules=None if modules is None else tuple(modules))
 
     def captured(self, kept: Callable[[str], bool] | None = None) -> Mode | None:
         """The mode the graph was captured in, as its fixed sites say; ``None`` if none or mixed.
@@ -105,18 +116,27 @@ class Pass:
         return new, changes
 
     def edit(
-        self, gm: GraphModule, *, buffers: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
+        self,
+        gm: GraphModule,
+        *,
+        buffers: Mapping[str, str] | None = None,
+        parameters: Mapping[str, str] | None = None,
+        aliases: Mapping[str, str] | None = None,
+        modules: Iterable[str] | None = None,
     ) -> tuple[Change, ...]:
         """Rewrite ``gm`` in place and return the changes; for a copy the caller owns.
 
         What the graph alone does not say comes from its ``ExportedProgram``, if
-        any: ``buffers`` maps the placeholders of a lifted graph to the buffers
-        they stand for (``graph_signature.inputs_to_buffers``); ``modules`` lists
-        the module paths of its ``module_call_graph``. The generated code is left
-        as it is unless the pass compiles.
+        any: ``buffers`` and ``parameters`` map the placeholders of a lifted
+        graph to the buffers and parameters they stand for
+        (``graph_signature.inputs_to_buffers``, ``inputs_to_parameters``),
+        ``aliases`` each of their names to the first name of its tensor;
+        ``modules`` lists the module paths of its ``module_call_graph``. The
+        generated code is left as it is unless the pass compiles.
         """
         # tuple() runs a generator kernel to its end before anything else reads the graph.
-        return tuple(self.kernel(gm, Context.of(gm, buffers=buffers, modules=modules)))
+        context = Context.of(gm, buffers=buffers, parameters=parameters, aliases=aliases, modules=modules)
+        return tuple(self.kernel(gm, context))
 
 
 def pipeline(*passes: Pass) -> Pass:

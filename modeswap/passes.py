@@ -220,6 +220,20 @@ def _warn_nondeterministic(stated: Stated) -> Pass:
     return Pass("warn_nondeterministic", kernel)
 
 
+def _warn_minority(target: Mode, stated: Stated) -> Pass:
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return checks.warn_minority(gm, context, target, stated)
+
+    return Pass(f"warn_minority({target.value})", kernel)
+
+
+def _warn_unread_state(stated: Stated) -> Pass:
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return checks.warn_unread_state(gm, context, stated)
+
+    return Pass("warn_unread_state", kernel)
+
+
 #: Warn when an eval graph still draws random numbers that no rule owns.
 warn_nondeterministic = _warn_nondeterministic(Stated())
 
@@ -246,8 +260,9 @@ def swap_passes(
 def stated_passes(target: Mode, stated: Stated) -> tuple[Pass, ...]:
     """:func:`swap_passes` for options already checked into a :class:`Stated` record (``within`` included)."""
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
-    checked = (_warn_nondeterministic(stated),) if target is Mode.EVAL else ()
-    return (_preflight(target, stated), *swaps, *checked, _warn_training_branches(target, stated))
+    checked = (_warn_nondeterministic(stated),) if target is Mode.EVAL else (_warn_unread_state(stated),)
+    first = (_preflight(target, stated), _warn_minority(target, stated))
+    return (*first, *swaps, *checked, _warn_training_branches(target, stated))
 
 
 def swap_pipeline(

@@ -40,7 +40,10 @@ def swap_program(
     rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep))
     gm = copy_module(ep.graph_module, share_weights=share_weights, copy_on_write=copy_on_write)
     modules = [entry.fqn for entry in ep.module_call_graph]
-    changes = rewrite.edit(gm, buffers=signature.inputs_to_buffers, modules=modules)
+    first: dict[int, str] = {}
+    aliases = {name: first.setdefault(id(t), name) for name, t in ep.state_dict.items()}
+    state = {"buffers": signature.inputs_to_buffers, "parameters": signature.inputs_to_parameters, "aliases": aliases}
+    changes = rewrite.edit(gm, **state, modules=modules)
     tensor = tensor_copier(share_weights=share_weights, copy_on_write=copy_on_write)
 
     def tensors(values: dict[str, Any]) -> dict[str, Any]:

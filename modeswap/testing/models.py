@@ -155,6 +155,22 @@ class AuxiliaryHeads(nn.Module):
         return logits
 
 
+class TrainOnlyHead(nn.Module):
+    """A head that only training runs and returns beside its input, as GoogLeNet's and Inception-v3's auxiliary heads.
+
+    An eval export never calls ``head``: its parameters are in the program's state, and no node reads them.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            return x, self.head(x)
+        return x
+
+
 class Noise(nn.Module):
     """Adds Gaussian noise in training only, as noise-injection and data-augmentation layers do."""
 

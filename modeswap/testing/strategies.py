@@ -28,7 +28,16 @@ from torch import nn
 
 from modeswap.aliases import exported_as_alias
 from modeswap.modes import Mode
-from modeswap.testing.models import Attention, DropPath, Fresh, PinnedMode, Recurrent, SharedBatchNorm, Skip
+from modeswap.testing.models import (
+    Attention,
+    DropPath,
+    Fresh,
+    PinnedMode,
+    Recurrent,
+    SharedBatchNorm,
+    Skip,
+    TrainOnlyHead,
+)
 
 __all__ = [
     "BODIES",
@@ -71,8 +80,9 @@ LAYERS = (
 #: Layer kinds that :func:`cases` can draw but does not by default: a ``skip`` is a dropout beside
 #: the identity (``drop(x) + x``), which an eval export cannot tell apart from ``drop(x) + drop(x)``
 #: when the dropout returns its input (see ``Case.aliasing``); a ``branch`` is an ``if self.training:``
-#: branch (:class:`Branch`), which no swap can follow (see ``Case.differs``).
-EXTRA_LAYERS = ("skip", "branch")
+#: branch (:class:`Branch`), which no swap can follow (see ``Case.differs``); an ``aux_head`` is a
+#: head that only training runs (:class:`TrainOnlyHead`), whose state an eval export holds unread.
+EXTRA_LAYERS = ("skip", "branch", "aux_head")
 #: Layer kinds whose swap is exact both ways, given ``Case.attention_dropout``: an eval export
 #: never ran a drop path, and a skip may be refused (``Case.aliasing``).
 EXACT_LAYERS = tuple(kind for kind in LAYERS if kind != "drop_path")
@@ -308,6 +318,7 @@ def layers(dims: int, *, kinds: tuple[str, ...] = LAYERS, mixed: bool = False) -
         "shared_batch_norm": _options(momentum=_momentum, same_module=st.booleans()),
         "skip": _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability),
         "branch": st.sampled_from(BODIES).flatmap(_branch),
+        "aux_head": _options(),
     }
     pinned = st.sampled_from((None, "train", "eval")) if mixed else st.just(None)
     return st.sampled_from(kinds).flatmap(
@@ -424,7 +435,8 @@ def _train_only(branch: Layer) -> Layer:
 def build(specs: tuple[Layer, ...], *, dims: int, channels: int, width: int) -> nn.Sequential:
     """Build the eager model ``specs`` describe, for inputs of ``channels`` channels and last size ``width``.
 
-    With a ``branch`` layer the model is an :class:`Outputs`, which returns the extra outputs of its layers.
+    With a ``branch`` or ``aux_head`` layer the model is an :class:`Outputs`, which returns the extra
+    outputs of its layers.
     """
     modules: list[nn.Module] = []
     with torch.random.fork_rng():
@@ -432,7 +444,8 @@ def build(specs: tuple[Layer, ...], *, dims: int, channels: int, width: int) -> 
         for spec in specs:
             module, channels = _module(spec, dims, channels, width)
             modules.append(module if spec.mode is None else PinnedMode(module, spec.mode == "train"))
-    return (Outputs if any(spec.kind == "branch" for spec in specs) else nn.Sequential)(*modules)
+    tuples = any(spec.kind in ("branch", "aux_head") for spec in specs)  # layers that may return extra outputs
+    return (Outputs if tuples else nn.Sequential)(*modules)
 
 
 def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
@@ -467,6 +480,8 @@ def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Modul
             return SharedBatchNorm(bn, channels, o["momentum"], o["same_module"]), channels
         case "skip":
             return Skip(getattr(nn, o["cls"])(o["p"])), channels
+        case "aux_head":
+            return TrainOnlyHead(width), channels
         case "branch":
             literals = (o["train"], o["eval"]) if o["body"] == "literal" else (2.0, 2.0)
             return Branch(o["body"], o.get("runs", "both"), literals=literals, p=o.get("p", 0.5)), channels

@@ -7,6 +7,7 @@ Each example exports its model once and checks what it can on that export.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -168,8 +169,18 @@ def test_mode_of_agrees_with_the_eager_modules(case: Case, source: Mode) -> None
     assert report.mixed is (len(modes_seen) > 1)
     assert report.mode is (next(iter(modes_seen)) if len(modes_seen) == 1 else None)
     assert report.stochastic == ()
-    evaluated = modeswap.to_eval(gm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", modeswap.ModeswapWarning)
+        evaluated = modeswap.to_eval(gm)
     assert {s.mode for s in modeswap.mode_of(evaluated).sites} <= {Mode.EVAL}
+    # A mixed graph whose train sites are not the majority: the swap changes its minority, and says so.
+    fixed = [s for s in report.sites if s.kind not in ("attention", "drop_path")]  # the sites that tell a mode
+    trained = [s.module_path for s in fixed if s.mode is Mode.TRAIN]
+    said = [w.message for w in caught if isinstance(w.message, modeswap.MixedModeWarning)]
+    if trained and len(trained) <= len(fixed) - len(trained):
+        assert [set(w.keep) for w in said] == [set(trained)]
+    else:
+        assert said == []
     assert modeswap.mode_of(evaluated).stochastic == ()
 
 

@@ -627,9 +627,7 @@ def allow_train_eval(
     layout = Layout(shared=shared_by_state(state))
     origin = Origin(stated[Mode.TRAIN])
     training = modes == {Mode.TRAIN}
-    return ModalModule(
-        state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=modules or ()
-    )
+    return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=modules or ())
 
 
 def _swapped_skeleton(program: ExportedProgram, mode: Mode, stated: Stated) -> Skeleton:

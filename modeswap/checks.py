@@ -174,8 +174,8 @@ def _state_reads(gm: GraphModule, context: Context) -> tuple[list[str], set[str]
         used = {
             lifted[node.name] for node in gm.graph.find_nodes(op="placeholder") if node.name in lifted and node.users
         }
-        tensors = {context.aliases.get(name, name) for name in used}  # a tensor read is read under every name
-        return list(lifted.values()), {name for name in lifted.values() if context.aliases.get(name, name) in tensors}
+        firsts = {context.aliases.get(name, name) for name in used}  # a tensor read is read under every name
+        return list(lifted.values()), {name for name in lifted.values() if context.aliases.get(name, name) in firsts}
     tensors = dict((*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)))
     ids = {
         id(value)

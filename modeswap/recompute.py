@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -156,41 +157,79 @@ def recomputed_message(found: Sequence[RecomputedUpdate]) -> str:
     )
 
 
+#: Where ``torch.utils.checkpoint.checkpoint`` checkpoints a region, by the module global it calls: the
+#: reentrant implementation, and the non-reentrant one under each name a torch release gives it.
+_ENTRIES = (
+    "CheckpointFunction",
+    "_checkpoint_without_reentrant_generator",
+    "_checkpoint_without_reentrant_generator_impl",
+)
+
+
 @contextlib.contextmanager
 def checkpoints_entered() -> Iterator[list[str]]:
     """Within the block, note each region ``torch.utils.checkpoint`` checkpoints; yield the list of notes.
 
     The one trace of a checkpoint that costs nothing: a non-strict export runs
     the model's Python, ``checkpoint`` and ``checkpoint_sequential`` included,
-    and they reach torch's two implementations through the module's globals,
-    which are wrapped for the block (process-wide, as export itself is not
-    thread-safe). On a torch that lacks either name, a note says so: then
-    only :func:`recomputed_updates` can tell.
+    and they reach torch's implementations through the module's globals, which
+    are wrapped for the block (process-wide, as export itself is not
+    thread-safe). Where this torch's checkpoint escapes the wrapping (a
+    release that renamed them), a note says so: then only
+    :func:`recomputed_updates` can tell.
     """
     notes: list[str] = []
-    module = torch.utils.checkpoint
-    names = ("CheckpointFunction", "_checkpoint_without_reentrant_generator")
-    if not all(hasattr(module, name) for name in names):
+    if not _watchable():
         notes.append("this torch's checkpoint cannot be watched")
         yield notes
         return
-    reentrant, generator = module.CheckpointFunction, module._checkpoint_without_reentrant_generator
-
-    class Reentrant:
-        @staticmethod
-        def apply(*args: Any) -> Any:
-            notes.append("reentrant")
-            return reentrant.apply(*args)  # type: ignore[no-untyped-call]
-
-    def non_reentrant(*args: Any, **kwargs: Any) -> Any:
-        notes.append("non-reentrant")
-        return generator(*args, **kwargs)
-
-    module.CheckpointFunction, module._checkpoint_without_reentrant_generator = Reentrant, non_reentrant  # type: ignore[assignment, misc]
-    try:
+    with _wrapped(notes):
         yield notes
+
+
+@contextlib.contextmanager
+def _wrapped(notes: list[str]) -> Iterator[None]:
+    module = torch.utils.checkpoint
+    held = {name: getattr(module, name) for name in _ENTRIES if hasattr(module, name)}
+
+    def wrap(name: str, entry: Any) -> Any:
+        if isinstance(entry, type):  # an autograd.Function: its apply is what checkpoint calls
+
+            class Apply:
+                @staticmethod
+                def apply(*args: Any) -> Any:
+                    notes.append(name)
+                    return entry.apply(*args)
+
+            return Apply
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            notes.append(name)
+            return entry(*args, **kwargs)
+
+        return call
+
+    for name, entry in held.items():
+        setattr(module, name, wrap(name, entry))
+    try:
+        yield
     finally:
-        module.CheckpointFunction, module._checkpoint_without_reentrant_generator = reentrant, generator  # type: ignore[misc]
+        for name, entry in held.items():
+            setattr(module, name, entry)
+
+
+@functools.cache
+def _watchable() -> bool:
+    """Whether :func:`_wrapped` sees both kinds of checkpoint on this torch: a probe, once per process."""
+    x = torch.ones(1, requires_grad=True)
+    seen = []
+    for reentrant in (True, False):
+        notes: list[str] = []
+        with _wrapped(notes), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=reentrant)
+        seen.append(bool(notes))
+    return all(seen)
 
 
 def _times(n: int) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -145,8 +146,8 @@ def recomputed_message(found: Sequence[RecomputedUpdate]) -> str:
             f"{u.module_type}: {', '.join(u.buffers)} updated {_times(u.eager)} a step in eager, "
             f"{_times(u.exported)} in the export"
         )
-        groups.setdefault(what, []).append(repr(u.module_path))
-    listed = "; ".join(f"{', '.join(paths)} ({what})" for what, paths in groups.items())
+        groups.setdefault(what, []).append(u.module_path)
+    listed = "; ".join(f"{_shapes(paths)} ({what})" for what, paths in groups.items())
     return (
         f"eager recomputes {len(found)} module(s) in backward, where torch.utils.checkpoint reruns the "
         f"regions it checkpoints, and they update their buffers again there: {listed}. The export traces the "
@@ -230,6 +231,27 @@ def _watchable() -> bool:
             torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=reentrant)
         seen.append(bool(notes))
     return all(seen)
+
+
+#: The numbers in a module path: ``denseblock1.denselayer3.norm1`` has three.
+_NUMBERS = re.compile(r"\d+")
+
+
+def _shapes(paths: Sequence[str]) -> str:
+    """``paths``, quoted; those alike but for their numbers as one pattern, ``*`` where the numbers vary.
+
+    ``'features.denseblock*.denselayer*.norm1' (58 modules)``
+    """
+    shapes: dict[tuple[str, ...], list[str]] = {}
+    for path in paths:
+        shapes.setdefault(tuple(_NUMBERS.split(path)), []).append(path)
+    listed = []
+    for words, found in shapes.items():
+        numbers = list(zip(*(_NUMBERS.findall(path) for path in found), strict=True))
+        held = [n[0] if len(set(n)) == 1 else "*" for n in numbers]
+        pattern = "".join(w + n for w, n in zip(words, [*held, ""], strict=True))
+        listed.append(f"{pattern!r} ({len(found)} modules)" if len(found) > 1 else repr(found[0]))
+    return ", ".join(listed)
 
 
 def _times(n: int) -> str:

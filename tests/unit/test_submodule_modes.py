@@ -384,3 +384,35 @@ def test_torch_compile_follows_submodule_modes(how: str) -> None:
         torch.manual_seed(5)
         torch.testing.assert_close(got, eager(X))
     torch.testing.assert_close(modal.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("how", MAKERS)
+def test_a_saved_module_loads_with_every_modules_mode_and_follows_eager(how: str, tmp_path: Any) -> None:
+    eager = net()
+    if how == "capture":
+        modal = make(eager, how)
+    else:
+        modal = modeswap.allow_train_eval(torch.export.export(copy.deepcopy(eager), (X,)))
+    for module in (eager, modal):
+        module.train()
+        module.get_submodule("bn").eval()
+        module.get_submodule("head.2").eval()
+    modeswap.save(modal, tmp_path / "mixed.pt2")
+    loaded = modeswap.load(tmp_path / "mixed.pt2")
+    assert {p: f for p, f in flags(loaded).items() if p in flags(eager)} == flags(eager)
+    same(eager, loaded)
+    for module in (eager, loaded):
+        module.eval()
+        module.get_submodule("drop").train()  # Monte Carlo dropout after the load
+    same(eager, loaded)
+
+
+def test_a_loaded_capture_still_names_a_branch_no_graph_holds(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    eager = Noisy().train()
+    rows = (torch.randn(4, 5),)
+    modeswap.save(modeswap.capture(copy.deepcopy(eager), rows), tmp_path / "noisy.pt2")
+    loaded = modeswap.load(tmp_path / "noisy.pt2")
+    loaded.get_submodule("noise").eval()
+    with pytest.warns(modeswap.TrainingBranchWarning, match=r"'noise' \(the exports differ in randn_like"):
+        loaded(*rows)

@@ -133,7 +133,8 @@ def _archive(results: Results) -> list[Target]:
         if not rows or "timings" not in rows:
             continue
         for what, (value, cpu) in archive.ratios(rows).items():
-            found.append(Target(f"archive {what}", value, archive.limits()[what], False, model, cpu))
+            if what in archive.limits():  # the others are reported, with no target
+                found.append(Target(f"archive {what}", value, archive.limits()[what], False, model, cpu))
     return found
 
 

@@ -46,14 +46,15 @@ def save(modal: ModalModule, path: str | os.PathLike[str]) -> None:
         program, inputs = skeleton.records()
         packed[mode] = Packed(program, inputs, *skeleton.tensors(modal))
         types |= skeleton.output_types()
-    # ModalModule keeps what the eager model's module tree says in a Layout, which has no public name.
-    layout: Layout = modal._layout
+    layout = modal.layout
+    called = None if layout.called is None else {mode.value: sorted(paths) for mode, paths in layout.called.items()}
     header = Header(
         MODAL_FORMAT,
         Mode.TRAIN if modal.training else Mode.EVAL,
-        training={name: module.training for name, module in modal.named_modules()},
+        training=modal.flags(),
         overrides={mode.value: sorted(paths) for mode, paths in layout.overrides.items()},
         shared=[list(paths) for paths in layout.shared],
+        called=called,
         tensors=identities({mode.value: part for mode, part in packed.items()}),
         types=types,
     )
@@ -71,12 +72,19 @@ def load(path: str | os.PathLike[str]) -> ModalModule:
     >>> modal = modeswap.load("model.pt2")
     >>> evaluated = modal.eval()
     """
-    archive = load_archive(path)
+    # The program of the mode the module was saved in is deserialized now, the other on first use of it.
+    archive = load_archive(path, lazily=True)
     header = archive.header
     overrides = {mode: frozenset(header.overrides.get(mode.value, ())) for mode in Mode}
-    layout = Layout(overrides, tuple(tuple(paths) for paths in header.shared))
-    # The train program's tensors are the module's own; the eval program's are the same objects.
-    modal = modal_of(archive.programs, training=header.mode is Mode.TRAIN, share_weights=True, layout=layout)
+    called = None if header.called is None else {Mode(m): frozenset(paths) for m, paths in header.called.items()}
+    layout = Layout(overrides, tuple(tuple(paths) for paths in header.shared), called)
+    # The saved mode's program's tensors are the module's own; the other one reads them by name.
+    modal = modal_of(
+        {**archive.programs, **archive.deferred},
+        training=header.mode is Mode.TRAIN,
+        share_weights=True,
+        layout=layout,
+    )
     for name, training in (header.training or {}).items():
         try:
             module = modal.get_submodule(name)
@@ -87,9 +95,6 @@ def load(path: str | os.PathLike[str]) -> ModalModule:
             )
             raise ProgramFileError(msg) from error
         module.training = training  # not train(), which would set its submodules too
-    for mode, variant in modal.variants.items():
-        if variant.skeleton is not None:
-            variant.skeleton.remember(archive.records[mode])  # a later save writes the records it read
     return modal
 
 

@@ -11,7 +11,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 import torch
@@ -19,9 +19,11 @@ from torch.export import ExportedProgram
 
 from modeswap import __version__, pt2
 from modeswap.errors import ProgramFileError
+from modeswap.graphs import attribute
 from modeswap.modes import Mode
 from modeswap.output_types import program_type_names, require
-from modeswap.packing import Packed, pack, unpack
+from modeswap.packing import Packed, Unpacked, pack, unpack
+from modeswap.skeleton import read_from
 
 #: The extra file (``extra/modeswap.json`` in the archive) by which ``modeswap.save`` marks a modal archive.
 MODAL_HEADER = "modeswap.json"
@@ -137,8 +139,9 @@ class Header:
     ``training`` maps every module's path (``""`` the root) to its
     ``training`` flag; ``overrides`` maps each mode to the paths of the
     modules that the eager model's ``.train()`` or ``.eval()`` leaves in the
-    other mode, and ``shared`` groups the paths that name one module (the
-    module's :class:`modeswap.modal.Layout`); ``tensors`` numbers each tensor
+    other mode, ``shared`` groups the paths that name one module, and
+    ``called`` maps each mode to the modules its export called, when known
+    (the module's :class:`modeswap.modal.Layout`); ``tensors`` numbers each tensor
     name of each program, one number per object
     (:func:`modeswap.packing.identities`); ``types`` maps the serialized name
     of each type the programs' inputs and outputs nest in to its module.
@@ -150,6 +153,7 @@ class Header:
     training: Mapping[str, bool] | None = None
     overrides: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
     shared: Sequence[Sequence[str]] = ()
+    called: Mapping[str, Sequence[str]] | None = None
     tensors: Mapping[str, Mapping[str, int]] | None = None
     types: Mapping[str, str] = attrs.field(factory=dict)
 
@@ -157,21 +161,32 @@ class Header:
         """Return the header as ``extra/modeswap.json`` holds it."""
         found = {"format": "modeswap.ModalModule", "version": self.version, "modeswap": __version__}
         found |= {"mode": self.mode.value, "training": self.training, "overrides": self.overrides}
-        found |= {"shared": self.shared, "tensors": self.tensors, "types": self.types}
+        found |= {"shared": self.shared, "called": self.called, "tensors": self.tensors, "types": self.types}
         return json.dumps(found)
 
 
 @attrs.frozen(eq=False)
 class Archive:
-    """A modal archive read back: a program per mode, its :class:`Header`, and each program's two records as read."""
+    """A modal archive read back: a program per mode, its :class:`Header`, and each program's two records as read.
+
+    A mode read ``lazily`` (:func:`load_archive`) is in ``deferred``, not in
+    ``programs``: a function that deserializes its program around the tensors
+    of the module it is given.
+    """
 
     programs: Mapping[Mode, ExportedProgram]
     header: Header
     records: Mapping[Mode, tuple[bytes, bytes]] = attrs.field(repr=False)
+    deferred: Mapping[Mode, Callable[[torch.nn.Module], ExportedProgram]] = attrs.field(factory=dict, repr=False)
 
 
-def load_archive(path: str | os.PathLike[str]) -> Archive:
+def load_archive(path: str | os.PathLike[str], *, lazily: bool = False) -> Archive:
     """Return the programs of the modal archive at ``path``, one per mode, with its header.
+
+    With ``lazily``, the program of the mode the module was not saved in is a
+    function that deserializes it later, around the tensors of the module it
+    is given, by name: its records are read and checked now, and only torch's
+    deserializer waits.
 
     A modal archive is what ``modeswap.save`` writes: torch's PT2 archive with a
     program per mode, named after it, and the extra file ``modeswap.json``.
@@ -189,16 +204,39 @@ def load_archive(path: str | os.PathLike[str]) -> Archive:
         unpacked = unpack(reader, [mode.value for mode in Mode], header.tensors)
         for part in unpacked.values():
             require(part.type_names, f"{file}", header.types)
+        records = {mode: (unpacked[mode.value].json, unpacked[mode.value].example_inputs) for mode in Mode}
         programs: dict[Mode, ExportedProgram] = {}
+        deferred: dict[Mode, Callable[[torch.nn.Module], ExportedProgram]] = {}
         for mode in Mode:
             part = unpacked[mode.value]
-            try:
-                programs[mode] = pt2.deserialized_program(part.program, part.state, part.constants, part.example_inputs)
-            except Exception as error:
-                msg = f"{file}: a modal archive that torch cannot read ({_first_cause(error)})"
-                raise ProgramFileError(msg) from error
-    records = {mode: (unpacked[mode.value].json, unpacked[mode.value].example_inputs) for mode in Mode}
-    return Archive(programs, header, records)
+            if lazily and mode is not header.mode:
+                deferred[mode] = _deferred(file, part, records[mode])
+            else:
+                program = _deserialized(file, part.program, part.state, part.constants, part.example_inputs)
+                programs[mode] = read_from(program, records[mode])
+    return Archive(programs, header, records, deferred)
+
+
+def _deserialized(
+    file: Path, program: Any, state: dict[str, torch.Tensor], constants: dict[str, Any], inputs: bytes
+) -> ExportedProgram:
+    try:
+        return pt2.deserialized_program(program, state, constants, inputs)
+    except Exception as error:
+        msg = f"{file}: a modal archive that torch cannot read ({_first_cause(error)})"
+        raise ProgramFileError(msg) from error
+
+
+def _deferred(file: Path, part: Unpacked, records: tuple[bytes, bytes]) -> Callable[[torch.nn.Module], ExportedProgram]:
+    # The names of the program's weights, not the tensors read: the module holds them, as they are then
+    # (after .to(), load_state_dict), and the ones read are not kept alive twice.
+    program, names, constants, inputs = part.program, tuple(part.state), part.constants, part.example_inputs
+
+    def deserialize(module: torch.nn.Module) -> ExportedProgram:
+        state = {name: attribute(module, name) for name in names}
+        return read_from(_deserialized(file, program, state, constants, inputs), records)
+
+    return deserialize
 
 
 def save_archive(path: str | os.PathLike[str], programs: Mapping[Mode, Packed], header: Header) -> None:
@@ -261,9 +299,10 @@ def _header(file: Path, text: str) -> Header:
     if version == 1:
         return Header(version, mode)
     training, tensors, types = found.get("training"), found.get("tensors"), found.get("types", {})
-    overrides, shared = found.get("overrides", {}), found.get("shared", [])
+    overrides, shared, called = found.get("overrides", {}), found.get("shared", []), found.get("called")
     well_formed = (
-        _mapping_of(training, bool)
+        (called is None or (isinstance(called, dict) and all(_strings(paths) for paths in called.values())))
+        and _mapping_of(training, bool)
         and isinstance(overrides, dict)
         and set(overrides) <= {m.value for m in Mode}
         and all(_strings(paths) for paths in overrides.values())
@@ -276,7 +315,7 @@ def _header(file: Path, text: str) -> Header:
     if not well_formed:
         msg = f"{file}: a modal archive whose {MODAL_HEADER} does not hold what format {version} records"
         raise ProgramFileError(msg)
-    return Header(version, mode, training, overrides, shared, tensors, types)
+    return Header(version, mode, training, overrides, shared, called, tensors, types)
 
 
 def _strings(value: object) -> bool:

@@ -185,6 +185,7 @@ class ModalModule(torch.nn.Module):
         layout: Layout | None = None,
         origin: Origin | None = None,
         paths: Iterable[str] = (),
+        pending: Mapping[Mode, Pending] | None = None,
     ) -> None:
         super().__init__()
         for key, value in vars(state).items():
@@ -195,21 +196,16 @@ class ModalModule(torch.nn.Module):
         modules = {k: v for k, v in state._modules.items() if not (k in captured and isinstance(v, GraphModule))}
         vars(self)["_modules"] = modules | dict(subgraphs)
         self._variants = dict(variants)
+        #: The modes whose graph is built on first use, from their program (``modeswap.load``).
+        self._pending = dict(pending or {})
         self._layout = layout or Layout()
         self._origin = origin or Origin()
-        _add_placeholders(self, (path for v in self._variants.values() for path in v.owners))
-        _add_placeholders(self, (path for v in self._variants.values() for path in _ran(v.graph)))
         _add_placeholders(self, paths)  # the model's other modules, as a program's module call graph lists them
-        _share(self, self._layout.shared)
-        flagged = [(path, m) for path, m in self.named_modules(remove_duplicate=False) if _has_flag(path, m)]
-        self._paths = tuple(path for path, _ in flagged)
-        self._flagged = tuple(m for _, m in flagged)
         #: The variant each combination of flags met so far runs (a cache: the flags are the state).
         self._built: dict[tuple[bool, ...], Variant] = {}
         self._derived: dict[tuple[Mode, frozenset[str], frozenset[str]], Variant] = {}
         self._facts: dict[str, Any] = {}
-        for mode, variant in self._variants.items():
-            self._built[self._key_of(mode)] = variant
+        self._adopted()
         self.train(training)
 
     @property
@@ -223,6 +219,10 @@ class ModalModule(torch.nn.Module):
             return built
         return found
 
+    def flags(self) -> dict[str, bool]:
+        """Return the ``.training`` of each module whose flag can decide a site, by path (generated code aside)."""
+        return {path: module.training for path, module in zip(self._paths, self._flagged, strict=True)}
+
     @property
     def layout(self) -> Layout:
         """What the eager model's module tree says that the graphs do not (see :class:`Layout`)."""
@@ -231,7 +231,7 @@ class ModalModule(torch.nn.Module):
     @property
     def variants(self) -> Mapping[Mode, Variant]:
         """The :class:`Variant` of each mode, every module in it (read only)."""
-        return types.MappingProxyType(self._variants)
+        return types.MappingProxyType({mode: self._variant(mode) for mode in Mode})
 
     @property
     def _in_spec(self) -> Any:
@@ -284,9 +284,39 @@ class ModalModule(torch.nn.Module):
     def _key_of(self, mode: Mode) -> tuple[bool, ...]:
         return tuple(self._layout.flag(mode, path) for path in self._paths)
 
+    def _adopted(self) -> None:
+        """Take in the variants built: placeholders for the modules they run, and the flags that name them."""
+        _add_placeholders(self, (path for v in self._variants.values() for path in (*v.owners, *_ran(v.graph))))
+        _share(self, self._layout.shared)
+        flagged = [(path, m) for path, m in self.named_modules(remove_duplicate=False) if _has_flag(path, m)]
+        if tuple(path for path, _ in flagged) != getattr(self, "_paths", None):
+            self._paths = tuple(path for path, _ in flagged)
+            self._flagged = tuple(m for _, m in flagged)
+            self._built.clear()  # keyed by the flags of the modules that were
+        for mode, variant in self._variants.items():
+            self._built[self._key_of(mode)] = variant
+
+    def _variant(self, mode: Mode) -> Variant:
+        """The variant of ``mode``, built from its program now if it was left for its first use."""
+        if mode not in self._variants:
+            program = self._pending.pop(mode)(self)
+            gm = program.module()
+            names = _adopt(self, gm, mode)
+            self._variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(program, names))
+            for name, body in bodies.items():
+                self.add_module(name, body)
+            self._adopted()
+        return self._variants[mode]
+
     def _build(self, flags: tuple[bool, ...]) -> Variant:
         """The variant for ``flags``: the graph of the root's mode, the sites of modules in the other mode swapped."""
         base = Mode.TRAIN if flags[0] else Mode.EVAL
+        if self._pending and (base in self._pending or self._origin.exports):
+            # Building a mode may give the module new placeholders, and a combination compares both modes: build
+            # what it needs, then read the flags again.
+            for mode in (base, *Mode) if self._origin.exports and flags != self._key_of(base) else (base,):
+                self._variant(mode)
+            return self.variant
         now = dict(zip(self._paths, flags, strict=True))
         exported = self._origin.exports
         if exported:
@@ -294,15 +324,15 @@ class ModalModule(torch.nn.Module):
         within = self._within(base, now)
         if exported:
             # Two exports: their comparison speaks of the modules without sites (_warn_branches).
-            within = {mode: paths & self._variants[base].owners for mode, paths in within.items()}
+            within = {mode: paths & self._variant(base).owners for mode, paths in within.items()}
         key = (base, within[Mode.TRAIN], within[Mode.EVAL])
         if not any(within.values()):
-            found = self._variants[base]
+            found = self._variant(base)
         elif key in self._derived:
             found = self._derived[key]
         else:
             gm, changed = self._swapped(base, within, self._stated, self._pinned() if exported else frozenset())
-            found = self._variants[base] if not changed else self._variant_of(base, gm)
+            found = self._variant(base) if not changed else self._variant_of(base, gm)
             self._derived[key] = found
         self._built[flags] = found
         return found
@@ -314,13 +344,13 @@ class ModalModule(torch.nn.Module):
         graph, and the paths of the sites they own (a site's owner is the
         innermost module with a flag that ran it).
         """
-        sites = self._variants[base].report.sites
+        owners = self._variant(base).owners
         within: dict[Mode, frozenset[str]] = {}
         for mode in Mode:
             going = {
                 p for p in self._paths if now[p] is (mode is Mode.TRAIN) and now[p] is not self._layout.flag(base, p)
             }
-            within[mode] = frozenset(going | {s.module_path for s in sites if self._owner(s.module_path) in going})
+            within[mode] = frozenset(going | {path for path in owners if self._owner(path) in going})
         return within
 
     def _owner(self, path: str) -> str:
@@ -361,7 +391,7 @@ class ModalModule(torch.nn.Module):
         variant, bodies = variant_of(gm, f"{base.value}_{len(self._derived)}")
         for name, body in bodies.items():
             self.add_module(name, body)
-        return attrs.evolve(variant, in_spec=self._variants[base].in_spec, out_spec=self._variants[base].out_spec)
+        return attrs.evolve(variant, in_spec=self._variant(base).in_spec, out_spec=self._variant(base).out_spec)
 
     def _stated(self, base: Mode, mode: Mode, within: frozenset[str]) -> Stated:
         """The options of the swap of the sites under ``within`` of the ``base`` graph to ``mode``."""
@@ -376,9 +406,9 @@ class ModalModule(torch.nn.Module):
 
     def _editable(self, mode: Mode) -> GraphModule:
         """A ``GraphModule`` of this module's tree and ``mode``'s graph, to edit: its own graph and bodies."""
-        variant = self._variants[mode]
+        variant = self._variant(mode)
         shell = GraphModule.__new__(GraphModule)
-        skipped = ("_variants", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts")
+        skipped = ("_variants", "_pending", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts")
         vars(shell).update({k: v for k, v in vars(self).items() if k not in skipped})
         vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
         return copy_module(shell, share_weights=True)
@@ -389,6 +419,8 @@ class ModalModule(torch.nn.Module):
         Each module is swapped to the flag it has in the other export. A swap that is refused is one string, its error.
         """
         if "found" not in self._facts:
+            for mode in Mode:
+                self._variant(mode)  # before the flags are read: building one may add placeholders
             found: dict[Mode, tuple[Found | str, ...]] = {}
             for target in Mode:
                 source = _other(target)
@@ -467,7 +499,7 @@ class ModalModule(torch.nn.Module):
         if called is not None:
             both = called[Mode.TRAIN] & called[Mode.EVAL]
             return {next(p for p in _enclosing(path) if p in both or not p)}
-        ran = [frozenset(_ran(variant.graph)) for variant in self._variants.values()]
+        ran = [frozenset(_ran(self._variant(mode).graph)) for mode in Mode]
         suspects: set[str] = set()
         for p in _enclosing(path):
             suspects.add(p)
@@ -676,35 +708,51 @@ def variant_of(
     return variant, bodies
 
 
+#: A program whose graph a :class:`ModalModule` builds on first use: given the module, whose tensors it is
+#: to hold by name, return it (``modeswap.load`` deserializes the mode it was not saved in so).
+Pending = Callable[[torch.nn.Module], ExportedProgram]
+
+
 def modal_of(
-    programs: Mapping[Mode, ExportedProgram],
+    programs: Mapping[Mode, ExportedProgram | Pending],
     *,
     training: bool,
     share_weights: bool = False,
     layout: Layout | None = None,
+    paths: Iterable[str] = (),
 ) -> ModalModule:
     """Return a :class:`ModalModule` that runs each mode's own program on one copy of the weights.
 
     ``programs`` are ``torch.export.export`` of one model in each mode; they are
-    not modified. The weights are copied from the train program, or, with
-    ``share_weights``, are its own; the eval graph reads them under the same
-    names. A tensor constant or a guard that only one graph has, or that
-    differs between them, is kept for that graph under a name of its own. Each
-    variant keeps its program's skeleton (``modeswap.save``), not its tensors.
-    ``layout`` is what the eager model's module tree says (see :class:`Layout`).
+    not modified. A mode may give a :data:`Pending` instead, called on first
+    use of that mode. The weights are copied from the train program (the
+    other, when the train program is pending), or, with ``share_weights``, are
+    its own; the other graph reads them under the same names. A tensor
+    constant or a guard that only one graph has, or that differs between them,
+    is kept for that graph under a name of its own. Each variant keeps its
+    program's skeleton (``modeswap.save``), not its tensors. ``layout`` is what
+    the eager model's module tree says (see :class:`Layout`); ``paths`` are
+    the model's module paths, when a pending program's are to be known now.
     """
-    modules = {mode: program.module() for mode, program in programs.items()}
-    state = modules[Mode.TRAIN] if share_weights else copy_module(modules[Mode.TRAIN])
+    ready = {mode: program for mode, program in programs.items() if isinstance(program, ExportedProgram)}
+    pending = {mode: program for mode, program in programs.items() if not isinstance(program, ExportedProgram)}
+    modules = {mode: program.module() for mode, program in ready.items()}
+    first = modules[Mode.TRAIN] if Mode.TRAIN in modules else next(iter(modules.values()))
+    state = first if share_weights else copy_module(first)
     variants: dict[Mode, Variant] = {}
     subgraphs: dict[str, GraphModule] = {}
-    for mode in Mode:
-        gm = copy_module(modules[mode], share_weights=True)
+    for mode, module in modules.items():
+        # The variant edits the graph module it is given: one the state is not.
+        gm = copy_module(module, share_weights=True) if module is state else module
         names = _adopt(state, gm, mode)
-        variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(programs[mode], names))
+        variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(ready[mode], names))
         subgraphs |= bodies
-    paths = [entry.fqn for program in programs.values() for entry in program.module_call_graph]
+    called = [entry.fqn for program in ready.values() for entry in program.module_call_graph]
     origin = Origin(exports=True)
-    return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=paths)
+    paths = [*paths, *called]
+    return ModalModule(
+        state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=paths, pending=pending
+    )
 
 
 def set_flags(modal: ModalModule, flags: Mapping[str, bool]) -> ModalModule:
@@ -718,7 +766,7 @@ def set_flags(modal: ModalModule, flags: Mapping[str, bool]) -> ModalModule:
     return modal
 
 
-def _adopt(state: GraphModule, gm: GraphModule, mode: Mode) -> dict[str, str]:
+def _adopt(state: torch.nn.Module, gm: GraphModule, mode: Mode) -> dict[str, str]:
     # Point gm's graph at state's tensors and modules; add to state what it lacks, under a name of
     # its own. Returns those names: old -> new.
     renamed: dict[str, str] = {}

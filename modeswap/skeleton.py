@@ -29,6 +29,14 @@ from modeswap.program import _copy_entry
 
 #: The records of each skeleton's program, once serialized or read: the graph and the rest never change.
 _RECORDS: weakref.WeakKeyDictionary[Skeleton, tuple[bytes, bytes]] = weakref.WeakKeyDictionary()
+#: The records a program was read from (:func:`read_from`), for the skeleton made of it.
+_READ: weakref.WeakKeyDictionary[ExportedProgram, tuple[bytes, bytes]] = weakref.WeakKeyDictionary()
+
+
+def read_from(program: ExportedProgram, records: tuple[bytes, bytes]) -> ExportedProgram:
+    """Note that ``program`` was read from ``records``; return it. Its skeleton will not serialize it again."""
+    _READ[program] = records
+    return program
 
 
 @attrs.frozen(eq=False)
@@ -57,7 +65,7 @@ class Skeleton:
 
         The lifted graph holds no tensor: parameters, buffers and constants are its inputs.
         """
-        return cls(
+        skeleton = cls(
             graph_module=program.graph_module,
             signature=program.graph_signature,
             range_constraints=dict(program.range_constraints),
@@ -69,6 +77,9 @@ class Skeleton:
             constant_names=tuple(program.constants),
             names=dict(names or {}),
         )
+        if program in _READ:
+            skeleton.remember(_READ[program])
+        return skeleton
 
     def program(self, module: torch.nn.Module) -> ExportedProgram:
         """Return a new ``ExportedProgram`` whose state dict and constants are ``module``'s tensors now.

@@ -390,8 +390,8 @@ def test_every_modules_mode_is_saved_and_restored(tmp_path: Path, path: str) -> 
     eager.get_submodule(path).eval()
     modeswap.save(modal, tmp_path / "mixed.pt2")
     loaded = modeswap.load(tmp_path / "mixed.pt2")
-    flags = {name: module.training for name, module in modal.named_modules()}
-    assert {name: module.training for name, module in loaded.named_modules()} == flags
+    flags = modal.flags()  # every module of the model; the generated code's modules aside
+    assert loaded.flags() == flags
     assert flags[""] is True
     assert flags[path] is False
     want = run_forward_backward(copy.deepcopy(eager), (X,), seed=2)
@@ -444,3 +444,46 @@ def test_saving_again_and_saving_a_loaded_module_serialize_nothing(
     for training in (True, False):
         same_run(modal, modeswap.load(tmp_path / "again.pt2"), training)
     assert_same_state(modal, modeswap.load(tmp_path / "copy.pt2"))
+
+
+def test_the_mode_it_was_not_saved_in_is_deserialized_on_first_use_once(
+    trained: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager, modal, path = trained  # saved in eval
+    deserialized: list[int] = []
+    real = modeswap.pt2.deserialized_program
+    monkeypatch.setattr(modeswap.pt2, "deserialized_program", lambda *a: deserialized.append(0) or real(*a))
+    loaded = modeswap.load(path)
+    assert len(deserialized) == 1  # the eval program: what the module runs now
+    torch.testing.assert_close(loaded(X), copy.deepcopy(eager).eval()(X), atol=1e-6, rtol=1e-5)
+    loaded.train()
+    assert len(deserialized) == 1  # a switch builds nothing; the first forward in train mode does
+    want = run_forward_backward(copy.deepcopy(eager).train(), (X,), seed=3)
+    assert_same_run(want, run_forward_backward(loaded, (X,), seed=3), atol=1e-6, rtol=1e-5)
+    assert len(deserialized) == 2
+    for training in (False, True, False):
+        loaded.train(training)(X)
+    assert len(deserialized) == 2
+    assert loaded.flags() == modal.flags()
+
+
+def test_the_program_read_later_holds_the_module_as_it_is_then(trained: Any) -> None:
+    eager, _, path = trained
+    loaded = modeswap.load(path).to(torch.float64)  # saved in eval; the train program is read after .to()
+    doubled = copy.deepcopy(eager).to(torch.float64)
+    for training in (True, False):
+        want = run_forward_backward(copy.deepcopy(doubled).train(training), (X.double(),), seed=3)
+        got = run_forward_backward(copy.deepcopy(loaded).train(training), (X.double(),), seed=3)
+        assert_same_run(want, got, atol=1e-6, rtol=1e-5)
+    copied = copy.deepcopy(modeswap.load(path))  # a copy builds its own, from the records the original read
+    assert_trains_like(copy.deepcopy(eager), copied, (X,))
+
+
+def test_the_weights_read_are_not_kept_alive_for_the_mode_read_later(trained: Any) -> None:
+    _, _, path = trained
+    loaded = modeswap.load(path)
+    read = [weakref.ref(t) for t in loaded.state_dict().values()]
+    loaded.to(torch.float64)
+    gc.collect()
+    assert all(ref() is None for ref in read)  # only the module held them
+    assert loaded.train()(X.double())[0].dtype is torch.float64

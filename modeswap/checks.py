@@ -144,16 +144,7 @@ def warn_unread_state(gm: GraphModule, context: Context, told: Stated) -> tuple[
     """
     if told.within is not None or context.captured(told.keeps) is Mode.TRAIN:
         return ()
-    names, read = _state_reads(gm, context)
-    ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
-    unread = [name for name in names if name not in read]
-    untouched = {  # the model's own forward runs: the root is never one
-        path
-        for name in unread
-        for path in _enclosing(name.rpartition(".")[0])
-        if path and path not in ran and all(n in unread for n in names if _under(n, path))
-    }
-    tops = sorted(path for path in untouched if path.rpartition(".")[0] not in untouched)
+    tops = unread_modules(gm, context)
     if tops:
         msg = (
             f"the graph holds the parameters or buffers of {len(tops)} module(s) whose forward never ran and that "
@@ -165,6 +156,20 @@ def warn_unread_state(gm: GraphModule, context: Context, told: Stated) -> tuple[
         )
         warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
     return ()
+
+
+def unread_modules(gm: GraphModule, context: Context) -> list[str]:
+    """The outermost modules of ``gm`` that hold state, none of which a node reads, and whose forward never ran."""
+    names, read = _state_reads(gm, context)
+    ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
+    unread = [name for name in names if name not in read]
+    untouched = {  # the model's own forward runs: the root is never one
+        path
+        for name in unread
+        for path in _enclosing(name.rpartition(".")[0])
+        if path and path not in ran and all(n in unread for n in names if _under(n, path))
+    }
+    return sorted(path for path in untouched if path.rpartition(".")[0] not in untouched)
 
 
 def _state_reads(gm: GraphModule, context: Context) -> tuple[list[str], set[str]]:

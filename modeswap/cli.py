@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import modeswap
 from modeswap.errors import (
     InvalidOptionError,
+    MixedModeWarning,
     ModeswapError,
     ModeswapWarning,
     ProgramFileError,
@@ -102,7 +103,11 @@ def inspect(args: argparse.Namespace) -> int:
 
     if is_modal_archive(args.file):
         return inspect_archive(args)
-    report = modeswap.mode_of(load_program(args.file))
+    from modeswap.program import warn_unread_state
+
+    program = load_program(args.file)
+    report = modeswap.mode_of(program)
+    warn_unread_state(program)  # what a swap to train would say of state no node reads
     if args.json:
         print(json.dumps({"file": str(args.file), **attrs.asdict(report)}, indent=2))
     else:
@@ -345,6 +350,9 @@ def warning_line(warning: Warning | str) -> str:
             f"training value, so they keep 0.0 in train mode ({where}). State their training p, editing the "
             f"numbers (the model's config or code has them): {flags}{attention}"
         )
+    if isinstance(warning, MixedModeWarning):
+        flags = " ".join(f"--keep {shlex.quote(path or '')}" for path in warning.keep)
+        return in_cli_words(str(warning).replace(f"keep={warning.keep!r}", flags))
     return in_cli_words(str(warning))
 
 

@@ -11,11 +11,13 @@ from torch.export import ExportedProgram
 from torch.export.exported_program import ModuleCallEntry
 from torch.export.graph_signature import ExportGraphSignature
 
+from modeswap import checks
 from modeswap.errors import UnsupportedGraphError
 from modeswap.graphs import copy_module
 from modeswap.modes import Change, Mode
-from modeswap.pass_base import pipeline
+from modeswap.pass_base import Context, pipeline
 from modeswap.passes import swap_passes
+from modeswap.stated import Stated
 from modeswap.weights import tensor_copier
 
 
@@ -40,10 +42,7 @@ def swap_program(
     rewrite = pipeline(*swap_passes(mode, attention_dropout=attention_dropout, dropout=dropout, keep=keep))
     gm = copy_module(ep.graph_module, share_weights=share_weights, copy_on_write=copy_on_write)
     modules = [entry.fqn for entry in ep.module_call_graph]
-    first: dict[int, str] = {}
-    aliases = {name: first.setdefault(id(t), name) for name, t in ep.state_dict.items()}
-    state = {"buffers": signature.inputs_to_buffers, "parameters": signature.inputs_to_parameters, "aliases": aliases}
-    changes = rewrite.edit(gm, **state, modules=modules)
+    changes = rewrite.edit(gm, **lifted_state(ep), modules=modules)
     tensor = tensor_copier(share_weights=share_weights, copy_on_write=copy_on_write)
 
     def tensors(values: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +65,20 @@ def swap_program(
     # rebuild those the graph shows (ExportedProgram.module() installs both).
     swapped._guards_code = list(ep._guards_code)
     return swapped, changes
+
+
+def lifted_state(ep: ExportedProgram) -> dict[str, dict[str, str]]:
+    """What a pass knows of ``ep``'s lifted state: ``Pass.edit``'s ``buffers``, ``parameters`` and ``aliases``."""
+    signature = ep.graph_signature
+    first: dict[int, str] = {}
+    aliases = {name: first.setdefault(id(t), name) for name, t in ep.state_dict.items()}
+    return {"buffers": signature.inputs_to_buffers, "parameters": signature.inputs_to_parameters, "aliases": aliases}
+
+
+def warn_unread_state(ep: ExportedProgram) -> None:
+    """Warn, as a swap of ``ep`` to train would, about modules whose state no node reads and that never ran."""
+    gm = ep.graph_module
+    checks.warn_unread_state(gm, Context.of(gm, **lifted_state(ep)), Stated())
 
 
 def refuse_lowered(ep: ExportedProgram) -> None:

@@ -162,13 +162,13 @@ def unread_modules(gm: GraphModule, context: Context) -> list[str]:
     """The outermost modules of ``gm`` that hold state, none of which a node reads, and whose forward never ran."""
     names, read = _state_reads(gm, context)
     ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
-    unread = [name for name in names if name not in read]
-    untouched = {  # the model's own forward runs: the root is never one
-        path
-        for name in unread
-        for path in _enclosing(name.rpartition(".")[0])
-        if path and path not in ran and all(n in unread for n in names if _under(n, path))
-    }
+    held, unread = collections.Counter[str](), collections.Counter[str]()  # per module: its subtree's names
+    for name in names:
+        for path in _enclosing(name.rpartition(".")[0]):
+            held[path] += 1
+            unread[path] += name not in read
+    # The model's own forward runs: the root is never one.
+    untouched = {path for path, count in held.items() if path and path not in ran and unread[path] == count}
     return sorted(path for path in untouched if path.rpartition(".")[0] not in untouched)
 
 
@@ -197,10 +197,6 @@ def _enclosing(path: str) -> Iterator[str]:
         yield path
         path = path.rpartition(".")[0]
     yield ""
-
-
-def _under(name: str, path: str) -> bool:
-    return not path or name.startswith(f"{path}.")
 
 
 def _other(mode: Mode) -> Mode:

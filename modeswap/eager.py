@@ -68,6 +68,7 @@ def _export_modes(
         programs: dict[Mode, ExportedProgram] = {}
         flags: dict[Mode, dict[str, bool]] = {}
         called: dict[Mode, frozenset[str]] = {}
+        checkpointed_in: dict[Mode, bool] = {}
         for mode in Mode:
             model.train(mode is Mode.TRAIN)
             flags[mode] = {path: module.training for path, module in model.named_modules()}
@@ -80,11 +81,16 @@ def _export_modes(
                 error.add_note(f"modeswap: this happened while exporting the model in {mode.value} mode")
                 raise
             called[mode] = frozenset(calls)
-            if checkpointed and mode is Mode.TRAIN:
-                # Eager recomputes checkpointed regions in backward, the export never: say what that updates.
-                warn_recomputed(
-                    model, args, kwargs, program=programs[mode], stacklevel=3
-                )  # the caller of check or capture
+            checkpointed_in[mode] = bool(checkpointed)
+    if checkpointed_in[Mode.TRAIN]:
+        # Eager recomputes checkpointed regions in backward, the export never: say what that updates, with the
+        # modes the model's modules are in (a batch norm the user froze updates nothing), or else train's.
+        with _modes_restored(model):
+            if not model.training:
+                model.train()
+            warn_recomputed(
+                model, args, kwargs, program=programs[Mode.TRAIN], stacklevel=3
+            )  # the caller of check or capture
     return programs, flags, None if strict else called
 
 

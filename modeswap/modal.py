@@ -18,6 +18,7 @@ stateless one, such as a ``Dropout``, as an empty placeholder whose
 from __future__ import annotations
 
 import copy
+import threading
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -175,6 +176,11 @@ class ModalModule(torch.nn.Module):
     ``modal.get_submodule("bn").eval()`` freezes that batch norm as it does in eager.
     """
 
+    #: The attributes a ModalModule keeps of its own, beside those of the module whose graphs it runs.
+    _BOOKKEEPING = frozenset(
+        ("_variants", "_pending", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts", "_lock")
+    )
+
     def __init__(
         self,
         state: GraphModule,
@@ -205,6 +211,8 @@ class ModalModule(torch.nn.Module):
         self._built: dict[tuple[bool, ...], Variant] = {}
         self._derived: dict[tuple[Mode, frozenset[str], frozenset[str]], Variant] = {}
         self._facts: dict[str, Any] = {}
+        #: Held while a graph is built or a pending mode deserialized, not while one runs.
+        self._lock = threading.RLock()
         self._adopted()
         self.train(training)
 
@@ -215,7 +223,7 @@ class ModalModule(torch.nn.Module):
         found = self._built.get(flags)
         if found is None:
             # Building traces and generates code: under torch.compile it runs eagerly, between graphs.
-            built: Variant = torch.compiler.disable(self._build)(flags)  # type: ignore[no-untyped-call]
+            built: Variant = torch.compiler.disable(self._locked_build)(flags)  # type: ignore[no-untyped-call]
             return built
         return found
 
@@ -271,7 +279,8 @@ class ModalModule(torch.nn.Module):
         # What copy.deepcopy does by default; spelled out because __reduce_ex__ refuses.
         new = object.__new__(type(self))
         memo[id(self)] = new
-        vars(new).update(copy.deepcopy(vars(self), memo))
+        vars(new).update(copy.deepcopy({k: v for k, v in vars(self).items() if k != "_lock"}, memo))
+        vars(new)["_lock"] = threading.RLock()
         return new
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
@@ -298,15 +307,22 @@ class ModalModule(torch.nn.Module):
 
     def _variant(self, mode: Mode) -> Variant:
         """The variant of ``mode``, built from its program now if it was left for its first use."""
-        if mode not in self._variants:
-            program = self._pending.pop(mode)(self)
-            gm = program.module()
-            names = _adopt(self, gm, mode)
-            self._variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(program, names))
-            for name, body in bodies.items():
-                self.add_module(name, body)
-            self._adopted()
-        return self._variants[mode]
+        with self._lock:
+            if mode not in self._variants:
+                program = self._pending.pop(mode)(self)
+                gm = program.module()
+                names = _adopt(self, gm, mode)
+                self._variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(program, names))
+                for name, body in bodies.items():
+                    self.add_module(name, body)
+                self._adopted()
+            return self._variants[mode]
+
+    def _locked_build(self, flags: tuple[bool, ...]) -> Variant:
+        """:meth:`_build`, one thread at a time: the first forwards of a served module may come together."""
+        with self._lock:
+            found = self._built.get(flags)
+            return found if found is not None else self._build(flags)
 
     def _build(self, flags: tuple[bool, ...]) -> Variant:
         """The variant for ``flags``: the graph of the root's mode, the sites of modules in the other mode swapped."""
@@ -408,8 +424,7 @@ class ModalModule(torch.nn.Module):
         """A ``GraphModule`` of this module's tree and ``mode``'s graph, to edit: its own graph and bodies."""
         variant = self._variant(mode)
         shell = GraphModule.__new__(GraphModule)
-        skipped = ("_variants", "_pending", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts")
-        vars(shell).update({k: v for k, v in vars(self).items() if k not in skipped})
+        vars(shell).update({k: v for k, v in vars(self).items() if k not in self._BOOKKEEPING})
         vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
         return copy_module(shell, share_weights=True)
 

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -188,35 +189,59 @@ def checkpoints_entered() -> Iterator[list[str]]:
         yield notes
 
 
+#: The notes of every block of :func:`_wrapped` open now, in any thread, and torch's entries while wrapped.
+_OPEN: list[list[str]] = []
+_HELD: dict[str, Any] = {}
+_WATCHING = threading.Lock()
+
+
 @contextlib.contextmanager
 def _wrapped(notes: list[str]) -> Iterator[None]:
-    module = torch.utils.checkpoint
-    held = {name: getattr(module, name) for name in _ENTRIES if hasattr(module, name)}
+    """Within the block, torch's checkpoint entries note their calls in ``notes``, and in any other block open.
 
-    def wrap(name: str, entry: Any) -> Any:
-        if isinstance(entry, type):  # an autograd.Function: its apply is what checkpoint calls
-
-            class Apply:
-                @staticmethod
-                def apply(*args: Any) -> Any:
-                    notes.append(name)
-                    return entry.apply(*args)
-
-            return Apply
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            notes.append(name)
-            return entry(*args, **kwargs)
-
-        return call
-
-    for name, entry in held.items():
-        setattr(module, name, wrap(name, entry))
+    The first block to open wraps them, the last to close puts torch's back,
+    whatever the order blocks of several threads open and close in.
+    """
+    with _WATCHING:
+        if not _OPEN:
+            module = torch.utils.checkpoint
+            _HELD.update({name: getattr(module, name) for name in _ENTRIES if hasattr(module, name)})
+            for name, entry in _HELD.items():
+                setattr(module, name, _noting(name, entry))
+        _OPEN.append(notes)
     try:
         yield
     finally:
-        for name, entry in held.items():
-            setattr(module, name, entry)
+        with _WATCHING:
+            _OPEN[:] = [other for other in _OPEN if other is not notes]
+            if not _OPEN:
+                for name, entry in _HELD.items():
+                    setattr(torch.utils.checkpoint, name, entry)
+                _HELD.clear()
+
+
+def _noting(name: str, entry: Any) -> Any:
+    """``entry``, one of torch's checkpoint implementations, noting each call in the notes of every open block."""
+
+    def note() -> None:
+        for notes in list(_OPEN):
+            notes.append(name)
+
+    if isinstance(entry, type):  # an autograd.Function: its apply is what checkpoint calls
+
+        class Apply:
+            @staticmethod
+            def apply(*args: Any) -> Any:
+                note()
+                return entry.apply(*args)
+
+        return Apply
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        note()
+        return entry(*args, **kwargs)
+
+    return call
 
 
 @functools.cache
@@ -295,13 +320,35 @@ def _fake_step(
     storages = {state[f"model.{name}"].untyped_storage()._cdata: name for name in buffers}
     fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
     # Fake ops draw nothing, but checkpoint reads and sets the random state around its recompute.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), fake, torch.enable_grad():
+    with (
+        torch.random.fork_rng(devices=[]),
+        _without_backward_hooks(model),
+        warnings.catch_warnings(),
+        fake,
+        torch.enable_grad(),
+    ):
         warnings.simplefilter("ignore")  # the model's own warnings: its export has shown them
         # functional_call puts the fake tensors in for one call, and the recompute runs in backward:
         # the call makes both the forward and the backward.
         return torch.func.functional_call(  # type: ignore[no-any-return]
             _Step(model, storages), state, (fake_args, fake_kwargs), tie_weights=True, strict=False
         )
+
+
+@contextlib.contextmanager
+def _without_backward_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the modules of ``model`` have no backward hooks: an export never runs them either.
+
+    They are nn.Module's private tables; the hooks are put back as they were.
+    """
+    held = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
+    for module, _, _ in held:
+        module._backward_hooks, module._backward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+    try:
+        yield
+    finally:
+        for module, hooks, pre_hooks in held:
+            module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

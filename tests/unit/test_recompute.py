@@ -405,3 +405,38 @@ def test_without_a_checkpoint_nothing_runs_on_fake_tensors(monkeypatch: pytest.M
     model, args, _ = _build("function")
     modeswap.capture(model, args)
     assert ran == [""]
+
+
+def test_a_batch_norm_the_user_froze_is_not_named() -> None:
+    model, args, _ = _build("function")
+    model.body[1][0].eval()  # frozen while fine-tuning: eager updates it neither in forward nor in backward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        modeswap.capture(model, args)
+    model.eval()  # a model in eval mode is checked as its .train() leaves it
+    with pytest.warns(RecomputedUpdateWarning, match="'body.1.0'"):
+        modeswap.capture(model, args)
+
+
+def test_blocks_that_overlap_leave_torchs_checkpoint_as_it_was() -> None:
+    entries = {name: getattr(cp, name) for name in ("CheckpointFunction", "_checkpoint_without_reentrant_generator")}
+    first, second = checkpoints_entered(), checkpoints_entered()
+    a, b = first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)  # closed before the block opened after it
+    model, args, _ = _build("function")
+    _export(model, args)
+    assert a == [] and len(b) == 1
+    second.__exit__(None, None, None)
+    assert {name: getattr(cp, name) for name in entries} == entries
+
+
+def test_the_models_backward_hooks_do_not_run_on_fake_tensors() -> None:
+    model, args, _ = _build("function")
+    seen: list[object] = []
+    handle = model.body[1][0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out))
+    with pytest.warns(RecomputedUpdateWarning):
+        modeswap.capture(model, args)
+    assert seen == []  # as an export, which never runs them
+    model(*args).sum().backward()
+    assert len(seen) == 1  # and they are there still
+    handle.remove()

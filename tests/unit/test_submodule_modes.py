@@ -416,3 +416,37 @@ def test_a_loaded_capture_still_names_a_branch_no_graph_holds(tmp_path: Any) -> 
     loaded.get_submodule("noise").eval()
     with pytest.warns(modeswap.TrainingBranchWarning, match=r"'noise' \(the exports differ in randn_like"):
         loaded(*rows)
+
+
+def test_a_module_keeps_no_attribute_of_its_own_but_its_bookkeeping() -> None:
+    # _editable hands every other attribute to the graph modules it derives variants from.
+    modal = make(net(), "capture")
+    state = torch.export.export(net().train(), (X,)).module()
+    own = set(vars(modal)) - set(vars(state)) - set(vars(torch.nn.Module()))
+    assert own - {"_guards_fn_train", "_guards_fn_eval"} == set(modeswap.ModalModule._BOOKKEEPING)
+
+
+def test_the_first_forwards_of_a_loaded_module_may_come_from_several_threads(tmp_path: Any) -> None:
+    import threading
+
+    eager = net()
+    modeswap.save(make(eager, "capture"), tmp_path / "served.pt2")  # saved in train: eval is built on first use
+    loaded = modeswap.load(tmp_path / "served.pt2").eval()
+    errors: list[BaseException] = []
+    outputs: list[torch.Tensor] = []
+
+    def serve() -> None:
+        try:
+            with torch.no_grad():
+                outputs.append(loaded(X))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    want = copy.deepcopy(eager).eval()(X)
+    assert all(torch.allclose(out, want, atol=1e-6) for out in outputs)

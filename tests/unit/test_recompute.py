@@ -425,7 +425,8 @@ def test_blocks_that_overlap_leave_torchs_checkpoint_as_it_was() -> None:
     first.__exit__(None, None, None)  # closed before the block opened after it
     model, args, _ = _build("function")
     _export(model, args)
-    assert a == [] and len(b) == 1
+    assert a == []
+    assert len(b) == 1
     second.__exit__(None, None, None)
     assert {name: getattr(cp, name) for name in entries} == entries
 

@@ -55,6 +55,7 @@ def save(modal: ModalModule, path: str | os.PathLike[str]) -> None:
         overrides={mode.value: sorted(paths) for mode, paths in layout.overrides.items()},
         shared=[list(paths) for paths in layout.shared],
         called=called,
+        trains={path: {m.value: sorted(paths) for m, paths in left.items()} for path, left in layout.trains.items()},
         tensors=identities({mode.value: part for mode, part in packed.items()}),
         types=types,
     )
@@ -77,7 +78,8 @@ def load(path: str | os.PathLike[str]) -> ModalModule:
     header = archive.header
     overrides = {mode: frozenset(header.overrides.get(mode.value, ())) for mode in Mode}
     called = None if header.called is None else {Mode(m): frozenset(paths) for m, paths in header.called.items()}
-    layout = Layout(overrides, tuple(tuple(paths) for paths in header.shared), called)
+    trains = {path: {Mode(m): frozenset(paths) for m, paths in left.items()} for path, left in header.trains.items()}
+    layout = Layout(overrides, tuple(tuple(paths) for paths in header.shared), called, trains)
     # The saved mode's program's tensors are the module's own; the other one reads them by name.
     modal = modal_of(
         {**archive.programs, **archive.deferred},

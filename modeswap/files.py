@@ -140,8 +140,10 @@ class Header:
     ``training`` flag; ``overrides`` maps each mode to the paths of the
     modules that the eager model's ``.train()`` or ``.eval()`` leaves in the
     other mode, ``shared`` groups the paths that name one module, and
-    ``called`` maps each mode to the modules its export called, when known
-    (the module's :class:`modeswap.modal.Layout`); ``tensors`` numbers each tensor
+    ``called`` maps each mode to the modules its export called, when known,
+    and ``trains`` each submodule whose own ``train()`` leaves modules in the
+    other mode to those, per mode (the module's :class:`modeswap.modal.Layout`);
+    ``tensors`` numbers each tensor
     name of each program, one number per object
     (:func:`modeswap.packing.identities`); ``types`` maps the serialized name
     of each type the programs' inputs and outputs nest in to its module.
@@ -154,6 +156,7 @@ class Header:
     overrides: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
     shared: Sequence[Sequence[str]] = ()
     called: Mapping[str, Sequence[str]] | None = None
+    trains: Mapping[str, Mapping[str, Sequence[str]]] = attrs.field(factory=dict)
     tensors: Mapping[str, Mapping[str, int]] | None = None
     types: Mapping[str, str] = attrs.field(factory=dict)
 
@@ -161,7 +164,8 @@ class Header:
         """Return the header as ``extra/modeswap.json`` holds it."""
         found = {"format": "modeswap.ModalModule", "version": self.version, "modeswap": __version__}
         found |= {"mode": self.mode.value, "training": self.training, "overrides": self.overrides}
-        found |= {"shared": self.shared, "called": self.called, "tensors": self.tensors, "types": self.types}
+        found |= {"shared": self.shared, "called": self.called, "trains": self.trains}
+        found |= {"tensors": self.tensors, "types": self.types}
         return json.dumps(found)
 
 
@@ -300,8 +304,11 @@ def _header(file: Path, text: str) -> Header:
         return Header(version, mode)
     training, tensors, types = found.get("training"), found.get("tensors"), found.get("types", {})
     overrides, shared, called = found.get("overrides", {}), found.get("shared", []), found.get("called")
+    trains = found.get("trains", {})
     well_formed = (
-        (called is None or (isinstance(called, dict) and all(_strings(paths) for paths in called.values())))
+        isinstance(trains, dict)
+        and all(isinstance(left, dict) and all(_strings(paths) for paths in left.values()) for left in trains.values())
+        and (called is None or (isinstance(called, dict) and all(_strings(paths) for paths in called.values())))
         and _mapping_of(training, bool)
         and isinstance(overrides, dict)
         and set(overrides) <= {m.value for m in Mode}
@@ -315,7 +322,7 @@ def _header(file: Path, text: str) -> Header:
     if not well_formed:
         msg = f"{file}: a modal archive whose {MODAL_HEADER} does not hold what format {version} records"
         raise ProgramFileError(msg)
-    return Header(version, mode, training, overrides, shared, called, tensors, types)
+    return Header(version, mode, training, overrides, shared, called, trains, tensors, types)
 
 
 def _strings(value: object) -> bool:

@@ -99,11 +99,15 @@ class Layout:
     ``called`` maps each mode to the paths of the modules whose forward its
     export called, when known: a module that only one export called was
     called by a branch of the module around it, which its own mode cannot change.
+    ``trains`` maps the path of each submodule whose own ``train()`` override
+    leaves some of its modules in the other mode to those modules' paths
+    within it, per mode, so that ``modal.get_submodule(path).train()`` does as eager's.
     """
 
     overrides: Mapping[Mode, frozenset[str]] = attrs.field(factory=_no_overrides)
     shared: tuple[tuple[str, ...], ...] = ()
     called: Mapping[Mode, frozenset[str]] | None = None
+    trains: Mapping[str, Mapping[Mode, frozenset[str]]] = attrs.field(factory=dict)
 
     @classmethod
     def of(
@@ -112,7 +116,11 @@ class Layout:
         flags: Mapping[Mode, Mapping[str, bool]],
         called: Mapping[Mode, frozenset[str]] | None = None,
     ) -> Layout:
-        """The layout of ``model``, whose modules had ``flags[mode]`` after ``model.train(mode is TRAIN)``."""
+        """The layout of ``model``, whose modules had ``flags[mode]`` after ``model.train(mode is TRAIN)``.
+
+        Each submodule whose class overrides ``train`` is called to see what it
+        does; every module's ``.training`` is put back as it was.
+        """
         overrides = {
             mode: frozenset(path for path, flag in flags[mode].items() if flag is not (mode is Mode.TRAIN))
             for mode in Mode
@@ -120,34 +128,50 @@ class Layout:
         paths: dict[int, list[str]] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             paths.setdefault(id(module), []).append(path)
-        return cls(overrides, tuple(tuple(p) for p in paths.values() if len(p) > 1), called)
+        shared = tuple(tuple(p) for p in paths.values() if len(p) > 1)
+        return cls(overrides, shared, called, _own_trains(model))
 
     def flag(self, mode: Mode, path: str) -> bool:
         """The flag the module at ``path`` has after ``.train(mode is TRAIN)``."""
         return (mode is Mode.TRAIN) is not (path in self.overrides[mode])
 
-    def to_json(self) -> dict[str, Any]:
-        """The layout as JSON: lists of paths (what ``modeswap.save`` writes)."""
-        found: dict[str, Any] = {
-            "overrides": {mode.value: sorted(self.overrides[mode]) for mode in Mode},
-            "shared": [list(group) for group in self.shared],
-        }
-        if self.called is not None:
-            found["called"] = {mode.value: sorted(self.called[mode]) for mode in Mode}
-        return found
-
-    @classmethod
-    def from_json(cls, found: Mapping[str, Any]) -> Layout:
-        """The layout :meth:`to_json` wrote."""
-        called = found.get("called")
-        return cls(
-            {mode: frozenset(found["overrides"][mode.value]) for mode in Mode},
-            tuple(tuple(group) for group in found["shared"]),
-            None if called is None else {mode: frozenset(called[mode.value]) for mode in Mode},
-        )
-
     def __deepcopy__(self, memo: dict[int, Any]) -> Layout:
         return self  # immutable
+
+
+def _own_trains(model: torch.nn.Module) -> dict[str, dict[Mode, frozenset[str]]]:
+    """What the ``train()`` override of each submodule of ``model`` leaves in the other mode, within it."""
+    found: dict[str, dict[Mode, frozenset[str]]] = {}
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        for path, module in model.named_modules():
+            if not path or type(module).train is torch.nn.Module.train:
+                continue
+            left = {}
+            for mode in Mode:
+                module.train(mode is Mode.TRAIN)
+                left[mode] = frozenset(
+                    p for p, m in module.named_modules() if p and m.training is not (mode is Mode.TRAIN)
+                )
+            if any(left.values()):
+                found[path] = left
+    finally:
+        for module, training in flags:
+            module.training = training  # not train(): an override would run again
+    return found
+
+
+class _Train:
+    """A submodule's ``train``, as its eager class's override does it: ``nn.Module.train``, then what it leaves."""
+
+    def __init__(self, module: torch.nn.Module, left: Mapping[Mode, frozenset[str]]) -> None:
+        self.module, self.left = module, left
+
+    def __call__(self, mode: bool = True) -> torch.nn.Module:
+        torch.nn.Module.train(self.module, mode)
+        for path in self.left[Mode.TRAIN if mode else Mode.EVAL]:
+            self.module.get_submodule(path).training = not mode
+        return self.module
 
 
 @attrs.frozen(eq=False)
@@ -297,6 +321,10 @@ class ModalModule(torch.nn.Module):
         """Take in the variants built: placeholders for the modules they run, and the flags that name them."""
         _add_placeholders(self, (path for v in self._variants.values() for path in (*v.owners, *_ran(v.graph))))
         _share(self, self._layout.shared)
+        for path, left in self._layout.trains.items():
+            module = attribute(self, path)
+            if isinstance(module, torch.nn.Module) and "train" not in vars(module):
+                vars(module)["train"] = _Train(module, left)  # the instance's, ahead of nn.Module's
         flagged = [(path, m) for path, m in self.named_modules(remove_duplicate=False) if _has_flag(path, m)]
         if tuple(path for path, _ in flagged) != getattr(self, "_paths", None):
             self._paths = tuple(path for path, _ in flagged)

@@ -450,3 +450,36 @@ def test_the_first_forwards_of_a_loaded_module_may_come_from_several_threads(tmp
     assert errors == []
     want = copy.deepcopy(eager).eval()(X)
     assert all(torch.allclose(out, want, atol=1e-6) for out in outputs)
+
+
+class Detector(nn.Module):
+    """A detector whose backbone keeps its batch norm frozen whenever the backbone is put in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = NormEval()
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["captured", "loaded"])
+def test_a_train_override_of_a_submodule_is_reproduced_by_its_own_train(saved: bool, tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    eager = Detector().train()
+    modal: nn.Module = modeswap.capture(copy.deepcopy(eager), (X,))
+    if saved:
+        modeswap.save(modal, tmp_path / "detector.pt2")
+        modal = modeswap.load(tmp_path / "detector.pt2")
+    calls = (
+        lambda m: (m.eval(), m.backbone.train()),  # the backbone's own train() keeps its batch norm frozen
+        lambda m: m.train(),
+        lambda m: m.get_submodule("backbone").eval(),
+        lambda m: copy.deepcopy(m).backbone.train() and m.backbone.train(),
+    )
+    for call in calls:
+        call(eager)
+        call(modal)
+        assert {p: f for p, f in flags(modal).items() if p in flags(eager)} == flags(eager)
+        same(eager, modal)

@@ -32,6 +32,7 @@ from modeswap.graphs import (
     attribute,
     calls,
     describe,
+    enclosing,
     graph_modules,
     innermost_module,
     memo_of,
@@ -126,7 +127,7 @@ def warn_minority(gm: GraphModule, context: Context, mode: Mode, told: Stated) -
     msg = (
         f"the graph mixes modes: {counts[minority]} {minority.value} site(s) under "
         f"{_some(list(paths), 'module', shown=5) if any(paths) else 'the root module'}, "
-        f"{counts[_other(minority)]} in {_other(minority).value} mode. This swap puts them in {mode.value} mode "
+        f"{counts[minority.other]} in {minority.other.value} mode. This swap puts them in {mode.value} mode "
         "with the rest. A batch norm frozen while fine-tuning, Monte Carlo dropout or F.batch_norm(training=False) "
         f"holds its mode whatever the model's: if these do, leave them as they are with keep={paths!r}"
     )
@@ -164,7 +165,7 @@ def unread_modules(gm: GraphModule, context: Context) -> list[str]:
     ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
     held, unread = collections.Counter[str](), collections.Counter[str]()  # per module: its subtree's names
     for name in names:
-        for path in _enclosing(name.rpartition(".")[0]):
+        for path in enclosing(name.rpartition(".")[0]):
             held[path] += 1
             unread[path] += name not in read
     # The model's own forward runs: the root is never one.
@@ -189,18 +190,6 @@ def _state_reads(gm: GraphModule, context: Context) -> tuple[list[str], set[str]
         if node.users and isinstance(value := attribute(module, str(node.target)), torch.Tensor)
     }
     return list(tensors), {name for name, t in tensors.items() if id(t) in ids}
-
-
-def _enclosing(path: str) -> Iterator[str]:
-    """``path`` and the paths of the modules enclosing it, innermost first, the root (``""``) last."""
-    while path:
-        yield path
-        path = path.rpartition(".")[0]
-    yield ""
-
-
-def _other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
 
 
 def _erased(modules: tuple[str, ...], ran: set[str]) -> list[str]:

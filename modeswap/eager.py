@@ -222,17 +222,13 @@ def fidelity_of(
     exact = {mode: not found[mode] for mode in Mode}
     directions = {
         target: Direction(
-            source=_other(target),
+            source=target.other,
             target=target,
-            differences=tuple(_explain(found[target], target, other_exact=exact[_other(target)])),
+            differences=tuple(_explain(found[target], target, other_exact=exact[target.other])),
         )
         for target in Mode
     }
     return Fidelity(to_eval=directions[Mode.EVAL], to_train=directions[Mode.TRAIN])
-
-
-def _other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
 
 
 def _direction(
@@ -243,7 +239,7 @@ def _direction(
     seeds: tuple[int, ...],
 ) -> list[Found | str]:
     """What differs between the swap of the other mode's module to ``target`` and ``target``'s own module."""
-    source = _other(target)
+    source = target.other
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ModeswapWarning)  # the report says it, with the eager model's values
@@ -387,5 +383,5 @@ def _short(value: Any) -> str:
 def _capture(target: Mode, other_exact: bool) -> str:
     fix = "modeswap.capture(model, args) runs each mode's own export"
     if other_exact:
-        fix += f", or export in {target.value} mode (its swap to {_other(target).value} is exact)"
+        fix += f", or export in {target.value} mode (its swap to {target.other.value} is exact)"
     return fix

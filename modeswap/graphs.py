@@ -107,6 +107,14 @@ def module_paths(node: Node) -> list[str]:
     return [str(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
 
 
+def enclosing(path: str) -> Iterator[str]:
+    """``path`` and the paths of the modules enclosing it, innermost first, the root (``""``) last."""
+    while path:
+        yield path
+        path = path.rpartition(".")[0]
+    yield ""
+
+
 def module_path(node: Node) -> str:
     """The path of the module whose forward ran ``node``; ``""`` for the root or when export did not record it."""
     return (innermost_module(node) or ("", ""))[0]

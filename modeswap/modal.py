@@ -39,7 +39,16 @@ from modeswap.errors import (
     UnsupportedGraphError,
 )
 from modeswap.exported import require_exported
-from modeswap.graphs import attribute, copy_module, graph_modules, module_path, module_paths, recompile_all, set_memo
+from modeswap.graphs import (
+    attribute,
+    copy_module,
+    enclosing,
+    graph_modules,
+    module_path,
+    module_paths,
+    recompile_all,
+    set_memo,
+)
 from modeswap.modes import Memo, Mode, ModeReport
 from modeswap.pass_base import pipeline
 from modeswap.passes import stated_passes
@@ -466,7 +475,7 @@ class ModalModule(torch.nn.Module):
                 self._variant(mode)  # before the flags are read: building one may add placeholders
             found: dict[Mode, tuple[Found | str, ...]] = {}
             for target in Mode:
-                source = _other(target)
+                source = target.other
                 flags = {path: self._layout.flag(target, path) for path in self._paths}
                 try:
                     with warnings.catch_warnings():
@@ -541,10 +550,10 @@ class ModalModule(torch.nn.Module):
         called = self._layout.called
         if called is not None:
             both = called[Mode.TRAIN] & called[Mode.EVAL]
-            return {next(p for p in _enclosing(path) if p in both or not p)}
+            return {next(p for p in enclosing(path) if p in both or not p)}
         ran = [frozenset(_ran(self._variant(mode).graph)) for mode in Mode]
         suspects: set[str] = set()
-        for p in _enclosing(path):
+        for p in enclosing(path):
             suspects.add(p)
             if all(p in paths for paths in ran):
                 break
@@ -554,18 +563,6 @@ class ModalModule(torch.nn.Module):
 def _zeroed(f: Found) -> bool:
     """Whether ``f`` is a dropout or attention probability that the swap leaves at 0.0 where the export has another."""
     return f.side == "both" and f.argument in ("p", "dropout_p") and f.values is not None and f.values[1] == 0.0
-
-
-def _other(mode: Mode) -> Mode:
-    return Mode.EVAL if mode is Mode.TRAIN else Mode.TRAIN
-
-
-def _enclosing(path: str) -> Iterator[str]:
-    """``path`` and the paths of the modules enclosing it, innermost first, the root (``""``) last."""
-    while path:
-        yield path
-        path = path.rpartition(".")[0]
-    yield ""
 
 
 def _has_flag(path: str, module: torch.nn.Module) -> bool:
@@ -875,13 +872,13 @@ def _mixed(captured: ModeReport) -> str:
     """Why a graph whose sites disagree cannot be made modal as it is, and the ``keep=`` that pins the minority."""
     counts = {mode: [site for site in captured.sites if site.mode is mode and not site.kept] for mode in Mode}
     majority = max(Mode, key=lambda mode: len(counts[mode]))
-    minority = counts[_other(majority)]
+    minority = counts[majority.other]
     paths = tuple(dict.fromkeys(site.module_path for site in minority))
     nodes = ", ".join(site.node for site in minority[:3]) + (", ..." if len(minority) > 3 else "")
     return (
         f"allow_train_eval takes a graph whose sites follow one mode, and this one mixes them: the "
-        f"{_other(majority).value} sites {nodes} are under {', '.join(map(repr, paths)) or 'the root module'}, the "
-        f"rest in {majority.value} mode. If those modules stay in {_other(majority).value} mode whatever the model's "
+        f"{majority.other.value} sites {nodes} are under {', '.join(map(repr, paths)) or 'the root module'}, the "
+        f"rest in {majority.value} mode. If those modules stay in {majority.other.value} mode whatever the model's "
         f"mode (frozen batch norms, Monte Carlo dropout), pin them: modeswap.allow_train_eval(gm, keep={paths!r}). "
         "To switch them with the rest, export the model in one mode; with the eager model at hand, "
         "modeswap.capture(model, args) keeps each module's own mode"

@@ -47,6 +47,11 @@ class Mode(enum.StrEnum):
         msg = f"unknown mode {mode!r}; expected one of {valid} or a modeswap.Mode"
         raise UnknownModeError(msg)
 
+    @property
+    def other(self) -> Mode:
+        """The other mode: ``Mode.EVAL.other`` is ``Mode.TRAIN``."""
+        return Mode.EVAL if self is Mode.TRAIN else Mode.TRAIN
+
 
 class Params(dict[str, Scalar]):
     """A read-only mapping of literal arguments.

@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 import modeswap
 from modeswap import Mode
 from modeswap.graphs import module_path
-from modeswap.rules import rule_for
+from modeswap.rules import RULES, PerNode, rule_for
 from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, other, run_forward_backward
+
+#: The kinds of site whose training value the rule fixes: the ones that tell the mode a graph was captured in.
+FIXED_KINDS = frozenset(rule.kind for rule in RULES if rule.train is not PerNode.VALUE)
 
 #: The equivalence property runs four times as many examples as the others (400 in ci).
 EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)
@@ -174,7 +177,7 @@ def test_mode_of_agrees_with_the_eager_modules(case: Case, source: Mode) -> None
         evaluated = modeswap.to_eval(gm)
     assert {s.mode for s in modeswap.mode_of(evaluated).sites} <= {Mode.EVAL}
     # A mixed graph whose train sites are not the majority: the swap changes its minority, and says so.
-    fixed = [s for s in report.sites if s.kind not in ("attention", "drop_path")]  # the sites that tell a mode
+    fixed = [s for s in report.sites if s.kind in FIXED_KINDS]  # the sites whose mode their rule fixes
     trained = [s.module_path for s in fixed if s.mode is Mode.TRAIN]
     said = [w.message for w in caught if isinstance(w.message, modeswap.MixedModeWarning)]
     if trained and len(trained) <= len(fixed) - len(trained):

@@ -155,6 +155,25 @@ class AuxiliaryHeads(nn.Module):
         return logits
 
 
+class NormEval(nn.Module):
+    """A backbone that keeps its batch norm frozen whenever it is put in train mode, as mmdetection's ``norm_eval``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def train(self, mode: bool = True) -> NormEval:
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))  # type: ignore[no-any-return]
+
+
 class TrainOnlyHead(nn.Module):
     """A head that only training runs and returns beside its input, as GoogLeNet's and Inception-v3's auxiliary heads.
 

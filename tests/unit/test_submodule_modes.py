@@ -21,7 +21,7 @@ from torch import nn
 import modeswap
 from modeswap import Mode
 from modeswap.testing import assert_same_run, run_forward_backward
-from modeswap.testing.models import Attention, AuxiliaryHeads, DropPath, Noise, SharedBatchNorm
+from modeswap.testing.models import Attention, AuxiliaryHeads, DropPath, Noise, NormEval, SharedBatchNorm
 
 MAKERS = ["allow_train_eval", "capture"]
 
@@ -164,24 +164,6 @@ def test_capture_starts_in_the_eager_models_exact_state() -> None:
     modal.train()
     eager.train()
     same(eager, modal)
-
-
-class NormEval(nn.Module):
-    """A backbone that keeps its batch norms frozen whenever it is put in train mode, as mmdetection's norm_eval."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.3)
-
-    def train(self, mode: bool = True) -> NormEval:
-        super().train(mode)
-        self.bn.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.bn(self.conv(x)))  # type: ignore[no-any-return]
 
 
 def test_a_train_override_of_the_eager_model_is_reproduced_by_train() -> None:
@@ -458,7 +440,7 @@ class Detector(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = NormEval()
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.BatchNorm1d(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))  # type: ignore[no-any-return]

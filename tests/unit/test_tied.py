@@ -12,6 +12,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import archived_models
 import pytest
 import torch
 from torch import nn
@@ -19,55 +20,24 @@ from torch import nn
 import modeswap
 
 
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.drop = nn.Dropout(0.1)
-        self.norm = nn.BatchNorm1d(5)
-        self.out = nn.Linear(8, 20, bias=False)
-        self.out.weight = self.emb.weight
+def transformers_model(
+    build: Callable[[], nn.Module], *, decoder: bool = False
+) -> Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    def made() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        pytest.importorskip("transformers")  # the unit tests run on the newest torch without it
+        ids = archived_models.tokens()
+        return build(), ((ids, torch.ones_like(ids), ids) if decoder else (ids,))  # T5: decoder_input_ids
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(self.norm(self.emb(ids))))  # type: ignore[no-any-return]
+    return made
 
 
-def tied() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    torch.manual_seed(0)
-    return Tied(), (torch.randint(0, 20, (3, 5)),)
-
-
-def gpt2() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    pytest.importorskip("transformers")  # the unit tests run on the newest torch without it
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=False)
-    return GPT2LMHeadModel(config), (torch.randint(0, 50, (2, 6)),)
-
-
-def bart() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    pytest.importorskip("transformers")
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=40,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=16,
-        decoder_ffn_dim=16,
-        max_position_embeddings=16,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-    return BartForConditionalGeneration(config), (torch.randint(3, 40, (2, 6)),)
-
-
-MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {"tied": tied, "gpt2": gpt2, "bart": bart}
+MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
+    "tied": lambda: (archived_models.seeded(archived_models.Tied), (archived_models.tokens(),)),
+    "shared": lambda: (archived_models.seeded(archived_models.Shared), (torch.randn(4, 8),)),
+    "gpt2": transformers_model(archived_models.gpt2),
+    "bart": transformers_model(archived_models.bart),
+    "t5": transformers_model(archived_models.t5, decoder=True),
+}
 
 
 def reloaded(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

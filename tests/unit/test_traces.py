@@ -22,27 +22,9 @@ from torch import nn
 import modeswap
 from modeswap import Mode
 from modeswap.testing import assert_same_run, run_forward_backward
+from modeswap.testing.models import NormEval
 
 X = torch.randn(4, 3, 6, 6)
-
-
-class NormEval(nn.Module):
-    """A backbone that keeps its batch norm frozen in train mode, as mmdetection's norm_eval."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-
-    def train(self, mode: bool = True) -> NormEval:
-        super().train(mode)
-        self.bn.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))  # type: ignore[no-any-return]
 
 
 class Functional(nn.Module):

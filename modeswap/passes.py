@@ -9,7 +9,7 @@ Each factory takes its options first and returns a :class:`Pass`, a pure
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -133,10 +133,16 @@ def preflight(
 
 
 def _preflight(target: Mode, stated: Stated, kinds: tuple[str, ...] = KINDS) -> Pass:
-    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.preflight(gm, context, target, stated, kinds)
+    return _check(f"preflight({target.value})", checks.preflight, target, stated, kinds)
 
-    return Pass(f"preflight({target.value})", kernel)
+
+def _check(name: str, check: Callable[..., tuple[Change, ...]], *options: Any) -> Pass:
+    """The pass ``name`` of a kernel of :mod:`modeswap.checks`, given ``options`` after the graph and its context."""
+
+    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
+        return check(gm, context, *options)
+
+    return Pass(name, kernel)
 
 
 def swap_dropout(mode: Mode | str, *, dropout: Mapping[str, float] | None = None, keep: Sequence[str] = ()) -> Pass:
@@ -207,35 +213,11 @@ def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pas
 
 
 def _warn_training_branches(target: Mode, stated: Stated) -> Pass:
-    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_training_branches(gm, context, target, stated)
-
-    return Pass(f"warn_training_branches({target.value})", kernel)
-
-
-def _warn_nondeterministic(stated: Stated) -> Pass:
-    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_nondeterministic(gm, context, stated)
-
-    return Pass("warn_nondeterministic", kernel)
-
-
-def _warn_minority(target: Mode, stated: Stated) -> Pass:
-    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_minority(gm, context, target, stated)
-
-    return Pass(f"warn_minority({target.value})", kernel)
-
-
-def _warn_unread_state(stated: Stated) -> Pass:
-    def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        return checks.warn_unread_state(gm, context, stated)
-
-    return Pass("warn_unread_state", kernel)
+    return _check(f"warn_training_branches({target.value})", checks.warn_training_branches, target, stated)
 
 
 #: Warn when an eval graph still draws random numbers that no rule owns.
-warn_nondeterministic = _warn_nondeterministic(Stated())
+warn_nondeterministic = _check("warn_nondeterministic", checks.warn_nondeterministic, Stated())
 
 
 def swap_passes(
@@ -260,9 +242,12 @@ def swap_passes(
 def stated_passes(target: Mode, stated: Stated) -> tuple[Pass, ...]:
     """:func:`swap_passes` for options already checked into a :class:`Stated` record (``within`` included)."""
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
-    checked = (_warn_nondeterministic(stated),) if target is Mode.EVAL else (_warn_unread_state(stated),)
-    first = (_preflight(target, stated), _warn_minority(target, stated))
-    return (*first, *swaps, *checked, _warn_training_branches(target, stated))
+    if target is Mode.EVAL:
+        checked = _check("warn_nondeterministic", checks.warn_nondeterministic, stated)
+    else:
+        checked = _check("warn_unread_state", checks.warn_unread_state, stated)
+    first = (_preflight(target, stated), _check(f"warn_minority({target.value})", checks.warn_minority, target, stated))
+    return (*first, *swaps, checked, _warn_training_branches(target, stated))
 
 
 def swap_pipeline(

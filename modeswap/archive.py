@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch.export import ExportedProgram
-
 from modeswap.errors import NotExportedError, ProgramFileError
 from modeswap.files import MODAL_FORMAT, Header, load_archive, save_archive
 from modeswap.modal import Layout, ModalModule, modal_of
@@ -121,11 +119,3 @@ def skeletons_of(modal: ModalModule) -> dict[Mode, Skeleton]:
             raise NotExportedError(msg)
         skeletons[mode] = skeleton
     return skeletons
-
-
-def programs_of(modal: ModalModule) -> dict[Mode, ExportedProgram]:
-    """Return the ``ExportedProgram`` of each mode of ``modal``, holding its parameters and buffers as they are now.
-
-    The programs' state dicts and constants are ``modal``'s own tensors, not copies.
-    """
-    return {mode: skeleton.program(modal) for mode, skeleton in skeletons_of(modal).items()}

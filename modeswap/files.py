@@ -171,7 +171,7 @@ class Header:
 
 @attrs.frozen(eq=False)
 class Archive:
-    """A modal archive read back: a program per mode, its :class:`Header`, and each program's two records as read.
+    """A modal archive read back: a program per mode and its :class:`Header`.
 
     A mode read ``lazily`` (:func:`load_archive`) is in ``deferred``, not in
     ``programs``: a function that deserializes its program around the tensors
@@ -180,7 +180,6 @@ class Archive:
 
     programs: Mapping[Mode, ExportedProgram]
     header: Header
-    records: Mapping[Mode, tuple[bytes, bytes]] = attrs.field(repr=False)
     deferred: Mapping[Mode, Callable[[torch.nn.Module], ExportedProgram]] = attrs.field(factory=dict, repr=False)
 
 
@@ -218,7 +217,7 @@ def load_archive(path: str | os.PathLike[str], *, lazily: bool = False) -> Archi
             else:
                 program = _deserialized(file, part.program, part.state, part.constants, part.example_inputs)
                 programs[mode] = read_from(program, records[mode])
-    return Archive(programs, header, records, deferred)
+    return Archive(programs, header, deferred)
 
 
 def _deserialized(

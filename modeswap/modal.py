@@ -211,7 +211,7 @@ class ModalModule(torch.nn.Module):
 
     #: The attributes a ModalModule keeps of its own, beside those of the module whose graphs it runs.
     _BOOKKEEPING = frozenset(
-        ("_variants", "_pending", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_facts", "_lock")
+        ("_variants", "_pending", "_layout", "_origin", "_paths", "_flagged", "_built", "_derived", "_found", "_lock")
     )
 
     def __init__(
@@ -243,7 +243,8 @@ class ModalModule(torch.nn.Module):
         #: The variant each combination of flags met so far runs (a cache: the flags are the state).
         self._built: dict[tuple[bool, ...], Variant] = {}
         self._derived: dict[tuple[Mode, frozenset[str], frozenset[str]], Variant] = {}
-        self._facts: dict[str, Any] = {}
+        #: What the comparison of the two exports found, per mode swapped to (_compared; a cache).
+        self._found: dict[Mode, tuple[Found | str, ...]] | None = None
         #: Held while a graph is built or a pending mode deserialized, not while one runs.
         self._lock = threading.RLock()
         self._adopted()
@@ -470,7 +471,7 @@ class ModalModule(torch.nn.Module):
 
         Each module is swapped to the flag it has in the other export. A swap that is refused is one string, its error.
         """
-        if "found" not in self._facts:
+        if self._found is None:
             for mode in Mode:
                 self._variant(mode)  # before the flags are read: building one may add placeholders
             found: dict[Mode, tuple[Found | str, ...]] = {}
@@ -490,8 +491,8 @@ class ModalModule(torch.nn.Module):
                     continue
                 recompile_all(swapped)
                 found[target] = compare(self._editable(target), swapped, target)
-            self._facts["found"] = found
-        return self._facts["found"]  # type: ignore[no-any-return]
+            self._found = found
+        return self._found
 
     def _pinned(self) -> frozenset[str]:
         """The modules with a site that an export holds in the other mode (``F.dropout(x, training=True)``)."""

@@ -23,11 +23,10 @@ from modeswap.compare import Found, compare
 from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.exported import is_exported
 from modeswap.fidelity import Cause, Difference, Direction, Fidelity
-from modeswap.graphs import copy_module, graph_modules, recompile_all
 from modeswap.modal import Layout, ModalModule, modal_of, set_flags
 from modeswap.modes import Mode
 from modeswap.recompute import checkpoints_entered, warn_recomputed
-from modeswap.running import run_differences, run_forward_backward
+from modeswap.running import second_opinion
 from modeswap.swapping import swap
 
 #: The seeds of the second opinion: each swap and the other mode's export run under each, forward and backward.
@@ -249,63 +248,8 @@ def _direction(
     expected = modules[target]
     found: list[Found | str] = list(compare(expected, swapped, target))
     if not found and inputs is not None and seeds:
-        found += _values(expected, swapped, inputs, seeds)
+        found += second_opinion(expected, swapped, inputs, seeds)
     return found
-
-
-def _values(
-    expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any], seeds: tuple[int, ...]
-) -> Iterator[Found]:
-    expected, actual = _runnable(expected), _runnable(actual)
-    args, kwargs = inputs
-    under: dict[str, list[int]] = {}
-    # A graph that draws no random numbers computes the same under every seed.
-    drawing = any(_draws(gm) for gm in (expected, actual))
-    for seed in seeds if drawing else seeds[:1]:
-        wanted = run_forward_backward(expected, args, kwargs, seed=seed)
-        got = run_forward_backward(actual, args, kwargs, seed=seed)
-        # A strict export leaves out buffers its graph does not read: compare the ones both hold.
-        for key in ("buffers", "grads"):
-            wanted[key], got[key] = (
-                {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
-            )
-        for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
-            under.setdefault(what, []).append(seed)
-    for what, differing in under.items():
-        path = what.partition("['")[2].rpartition(".")[0]
-        yield Found(side="values", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
-
-
-def _runnable(gm: GraphModule) -> GraphModule:
-    """A copy of ``gm`` to run forward and backward without touching the model it shares tensors with.
-
-    Its parameters are new ``Parameter`` objects over the same data (their
-    gradients are the copy's own), its buffers copies (a forward in train mode
-    updates them); a tensor held under two names stays one.
-    """
-    new = copy_module(gm, share_weights=True)
-    params: dict[int, torch.nn.Parameter] = {}
-    buffers: dict[int, torch.Tensor] = {}
-    for module in new.modules():
-        for name, param in module._parameters.items():
-            if param is not None and id(param) not in params:
-                params[id(param)] = torch.nn.Parameter(param.detach(), param.requires_grad)
-            module._parameters[name] = None if param is None else params[id(param)]
-        for name, buffer in module._buffers.items():
-            if buffer is not None and id(buffer) not in buffers:
-                buffers[id(buffer)] = buffer.clone()
-            module._buffers[name] = None if buffer is None else buffers[id(buffer)]
-    recompile_all(new)
-    return new
-
-
-def _draws(gm: GraphModule) -> bool:
-    seeded = torch.Tag.nondeterministic_seeded
-    return any(
-        isinstance(node.target, torch._ops.OpOverload) and seeded in node.target.tags
-        for _, module in graph_modules(gm)
-        for node in module.graph.nodes
-    )
 
 
 def _explain(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:

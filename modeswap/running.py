@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
+
+from modeswap.compare import Found
+from modeswap.graphs import copy_module, graph_modules, recompile_all
 
 
 def run_forward_backward(
@@ -81,3 +85,64 @@ def _close(expected: torch.Tensor | None, actual: torch.Tensor | None, atol: flo
         return False
     # Most values are bit for bit the same, and equal is several times cheaper than allclose.
     return torch.equal(actual, expected) or torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def second_opinion(
+    expected: GraphModule, actual: GraphModule, inputs: tuple[Any, Any], seeds: tuple[int, ...]
+) -> Iterator[Found]:
+    """Run ``expected`` and ``actual`` forward and backward on ``inputs`` under each of ``seeds``; yield what differs.
+
+    Under the first seed only when neither graph draws random numbers. The
+    graphs run on copies of their buffers and new parameters over the same
+    data, so the modules they come from are left as they were.
+    """
+    expected, actual = _runnable(expected), _runnable(actual)
+    args, kwargs = inputs
+    under: dict[str, list[int]] = {}
+    # A graph that draws no random numbers computes the same under every seed.
+    drawing = any(_draws(gm) for gm in (expected, actual))
+    for seed in seeds if drawing else seeds[:1]:
+        wanted = run_forward_backward(expected, args, kwargs, seed=seed)
+        got = run_forward_backward(actual, args, kwargs, seed=seed)
+        # A strict export leaves out buffers its graph does not read: compare the ones both hold.
+        for key in ("buffers", "grads"):
+            wanted[key], got[key] = (
+                {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
+            )
+        for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
+            under.setdefault(what, []).append(seed)
+    for what, differing in under.items():
+        path = what.partition("['")[2].rpartition(".")[0]
+        yield Found(side="values", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
+
+
+def _runnable(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` to run forward and backward without touching the model it shares tensors with.
+
+    Its parameters are new ``Parameter`` objects over the same data (their
+    gradients are the copy's own), its buffers copies (a forward in train mode
+    updates them); a tensor held under two names stays one.
+    """
+    new = copy_module(gm, share_weights=True)
+    params: dict[int, torch.nn.Parameter] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    for module in new.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in params:
+                params[id(param)] = torch.nn.Parameter(param.detach(), param.requires_grad)
+            module._parameters[name] = None if param is None else params[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) not in buffers:
+                buffers[id(buffer)] = buffer.clone()
+            module._buffers[name] = None if buffer is None else buffers[id(buffer)]
+    recompile_all(new)
+    return new
+
+
+def _draws(gm: GraphModule) -> bool:
+    seeded = torch.Tag.nondeterministic_seeded
+    return any(
+        isinstance(node.target, torch._ops.OpOverload) and seeded in node.target.tags
+        for _, module in graph_modules(gm)
+        for node in module.graph.nodes
+    )

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         UnsupportedGraphError,
     )
     from modeswap.exported import is_exported
-    from modeswap.fidelity import Cause, Difference, Direction, Fidelity
+    from modeswap.fidelity import Cause, Difference, Direction, Fidelity, Options
     from modeswap.modal import ModalModule, allow_train_eval
     from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
     from modeswap.pass_base import Pass, pipeline
@@ -56,7 +56,7 @@ _HOMES = {
     ),
     "modeswap.eager": ("capture", "check"),
     "modeswap.exported": ("is_exported",),
-    "modeswap.fidelity": ("Cause", "Difference", "Direction", "Fidelity"),
+    "modeswap.fidelity": ("Cause", "Difference", "Direction", "Fidelity", "Options"),
     "modeswap.modal": ("ModalModule", "allow_train_eval"),
     "modeswap.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
     "modeswap.pass_base": ("Pass", "pipeline"),
@@ -103,6 +103,7 @@ __all__ = [
     "ModeswapWarning",
     "NondeterministicEvalWarning",
     "NotExportedError",
+    "Options",
     "Params",
     "Pass",
     "RecomputedUpdateWarning",

@@ -11,22 +11,25 @@ module that runs each mode's own export on one set of weights.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
+from modeswap.advice import explain
 from modeswap.compare import Found, compare
 from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.exported import is_exported
-from modeswap.fidelity import Cause, Difference, Direction, Fidelity
+from modeswap.fidelity import Direction, Fidelity
 from modeswap.modal import Layout, ModalModule, modal_of, set_flags
 from modeswap.modes import Mode
 from modeswap.recompute import checkpoints_entered, warn_recomputed
 from modeswap.running import second_opinion
+from modeswap.stated import Stated
 from modeswap.swapping import swap
 
 #: The seeds of the second opinion: each swap and the other mode's export run under each, forward and backward.
@@ -45,8 +48,22 @@ def export_modes(
 
     Every module's ``training`` flag is set back as it was, whatever happens.
     """
-    programs, *_ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return programs
+    return _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict).programs
+
+
+@attrs.frozen
+class _Exports:
+    """The model's export in each mode, each module's flag in each, the modules each called, the modules mixed.
+
+    ``called`` is ``None`` for a strict export, which would trace the hooks
+    that watch the calls. ``mixed`` lists the outermost modules whose flag,
+    as found, differed from what the model's own ``train()`` gives them.
+    """
+
+    programs: dict[Mode, ExportedProgram]
+    flags: dict[Mode, dict[str, bool]]
+    called: dict[Mode, frozenset[str]] | None
+    mixed: tuple[str, ...] = ()
 
 
 def _export_modes(
@@ -56,13 +73,17 @@ def _export_modes(
     *,
     dynamic_shapes: Any,
     strict: bool,
-) -> tuple[dict[Mode, ExportedProgram], dict[Mode, dict[str, bool]], dict[Mode, frozenset[str]] | None]:
-    """:func:`export_modes`, each module's flag in each export, and the modules each export called.
+    as_found: bool = False,
+) -> _Exports:
+    """:func:`export_modes`, with what ``capture`` and ``check`` need to know besides.
 
-    A flag is what ``model.train(mode)`` left it at. The calls are watched with
-    forward pre-hooks, which a strict export would trace: then they are ``None``.
+    A flag is what ``model.train(mode)`` left it at, except, ``as_found``, in
+    the model's own mode: then each module is exported in the mode it was found in.
     """
     _require_eager(model)
+    found = {path: module.training for path, module in model.named_modules()}
+    current = Mode.TRAIN if model.training else Mode.EVAL
+    mixed: tuple[str, ...] = ()
     with _modes_restored(model):
         programs: dict[Mode, ExportedProgram] = {}
         flags: dict[Mode, dict[str, bool]] = {}
@@ -71,6 +92,11 @@ def _export_modes(
         for mode in Mode:
             model.train(mode is Mode.TRAIN)
             flags[mode] = {path: module.training for path, module in model.named_modules()}
+            if as_found and mode is current and flags[mode] != found:
+                mixed = _outermost(path for path, training in found.items() if training != flags[mode][path])
+                for path, module in model.named_modules():
+                    module.training = found[path]
+                flags[mode] = found
             try:
                 with checkpoints_entered() as checkpointed, _calls(model, watched=not strict) as calls:
                     programs[mode] = torch.export.export(
@@ -90,7 +116,13 @@ def _export_modes(
             warn_recomputed(
                 model, args, kwargs, program=programs[Mode.TRAIN], stacklevel=3
             )  # the caller of check or capture
-    return programs, flags, None if strict else called
+    return _Exports(programs, flags, None if strict else called, mixed)
+
+
+def _outermost(paths: Iterable[str]) -> tuple[str, ...]:
+    """``paths`` without those inside another of them."""
+    listed = list(paths)
+    return tuple(p for p in listed if not any(p != q and (not q or p.startswith(q + ".")) for q in listed))
 
 
 @contextmanager
@@ -128,6 +160,29 @@ def _require_eager(model: object) -> None:
 
 
 @contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Give back the global random state (CPU, and each CUDA device once CUDA is initialised) as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _seeds(seeds: object) -> tuple[int, ...]:
+    """``seeds`` as a tuple of ints, or an error that says what ``seeds=`` takes."""
+    if isinstance(seeds, Iterable) and not isinstance(seeds, str | bytes):
+        listed = tuple(seeds)
+        if all(isinstance(s, int) and not isinstance(s, bool) for s in listed):
+            return listed
+    msg = (
+        f"seeds takes a sequence of ints, the seeds the second opinion runs under (seeds=(0, 1); "
+        f"seeds=() skips it), got {seeds!r}"
+    )
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        msg += f": write seeds=({seeds},) for one seed, or seeds=range({seeds}) for {seeds}"
+    raise InvalidOptionError(msg)
+
+
+@contextmanager
 def _modes_restored(model: torch.nn.Module) -> Iterator[None]:
     flags = [(module, module.training) for module in model.modules()]
     try:
@@ -159,14 +214,46 @@ def check(
     as a second opinion, the outputs, buffers and gradients of a forward and a
     backward under each of ``seeds`` (under the first only, for graphs that draw
     no random numbers; ``seeds=()`` skips it: on a large model it costs more
-    than the exports). ``model`` is left as it was: its modes, its parameters,
-    their gradients and its buffers.
+    than the exports). A model whose modules are in mixed modes is exported,
+    in its own mode, as it is (``Fidelity.mixed``). ``model`` is left as it was
+    found: its parameters and buffers, their gradients, every module's mode,
+    its hooks, and the global random state.
 
-    >>> fidelity = modeswap.check(model, (x,))
+    Raises :class:`~modeswap.InvalidOptionError` for an option a swap would
+    refuse (a pattern that matches no site, a ``p`` that contradicts the
+    graph), before exporting where it can tell.
+
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.1))
+    >>> fidelity = modeswap.check(model, (torch.randn(8, 4),))
     >>> print(fidelity)
+    train -> eval: exact
+    eval -> train: exact
+    >>> _ = model[1].eval()  # a batch norm frozen while fine-tuning
+    >>> print(modeswap.check(model, (torch.randn(8, 4),)))
+    check found '1' in the other mode than the model, and exported the model's mode as it found it:
+    the swaps differ there unless `keep=` pins them
+    train -> eval: exact
+    eval -> train: 1 difference
+      1: site does not follow the mode
+        batch_norm training=True in the swap, False in the train export; the swap runs add_.Tensor,
+        updating 1.num_batches_tracked; the train export does not
+        fix: `keep=('1',)` leaves it as the model holds it
+    suggested: `keep=('1',)`
     """
-    programs, *_ = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    return fidelity_of(programs, attention_dropout=attention_dropout, dropout=dropout, keep=keep, seeds=seeds)
+    _require_eager(model)
+    # Options are checked before minutes of exporting; patterns, once there is a graph to match them in.
+    Stated.of(Mode.TRAIN, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    seeds = _seeds(seeds)
+    with _random_state_kept():
+        exports = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, as_found=True)
+        return fidelity_of(
+            exports.programs,
+            attention_dropout=attention_dropout,
+            dropout=dropout,
+            keep=keep,
+            seeds=seeds,
+            mixed=exports.mixed,
+        )
 
 
 def capture(
@@ -192,8 +279,9 @@ def capture(
     """
     _require_eager(model)
     flags = {path: module.training for path, module in model.named_modules()}
-    programs, exported, called = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    modal = modal_of(programs, training=model.training, layout=Layout.of(model, exported, called))
+    with _random_state_kept():
+        exports = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    modal = modal_of(exports.programs, training=model.training, layout=Layout.of(model, exports.flags, exports.called))
     return set_flags(modal, flags)
 
 
@@ -204,10 +292,12 @@ def fidelity_of(
     dropout: Mapping[str, float] | None = None,
     keep: Sequence[str] = (),
     seeds: Sequence[int] = SEEDS,
+    mixed: Sequence[str] = (),
 ) -> Fidelity:
     """Return the :class:`Fidelity` of swapping each of ``programs`` (one per mode) to the other mode.
 
-    The second opinion runs on the programs' example inputs under ``seeds``.
+    The second opinion runs on the programs' example inputs under ``seeds``;
+    ``mixed`` names the modules that were exported in the other mode than the model's.
     """
     # The training values stated are for the swap to train; what to keep, for both.
     options: dict[Mode, dict[str, Any]] = {
@@ -217,17 +307,19 @@ def fidelity_of(
     # One module per program: the swaps leave theirs as it was, and the second opinion runs on copies.
     modules = {mode: program.module() for mode, program in programs.items()}
     inputs = programs[Mode.TRAIN].example_inputs
-    found = {mode: _direction(modules, mode, options[mode], inputs, tuple(seeds)) for mode in Mode}
-    exact = {mode: not found[mode] for mode in Mode}
+    found = {mode: _direction(modules, mode, options[mode], inputs, _seeds(seeds)) for mode in Mode}
+    # The second opinion's word on what it could not run is no difference, but the report says it.
+    unrun = {
+        mode: "; ".join(str(f.argument) for f in found[mode] if isinstance(f, Found) and f.side == "unrun")
+        for mode in Mode
+    }
+    found = {mode: [f for f in found[mode] if not (isinstance(f, Found) and f.side == "unrun")] for mode in Mode}
+    rows = explain(found, modules)
     directions = {
-        target: Direction(
-            source=target.other,
-            target=target,
-            differences=tuple(_explain(found[target], target, other_exact=exact[target.other])),
-        )
+        target: Direction(source=target.other, target=target, differences=rows[target], unrun=unrun[target])
         for target in Mode
     }
-    return Fidelity(to_eval=directions[Mode.EVAL], to_train=directions[Mode.TRAIN])
+    return Fidelity(to_eval=directions[Mode.EVAL], to_train=directions[Mode.TRAIN], mixed=tuple(mixed))
 
 
 def _direction(
@@ -243,6 +335,9 @@ def _direction(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ModeswapWarning)  # the report says it, with the eager model's values
             swapped = swap(modules[source], target, share_weights=True, **options).module
+    except InvalidOptionError as error:
+        error.add_note(f"modeswap: check met this swapping the {source.value} export to {target.value}")
+        raise  # the options are wrong, not the model
     except ModeswapError as error:
         return [str(error)]
     expected = modules[target]
@@ -250,82 +345,3 @@ def _direction(
     if not found and inputs is not None and seeds:
         found += second_opinion(expected, swapped, inputs, seeds)
     return found
-
-
-def _explain(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
-    """One :class:`Difference` per module and cause, in the order they were found."""
-    rows: dict[tuple[str, Cause], list[Difference]] = {}
-    for difference in _differences(found, target, other_exact=other_exact):
-        rows.setdefault((difference.module_path, difference.cause), []).append(difference)
-    for (path, cause), group in rows.items():
-        nodes = tuple(dict.fromkeys(n for d in group for n in d.nodes))
-        yield Difference(path, nodes, "; ".join(d.what for d in group), cause, group[0].fix)
-
-
-def _differences(found: list[Found | str], target: Mode, *, other_exact: bool) -> Iterator[Difference]:
-    pinned = {f.module_path for f in found if isinstance(f, Found) and f.flag}
-    for f in found:
-        if isinstance(f, str):
-            yield Difference("", (), f, Cause.REFUSED, _capture(target, other_exact))
-            continue
-        cause = _cause(f, pinned)
-        if cause is Cause.PINNED:
-            fix = f"keep=({f.module_path!r},) leaves it as the model holds it"
-        elif cause in (Cause.DROPOUT_UNKNOWN, Cause.ATTENTION_DROPOUT_UNKNOWN):
-            assert f.values is not None
-            fix = f"dropout={{{f.module_path!r}: {f.values[0]!r}}} states the training value"
-        elif cause is Cause.DROP_PATH:
-            fix = "export in train mode (its swap to eval is exact), or modeswap.capture(model, args)"
-        else:
-            fix = _capture(target, other_exact)
-        yield Difference(f.module_path, f.nodes, _what(f, target), cause, fix)
-
-
-def _cause(f: Found, pinned: set[str]) -> Cause:
-    if f.side == "values":
-        return Cause.VALUES
-    if f.module_path in pinned and f.module_path:
-        return Cause.PINNED
-    if f.drop_path:
-        return Cause.DROP_PATH
-    if f.side == "both" and f.argument is not None and f.values is not None:
-        have = f.values[1]
-        if f.site_kind == "attention" and f.argument == "dropout_p" and have == 0.0:
-            return Cause.ATTENTION_DROPOUT_UNKNOWN
-        if f.site_kind == "dropout" and f.argument == "p" and have == 0.0:
-            return Cause.DROPOUT_UNKNOWN
-    return Cause.TRAINING_BRANCH
-
-
-def _what(f: Found, target: Mode) -> str:
-    own = f"the {target.value} export"
-    if f.side in ("expected", "actual"):
-        where = own if f.side == "expected" else "the swap"
-        other = "the swap" if f.side == "expected" else own
-        updates = f", updating {', '.join(dict.fromkeys(f.writes))}" if f.writes else ""
-        return f"{where} runs {', '.join(f.ops)}{updates}; {other} does not"
-    assert f.values is not None
-    want, have = f.values
-    if f.argument == "outputs":
-        return f"{own} returns {_outputs(want)}, the swap {_outputs(have)}"
-    if f.side == "values":
-        return f"{f.argument} differs from {own} when both run under seed(s) {', '.join(map(str, want))}"
-    return f"{f.ops[0]} {f.argument}={_short(have)} in the swap, {_short(want)} in {own}"
-
-
-def _outputs(value: Any) -> str:
-    leaves = torch.utils._pytree.tree_leaves(value)
-    kind = "" if isinstance(value, str) else f"a {type(value).__name__} of "
-    return f"{kind}{len(leaves)} output(s) ({_short(', '.join(map(str, leaves)))})"
-
-
-def _short(value: Any) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _capture(target: Mode, other_exact: bool) -> str:
-    fix = "modeswap.capture(model, args) runs each mode's own export"
-    if other_exact:
-        fix += f", or export in {target.value} mode (its swap to {target.other.value} is exact)"
-    return fix

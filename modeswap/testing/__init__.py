@@ -11,6 +11,7 @@ from typing import Any
 
 from modeswap.running import run_forward_backward
 from modeswap.testing.oracle import (
+    Observed,
     Snapshot,
     assert_mode_equivalent,
     assert_same_run,
@@ -25,6 +26,7 @@ from modeswap.testing.oracle import (
 _STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "ModeCall", "build", "cases", "layers", "mode_calls")
 
 __all__ = [
+    "Observed",
     "Snapshot",
     "assert_mode_equivalent",
     "assert_trains_like",

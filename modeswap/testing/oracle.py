@@ -56,6 +56,54 @@ class Snapshot:
     __hash__ = None  # type: ignore[assignment]
 
 
+@attrs.frozen(eq=False)
+class Observed:
+    """What ``check`` and ``capture`` must leave as they found it in an eager model, and the global random state.
+
+    Each parameter's and buffer's bytes and storage, each ``.grad`` (the
+    object and its bytes), ``requires_grad``, every module's ``.training``, the
+    hooks of every module and the global ones, the CPU and CUDA random states.
+    """
+
+    items: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Observed:
+        """Record ``model`` and the global random state as they are now."""
+        items: list[tuple[str, Any]] = []
+        for name, t in _all_tensors(model):
+            items.append((f"tensor {name}", (t.data_ptr(), _raw(t), t.requires_grad)))
+        for name, p in model.named_parameters(remove_duplicate=False):
+            grad = None if p.grad is None else (id(p.grad), p.grad.data_ptr(), _raw(p.grad))
+            items.append((f"grad {name}", grad))
+        for path, module in model.named_modules(remove_duplicate=False):
+            items.append((f"training {path!r}", module.training))
+            for attribute, hooks in sorted(vars(module).items()):
+                if attribute.endswith("hooks") and isinstance(hooks, dict):
+                    items.append((f"{attribute} of {path!r}", tuple(hooks)))
+        modules = torch.nn.modules.module
+        for attribute in sorted(vars(modules)):
+            if attribute.startswith("_global_") and isinstance(getattr(modules, attribute), dict):
+                items.append((f"torch.nn.modules.module.{attribute}", tuple(getattr(modules, attribute))))
+        items.append(("torch.get_rng_state()", torch.get_rng_state()))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            items.append(("torch.cuda.get_rng_state_all()", tuple(torch.cuda.get_rng_state_all())))
+        return cls(tuple(items))
+
+    def changed(self, now: Observed) -> list[str]:
+        """The names of what differs between this record and ``now`` (``[]``: nothing)."""
+        before, after = dict(self.items), dict(now.items)
+        return [name for name in {**before, **after} if not _same(before.get(name), after.get(name))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
 

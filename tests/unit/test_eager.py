@@ -157,17 +157,19 @@ def test_check_is_right_about_eager(name: str, source: Mode) -> None:
 
 
 def test_following_the_advice_makes_the_swap_exact() -> None:
-    model, args = model_of("batch norm pinned by train()")
-    (difference,) = modeswap.check(model, args).to_train.differences
-    assert difference.fix.startswith("keep=('1.child',)")
-    assert modeswap.check(model, args, keep=("1.child",)).exact
-    model, args = model_of("attention dropout")
-    (difference,) = modeswap.check(model, args).to_train.differences
-    assert "dropout={'1': 0.25}" in difference.fix
-    assert modeswap.check(model, args, dropout={"1": 0.25}).exact
-    model, args = model_of("gated dropout")
-    (difference,) = modeswap.check(model, args).to_train.differences
-    assert modeswap.check(model, args, dropout={"1": 0.3}).exact
+    cases = [
+        ("batch norm pinned by train()", {"keep": ("1.child",)}),
+        ("attention dropout", {"attention_dropout": 0.25}),  # every attention of unknown p has one value
+        ("gated dropout", {"dropout": {"1": 0.3}}),
+    ]
+    for name, suggested in cases:
+        model, args = model_of(name)
+        fidelity = modeswap.check(model, args)
+        (difference,) = fidelity.to_train.differences
+        assert difference.options.kwargs() == suggested, name
+        assert f"`{difference.options}`" in difference.fix, name
+        assert fidelity.suggested == suggested, name
+        assert modeswap.check(model, args, **fidelity.suggested).exact, name
 
 
 def test_the_advice_names_the_exact_direction_when_there_is_one() -> None:
@@ -289,16 +291,22 @@ def test_a_strict_export_is_compared_on_what_both_graphs_hold() -> None:
 def test_the_report_reads_as_a_table_and_as_json() -> None:
     model, args = model_of("batch norm pinned by train()")
     fidelity = modeswap.check(model, args)
-    text = str(fidelity)
-    assert text.splitlines()[0] == "train -> eval: exact"
-    assert "eval -> train: 1 difference(s)" in text
-    assert "1.child" in text
-    assert "site does not follow" in text  # the cell wraps
+    assert fidelity.format(width=100).splitlines() == [
+        "train -> eval: exact",
+        "eval -> train: 1 difference",
+        "  1.child: site does not follow the mode",
+        "    batch_norm training=True in the swap, False in the train export; the swap runs add_.Tensor,",
+        "    updating 1.child.num_batches_tracked; the train export does not",
+        "    fix: `keep=('1.child',)` leaves it as the model holds it",
+        "suggested: `keep=('1.child',)`",
+    ]
     report = json.loads(fidelity.to_json())
-    assert report["train -> eval"] == {"exact": True, "differences": []}
+    assert report["train -> eval"] == {"exact": True, "differences": [], "unrun": ""}
     (difference,) = report["eval -> train"]["differences"]
     assert difference["module_path"] == "1.child"
     assert difference["cause"] == "site does not follow the mode"
+    assert difference["options"] == {"keep": ["1.child"]}
+    assert report["suggested"] == {"keep": ["1.child"]}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,276 @@
+"""``check`` leaves the model alone, validates what it is given, and its advice is something a swap takes.
+
+Each test holds ``check`` (and ``capture``, where the promise is theirs
+together) against eager PyTorch: the model's own state before and after, or
+the eager model trained the way the advice says the swap now trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeswap
+from modeswap import Cause, InvalidOptionError, Mode, Options
+from modeswap.testing import Observed, assert_mode_equivalent, quiet
+from modeswap.testing.models import TrainOnlyHead
+
+X = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+
+
+class Attention(nn.Module):
+    """timm's ViT attention: ``scaled_dot_product_attention`` with the training ``p`` of a dropout child it never calls,
+    beside a projection dropout of its own."""
+
+    def __init__(self, p: float, proj: float = 0.0) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.attn_drop = nn.Dropout(p)
+        self.proj_drop = nn.Dropout(proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        p = self.attn_drop.p if self.training else 0.0
+        return self.proj_drop(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+
+
+class Block(nn.Module):
+    def __init__(self, p: float, proj: float = 0.0) -> None:
+        super().__init__()
+        self.attn = Attention(p, proj)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.attn(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, ps: list[float], proj: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(p, proj) for p in ps])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class RootDropout(nn.Module):
+    """A dropout the root's own forward pins to train mode, and a batch norm that follows the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.dropout(self.fc(x), 0.5, training=True))
+
+
+class Embedded(nn.Module):
+    """An embedding that renormalises its weight in place on every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8, max_norm=1.0)
+        self.drop = nn.Dropout(0.2)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.drop(self.embed(tokens)))
+
+
+TOKENS = (torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]),)
+
+
+def _with_grads(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+    return model
+
+
+# 1. Pure.
+
+
+@pytest.mark.parametrize("run", ["check", "capture"])
+@pytest.mark.parametrize(
+    ("name", "build", "args"),
+    [
+        ("max-norm embedding", Embedded, TOKENS),
+        ("batch norm and dropout", lambda: nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.Dropout(0.3)), (X,)),
+        ("prior gradients", lambda: _with_grads(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5))), (X,)),
+        ("root dropout", RootDropout, (X,)),
+    ],
+)
+def test_the_model_and_the_random_state_are_left_as_found(run: str, name: str, build: type, args: tuple) -> None:
+    model = build()
+    model.train()
+    model.get_submodule(next(path for path, _ in model.named_children())).eval()  # modes mixed, as users leave them
+    handle = model.register_forward_hook(lambda module, inputs, output: None)
+    torch.manual_seed(1234)
+    before = Observed.of(model)
+    with quiet():
+        getattr(modeswap, run)(model, args)
+    assert before.changed(Observed.of(model)) == [], name
+    handle.remove()
+
+
+def test_the_random_stream_goes_on_as_if_check_had_not_run() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
+    torch.manual_seed(7)
+    modeswap.check(model, (X,))
+    after_check = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after_check)
+
+
+# 2. Advice the swap accepts.
+
+
+def test_attention_of_one_value_is_one_row_and_one_option() -> None:
+    model = ViT([0.1] * 4)
+    fidelity = modeswap.check(model, (X,))
+    (row,) = fidelity.to_train.differences
+    assert row.module_path == "blocks.*.attn"
+    assert row.paths == tuple(f"blocks.{i}.attn" for i in range(4))
+    assert row.cause is Cause.ATTENTION_DROPOUT_UNKNOWN
+    assert fidelity.suggested == {"attention_dropout": 0.1}
+    _assert_advice_works(model, fidelity)
+
+
+@pytest.mark.parametrize("proj", [0.0, 0.3])
+def test_a_pattern_never_contradicts_the_projection_dropout_beside_the_attention(proj: float) -> None:
+    # timm's ViT: the attention's module holds a projection dropout whose p the graph records (0.0 or 0.3);
+    # a pattern for the attention reaches it, so the advice states it at its own value.
+    model = ViT([0.1, 0.1, 0.2, 0.2], proj)
+    fidelity = modeswap.check(model, (X,))
+    dropout = fidelity.suggested["dropout"]
+    assert all(
+        dropout[f"blocks.{i}.attn"] == p for i, p in enumerate([0.1, 0.1, 0.2, 0.2]) if f"blocks.{i}.attn" in dropout
+    )
+    _assert_advice_works(model, fidelity)
+    with pytest.raises(InvalidOptionError, match="contradicts the graph"):
+        modeswap.check(model, (X,), dropout={"blocks.0.attn": 0.1})  # what the advice said before
+
+
+def _assert_advice_works(model: nn.Module, fidelity: modeswap.Fidelity) -> None:
+    """``check`` and ``to_train`` take the advice, and the eval export's swap then trains like eager."""
+    assert modeswap.check(model, (X,), **fidelity.suggested).exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", modeswap.ModeswapWarning)  # nothing left unknown
+        assert_mode_equivalent(copy.deepcopy(model), (X,), Mode.TRAIN, exported_in=Mode.EVAL, **fidelity.suggested)
+
+
+def test_each_row_carries_the_options_that_fix_it() -> None:
+    fidelity = modeswap.check(ViT([0.1, 0.2]), (X,))
+    rows = fidelity.to_train.differences
+    assert len(rows) == 2
+    for row in rows:
+        assert row.options, row
+        assert f"`{row.options}`" in row.fix
+    assert Options.merged(row.options for row in rows).kwargs() == fidelity.suggested
+
+
+def test_a_train_only_head_is_one_row() -> None:
+    # GoogLeNet's auxiliary head: ops of its own and of its children, one row per direction.
+    model = TrainOnlyHead(8)
+    model.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.Linear(8, 3))  # layers of its own
+    fidelity = modeswap.check(nn.Sequential(nn.Linear(8, 8), model), (X,))
+    for direction in fidelity.directions:
+        heads = [row for row in direction.differences if row.module_path.startswith("1")]
+        assert len(heads) == 1, direction
+        assert heads[0].cause is Cause.TRAINING_BRANCH
+        assert not heads[0].options
+
+
+def test_frozen_batch_norms_in_numbered_blocks_are_one_row_with_one_pattern() -> None:
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5)) for _ in range(3)], nn.Dropout(0.2))
+    model.train()
+    for block in list(model)[:3]:
+        block[1].eval()
+    fidelity = modeswap.check(model, (X,))
+    assert fidelity.mixed == ("0.1", "1.1", "2.1")
+    (row,) = fidelity.to_train.differences
+    assert (row.module_path, row.cause, row.paths) == ("*.1", Cause.PINNED, ("0.1", "1.1", "2.1"))
+    assert fidelity.suggested == {"keep": ("*.1",)}
+    assert fidelity.to_eval.exact
+    assert modeswap.check(model, (X,), **fidelity.suggested).exact
+    assert [m.training for m in model.modules()] == [True, *[True, True, False] * 3, True]  # as found
+
+
+def test_a_keep_pattern_that_would_reach_a_site_that_must_change_is_not_suggested() -> None:
+    fidelity = modeswap.check(RootDropout(), (X,))
+    (row,) = fidelity.to_eval.differences
+    assert (row.module_path, row.cause) == ("", Cause.PINNED)  # a pinned dropout, not a training branch
+    assert not row.options  # keep=("",) would keep the batch norm too
+    assert "no `keep=` pattern" in row.fix
+    assert fidelity.suggested == {}
+
+
+def test_monte_carlo_dropout_is_reported_as_mixed_with_the_keep_that_pins_it() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.BatchNorm1d(5)).eval()
+    model[1].train()
+    fidelity = modeswap.check(model, (X,))
+    assert fidelity.mixed == ("1",)
+    assert fidelity.to_train.exact
+    (row,) = fidelity.to_eval.differences
+    assert (row.module_path, row.cause, row.options) == ("1", Cause.PINNED, Options(keep=("1",)))
+    assert "in the other mode than the model" in str(fidelity)
+    assert modeswap.check(model, (X,), **fidelity.suggested).exact
+
+
+def test_the_report_fits_the_width_without_breaking_a_path_or_a_piece_of_code() -> None:
+    fidelity = modeswap.check(ViT([0.1, 0.1, 0.2, 0.2], 0.3), (X,))
+    code = f"`{Options(dropout=tuple(fidelity.suggested['dropout'].items()))}`"
+    for width in (40, 60, 100, 200):
+        text = fidelity.format(width=width)
+        lines = text.splitlines()
+        assert all(len(line) <= width or "`" in line for line in lines), width  # only code overflows
+        assert code in text, width  # in one piece
+        assert "blocks.*.attn" in text
+    assert str(fidelity) == fidelity.format(width=100)  # not a terminal: 100
+
+
+# 3. Errors and inputs.
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"dropout": {"nomatch": 0.1}}, "dropout pattern 'nomatch' matches no dropout or attention site"),
+        ({"keep": ("nomatch",)}, "keep pattern 'nomatch' matches no site"),
+        ({"seeds": 5}, r"seeds takes a sequence of ints.*seeds=\(5,\)"),
+        ({"seeds": "01"}, "seeds takes a sequence of ints"),
+        ({"seeds": (0, 1.5)}, "seeds takes a sequence of ints"),
+        ({"keep": "1"}, r"write keep=\('1',\)"),
+        ({"dropout": 0.1}, "dropout takes a mapping"),
+        ({"attention_dropout": 2.0}, "attention_dropout"),
+    ],
+)
+def test_bad_options_raise_before_anything_is_reported(options: dict, match: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))
+    before = Observed.of(model)
+    with pytest.raises(InvalidOptionError, match=match):
+        modeswap.check(model, (X,), **options)
+    assert before.changed(Observed.of(model)) == []
+
+
+def test_bad_seeds_are_refused_before_exporting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("exported"))
+    with pytest.raises(InvalidOptionError):
+        modeswap.check(nn.Linear(8, 8), (X,), seeds=5)
+
+
+@pytest.mark.parametrize("function", [modeswap.check, modeswap.Fidelity], ids=["check", "Fidelity"])
+def test_the_docstring_examples_run_as_written(function: object) -> None:
+    (test,) = doctest.DocTestFinder(recurse=False).find(
+        function, globs={"modeswap": modeswap, "torch": torch, "nn": nn}
+    )
+    assert test.examples
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert runner.run(test, out=lambda text: pytest.fail(text)).failed == 0

@@ -5,6 +5,7 @@
     python benchmarks/bench.py --models chain-10,bert --out /tmp/bench
     python benchmarks/bench.py --render docs/performance/results.json --out docs/performance  # re-render only
     python benchmarks/bench.py --only archive   # save and load of ResNet-50's and BERT's captures, a few minutes
+    python benchmarks/bench.py --only modal     # check and capture next to two exports, about ten minutes
 
 Writes ``results.json`` (raw times, memory, node counts, machine), ``table.md``
 and ``plot.png`` to ``--out``: by default ``docs/performance`` for a full run,
@@ -35,11 +36,13 @@ On ResNet-50 and BERT, ``modeswap.save`` and ``modeswap.load`` of a capture next
 ``torch.export.load`` of its train program, and the archive's size (benchmarks/archive.py);
 ``--only archive`` measures these rows alone.
 
-On chain-100, ResNet-50 and BERT, from the eager model: ``modeswap.check`` and
-``modeswap.capture`` next to ``two_exports``, ``torch.export.export`` in train
-mode then in eval mode, interleaved; what ``check`` finds; and the memory of a
-capture: the tensor storages it holds next to the model's, and its peak (the
-resident set, and in a full run torch.profiler's allocations).
+On chain-100, ResNet-50, BERT, VGG-11-bn and AlexNet, from the eager model:
+``modeswap.check``, ``check`` with ``seeds=()`` (no second opinion's runs,
+``check_unrun``) and ``modeswap.capture`` next to ``two_exports``,
+``torch.export.export`` in train mode then in eval mode, interleaved; what
+``check`` finds; and the memory of a capture: the tensor storages it holds next
+to the model's, and its peak (the resident set, and in a full run
+torch.profiler's allocations). ``--only modal`` measures these rows alone.
 
 Torch runs on one thread: on a small, shared machine OpenMP's spinning threads
 make every timing noisier.
@@ -81,7 +84,7 @@ from measure import (
     storages,
 )
 from models import ModelSpec, all_specs, chain, quick_specs
-from render import machine_line, markdown, plot
+from render import machine_line, markdown, modal_markdown, plot
 from targets import check
 from torch.fx import GraphModule
 
@@ -91,7 +94,8 @@ from modeswap.graphs import copy_module, recompile_all
 START = time.perf_counter()
 
 #: Where check and capture are timed: a repetition of their three contenders exports the model six times.
-MODAL_MODELS = ("chain-100", "resnet50", "bert")
+#: VGG-11-bn and AlexNet: few nodes, large convolutions and fully connected layers (check's runs, not its exports).
+MODAL_MODELS = ("chain-100", "resnet50", "bert", "vgg11_bn", "alexnet")
 #: Where a to_eval is timed with the first thing a caller does to its result, under each weight policy.
 WRITES_MODELS = ("resnet50", "bert")
 #: Where modeswap.save and modeswap.load of a capture are timed next to torch.export.save and load.
@@ -355,7 +359,7 @@ def torchao_switch(gm: GraphModule, allow: Callable[[GraphModule], Any], switche
 
 
 def modal_contenders(spec: ModelSpec, eager: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> dict[str, Prepare]:
-    """Two plain exports (train, then eval; no ``.module()``), ``modeswap.check`` and ``modeswap.capture``."""
+    """Two plain exports (train, then eval; no ``.module()``), ``check`` (with and without runs), ``capture``."""
 
     def two_exports() -> object:
         programs = []
@@ -367,6 +371,8 @@ def modal_contenders(spec: ModelSpec, eager: torch.nn.Module, args: tuple[torch.
     return {
         "two_exports": same(two_exports),
         "check": same(lambda: modeswap.check(eager, args, attention_dropout=spec.attention_dropout)),
+        # What check costs without its second opinion's runs.
+        "check_unrun": same(lambda: modeswap.check(eager, args, attention_dropout=spec.attention_dropout, seeds=())),
         "capture": same(lambda: modeswap.capture(eager, args)),
     }
 
@@ -595,6 +601,38 @@ def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
     log(f"wrote {out}/results.json and archive.md")
 
 
+def only_modal(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
+    """``--only modal``: check and capture next to two exports on each model, to ``out``/results.json and modal.md."""
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": settings.to_json(),
+        "only": "modal",
+        "models": {},
+    }
+    log(f"warming up torch.export; {len(specs)} models: {', '.join(s.name for s in specs)}")
+    torch.export.export(chain(1), (torch.randn(2, 16, 8, 8),))
+    for spec in specs:
+        log(f"{spec.name}: building and exporting ({spec.description})")
+        torch.manual_seed(0)
+        eager, args = spec.build(), spec.inputs()
+        nodes = [count_nodes(timed_export(eager, args, train=train)[0].module()) for train in (True, False)]
+        gc.collect()
+        gc.freeze()
+        try:
+            found = run_modal(spec, eager, args, settings)
+        finally:
+            gc.unfreeze()
+        results["models"][spec.name] = {"description": spec.description, "modal": {**found, "nodes": nodes}}
+        results["duration_s"] = time.perf_counter() - START
+    results["machine"]["load_average_end"] = _load()
+    results["targets"] = [t.to_json() for t in check(results)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "modal.md").write_text(modal_markdown(results))
+    log(f"wrote {out}/results.json and modal.md")
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -665,7 +703,9 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated model names, e.g. chain-10,resnet50")
     parser.add_argument("--render", type=Path, help="re-render table.md and plot.png from this results.json")
     parser.add_argument(
-        "--only", choices=["archive"], help="only these rows: archive, save and load of a capture (resnet50, bert)"
+        "--only",
+        choices=["archive", "modal"],
+        help="only these rows: archive, save and load of a capture (resnet50, bert); modal, check and capture",
     )
     args = parser.parse_args()
     if args.out is None:
@@ -680,6 +720,10 @@ def main() -> None:
     if args.only == "archive":
         specs = [s for s in select(False, args.models) if args.models or s.name in ARCHIVE_MODELS]
         only_archive(specs, settings, args.out)
+        return
+    if args.only == "modal":
+        specs = [s for s in select(False, args.models) if args.models or s.name in MODAL_MODELS]
+        only_modal(specs, settings, args.out)
         return
     specs = select(args.quick, args.models)
     results: dict[str, Any] = {

@@ -8,6 +8,7 @@ from typing import Any
 import archive
 from targets import (
     CAPTURE_RATIO,
+    CHECK_MEDIAN_RATIO,
     CHECK_RATIO,
     COW_MEMORY_RATIO,
     COW_SHARED_RATIO,
@@ -18,6 +19,7 @@ from targets import (
     check,
     memory,
     memory_ratio,
+    modal_targets,
     ratio,
 )
 
@@ -218,8 +220,10 @@ def modal_table(results: Results) -> list[str]:
         "nodes (train / eval)",
         "two exports",
         "check",
+        "check seeds=()",
         "capture",
         "check / two exports",
+        "check seeds=() / two exports",
         "capture / two exports",
         "check found (to eval; to train)",
     ]
@@ -229,12 +233,14 @@ def modal_table(results: Results) -> list[str]:
         if not modal:
             continue
         timings = modal["timings"]
+        nodes = modal.get("nodes") or [model[d]["nodes"] for d in ("to_eval", "to_train")]
         rows.append(
             [
                 name,
-                f"{model['to_eval']['nodes']} / {model['to_train']['nodes']}",
-                *(_cell(timings.get(key)) for key in ("two_exports", "check", "capture")),
+                f"{nodes[0]} / {nodes[1]}",
+                *(_cell(timings.get(key)) for key in ("two_exports", "check", "check_unrun", "capture")),
                 _modal_ratios(results, name, "check", CHECK_RATIO),
+                _modal_ratios(results, name, "check_unrun", CHECK_RATIO),
                 _modal_ratios(results, name, "capture", CAPTURE_RATIO),
                 _found(modal.get("check_found", {})),
             ]
@@ -391,30 +397,7 @@ def markdown(results: Results) -> str:
         *switch_table(results),
         "",
     ]
-    lines += [
-        "## check and capture next to two exports",
-        "",
-        "From the eager model, in ms, min / median. two exports: `torch.export.export` in train mode, then in "
-        "eval mode (without `.module()`). check: "
-        "`modeswap.check(model, args)`, which exports once per mode, swaps each export and compares it with the "
-        "other mode's, then runs both under two seeds, forward and backward. capture: `modeswap.capture(model, "
-        "args)`, which exports once per mode and builds one module holding one copy of the weights. Ratios: "
-        f"min / min (marked against our targets, {CHECK_RATIO:g} for check and {CAPTURE_RATIO:g} for capture; "
-        "the issue gives none), median / median, and the ratio of minimum CPU times. check found: the causes "
-        "it reports for each swap.",
-        "",
-        *modal_table(results),
-        "",
-        "The memory of a capture, next to the eager model's state (its parameters, buffers and tensor "
-        "attributes): distinct tensor storages and their MiB; shared: storages the capture holds that the model "
-        "does too; kept: MiB of the capture's storages that the model does not hold. peak allocated: most CPU "
-        "memory allocated and not yet freed during the capture (torch.profiler memory events; full run only). "
-        "peak RSS growth: how far the process's resident set rose above its size before the capture (VmHWM, "
-        "reset through /proc/self/clear_refs after `malloc_trim(0)`), the graphs' Python objects included.",
-        "",
-        *capture_memory_table(results),
-        "",
-    ]
+    lines += modal_section(results)
     if failures := errors(results):
         lines += ["## Errors", "", *failures, ""]
     return "\n".join(lines)
@@ -487,3 +470,52 @@ def _named_points(results: Results, direction: str, key: str) -> list[tuple[str,
         if timing and timing.get("min_s") is not None:
             points.append((name, model[direction]["nodes"], timing["min_s"]))
     return points
+
+
+def modal_section(results: Results) -> list[str]:
+    """check and capture next to two exports, and the memory of a capture: a section of table.md, or modal.md."""
+    return [
+        "## check and capture next to two exports",
+        "",
+        "From the eager model, in ms, min / median. two exports: `torch.export.export` in train mode, then in "
+        "eval mode (without `.module()`). check: "
+        "`modeswap.check(model, args)`, which exports once per mode, swaps each export and compares it with the "
+        "other mode's, then, as a second opinion, runs both forward and backward (see docs/eager.md); "
+        "check seeds=(): the same without the second opinion's runs. capture: `modeswap.capture(model, args)`, "
+        "which exports once per mode and builds one module holding "
+        "one copy of the weights. Ratios: min / min (marked against the targets: issue 21's "
+        f"{CHECK_RATIO:g} for check on every model, {CHECK_MEDIAN_RATIO:g} at the median; our "
+        f"{CAPTURE_RATIO:g} for capture), median / median, and the ratio of minimum CPU times. check found: the "
+        "causes it reports for each swap.",
+        "",
+        *modal_table(results),
+        "",
+        "The memory of a capture, next to the eager model's state (its parameters, buffers and tensor "
+        "attributes): distinct tensor storages and their MiB; shared: storages the capture holds that the model "
+        "does too; kept: MiB of the capture's storages that the model does not hold. peak allocated: most CPU "
+        "memory allocated and not yet freed during the capture (torch.profiler memory events; full run only). "
+        "peak RSS growth: how far the process's resident set rose above its size before the capture (VmHWM, "
+        "reset through /proc/self/clear_refs after `malloc_trim(0)`), the graphs' Python objects included.",
+        "",
+        *capture_memory_table(results),
+        "",
+    ]
+
+
+def modal_markdown(results: Results) -> str:
+    """``bench.py --only modal``'s page: the section of :func:`modal_section`, and its targets."""
+    run = "quick run (--quick)" if results["settings"]["quick"] else "full settings"
+    lines = [
+        "# check and capture next to two exports (`bench.py --only modal`)",
+        "",
+        f"Measured {results['started']} ({run}, {results['duration_s']:.0f} s) on {machine_line(results)}.",
+        "",
+        *modal_section(results)[2:],
+        "## Targets",
+        "",
+        *target_table(modal_targets(results)),
+        "",
+    ]
+    if failures := errors(results):
+        lines += ["## Errors", "", *failures, ""]
+    return "\n".join(lines)

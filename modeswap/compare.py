@@ -49,7 +49,12 @@ class Found:
     ``"both"`` for a difference in ops both run (then ``argument`` names the
     argument that differs and ``values`` its two values), and ``"values"`` for
     a result that differs when both graphs run (``modeswap.check``'s second
-    opinion: ``argument`` names it, ``values[0]`` lists the seeds).
+    opinion: ``argument`` names it, ``values[0]`` lists the seeds). ``"unrun"``
+    is no difference: the second opinion could not run a graph, and
+    ``argument`` says, on one line, in which phase (``"forward"`` or
+    ``"backward"``), with the exception's type and the first line of its
+    message (``"backward: RuntimeError: one of the variables needed ..."``);
+    what ran before it was compared.
     """
 
     side: str
@@ -190,13 +195,22 @@ def _source(node: Node) -> Node:
     return node
 
 
-def _written(gm: GraphModule, node: Node) -> Iterator[Node]:
-    """The node arguments ``node`` writes to; a higher-order op writes what its body writes to its inputs."""
+def _written(gm: GraphModule, node: Node, *, undeclared: bool = False) -> Iterator[Node]:
+    """The node arguments ``node`` writes to; a higher-order op writes what its body writes to its inputs.
+
+    The writes are those the op's schema declares, and, ``undeclared``, those of :data:`_UNDECLARED_WRITES`.
+    """
     target = node.target
+    if undeclared and target in _UNDECLARED_WRITES:
+        flag, state = _UNDECLARED_WRITES[target]
+        if get_argument(node, flag) is not False:
+            yield from (v for v in (get_argument(node, name) for name in state) if isinstance(v, Node))
     if isinstance(target, torch._ops.OpOverload):
-        for argument, value in zip(target._schema.arguments, node.args, strict=False):
-            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Node):
-                yield value
+        for i, argument in enumerate(target._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            yield from (v for v in (value if isinstance(value, list | tuple) else [value]) if isinstance(v, Node))
         return
     bodies = [a for a in node.args if isinstance(a, Node) and a.op == "get_attr"]
     bodies = [b for b in bodies if isinstance(attribute(gm, str(b.target)), GraphModule)]
@@ -211,9 +225,68 @@ def _written(gm: GraphModule, node: Node) -> Iterator[Node]:
             continue
         position = {n: i for i, n in enumerate(inputs)}
         for inner in module.graph.nodes:
-            for value in map(_source, _written(module, inner)):
+            for value in map(_base if undeclared else _source, _written(module, inner, undeclared=undeclared)):
                 if value in position and isinstance(operands[position[value]], Node):
                     yield operands[position[value]]
+
+
+#: Ops that update their running statistics in place though their schemas do not say so (torch tags
+#: ``batch_norm`` ``maybe_aliasing_or_mutating`` for it), with the argument that says whether they do.
+_UNDECLARED_WRITES: dict[Any, tuple[str, tuple[str, ...]]] = {
+    torch.ops.aten.batch_norm.default: ("training", ("running_mean", "running_var")),
+    torch.ops.aten.native_batch_norm.default: ("training", ("running_mean", "running_var")),
+    torch.ops.aten._batch_norm_impl_index.default: ("training", ("running_mean", "running_var")),
+    torch.ops.aten.cudnn_batch_norm.default: ("training", ("running_mean", "running_var")),
+    torch.ops.aten.miopen_batch_norm.default: ("training", ("running_mean", "running_var")),
+    torch.ops.aten.instance_norm.default: ("use_input_stats", ("running_mean", "running_var")),
+}
+
+
+def written_state(gm: GraphModule) -> frozenset[str]:
+    """Return the ``get_attr`` targets of the tensors ``gm`` writes in place, through a view or an alias too.
+
+    ``embedding_renorm_`` on a ``detach`` of an embedding's weight (``max_norm=``)
+    writes the weight; a batch norm in train mode, its running statistics,
+    which ``aten.batch_norm``'s schema leaves unsaid; a subgraph, what its body
+    writes to its operands.
+    """
+    found: set[str] = set()
+    for node in gm.graph.nodes:
+        for value in _written(gm, node, undeclared=True):
+            base = _base(value)
+            if base.op == "get_attr":
+                found.add(str(base.target))
+    return frozenset(found)
+
+
+def _base(node: Node) -> Node:
+    """The node whose tensor ``node`` views or aliases (``detach``, ``view``, an item of ``split``), or ``node``.
+
+    An op that returns its input's values (a dropout in eval mode returns its
+    very input) counts as an alias, whatever its schema says.
+    """
+    while (aliased := _aliased(node)) is not None:
+        node = aliased
+    return node
+
+
+def _aliased(node: Node) -> Node | None:
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], Node):
+        return _aliased(node.args[0])  # an item of split or unbind views what they view
+    target = node.target
+    if _identity(node):
+        first = node.args[0]
+        return first if isinstance(first, Node) else None
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    returned = {a for r in target._schema.returns if r.alias_info is not None for a in r.alias_info.before_set}
+    for argument, value in zip(target._schema.arguments, node.args, strict=False):
+        info = argument.alias_info
+        if info is not None and returned & set(info.before_set) and isinstance(value, Node):
+            return value
+    return None
 
 
 def _small(t: torch.Tensor) -> Any:

@@ -3,42 +3,71 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from modeswap.compare import Found
-from modeswap.graphs import copy_module, graph_modules, recompile_all
+from modeswap.compare import Found, written_state
+from modeswap.graphs import attribute, graph_modules
 
 
 def run_forward_backward(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None, *, seed: int
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    seed: int,
+    copy_grads: bool = True,
+    catch: bool = False,
 ) -> dict[str, Any]:
     """Run ``module`` on copies of ``args`` and ``kwargs`` under ``seed``, then backward through a fixed loss.
 
     Returns the outputs, the input gradients, the buffers after the forward and
     the parameter gradients, keyed by name. Clears the module's gradients first.
+    ``copy_grads=False`` returns the gradient tensors themselves, not copies:
+    for a module that nothing else runs (they are its ``.grad`` until its next
+    run clears them). ``catch=True`` returns, when the forward or the backward
+    raises, what ran before it and ``failed``: the phase, the exception's type
+    and the first line of its message (``"backward: RuntimeError: ..."``).
     """
     assert isinstance(module, torch.nn.Module)
     module.zero_grad(set_to_none=True)  # modules from one ExportedProgram share their parameters
     leaves = [_fresh_leaf(a) for a in args]
     named = {k: _fresh_leaf(v) for k, v in (kwargs or {}).items()}
     torch.manual_seed(seed)
-    # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
-    outputs = module(*map(_copy, leaves), **{k: _copy(v) for k, v in named.items()})
+    result: dict[str, Any] = {}
+    try:
+        # The module gets copies of the leaves, so in-place ops on its inputs are allowed.
+        outputs = module(*map(_copy, leaves), **{k: _copy(v) for k, v in named.items()})
+    except Exception as error:
+        if not catch:
+            raise
+        return {"failed": _failure("forward", error)}
     flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
-    result: dict[str, Any] = {"outputs": [o.detach().clone() for o in flat]}
+    result["outputs"] = [o.detach().clone() for o in flat]
     result["buffers"] = {k: v.detach().clone() for k, v in module.named_buffers()}
     differentiable = [o for o in flat if o.requires_grad]
     if differentiable:
         weights = torch.Generator().manual_seed(seed + 1)
         loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum() for o in differentiable)
-        loss.backward()  # type: ignore[union-attr]
-    result["grads"] = {k: None if p.grad is None else p.grad.clone() for k, p in module.named_parameters()}
+        try:
+            loss.backward()  # type: ignore[union-attr]
+        except Exception as error:
+            if not catch:
+                raise
+            return result | {"failed": _failure("backward", error)}
+    copy = _copy if copy_grads else _same
+    result["grads"] = {k: None if p.grad is None else copy(p.grad) for k, p in module.named_parameters()}
     result["input_grads"] = [_grad(a) for a in [*leaves, *named.values()]]
     return result
+
+
+def _failure(phase: str, error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{phase}: {type(error).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _grad(a: Any) -> torch.Tensor | None:
@@ -56,13 +85,19 @@ def _copy(a: Any) -> Any:
     return a.clone() if isinstance(a, torch.Tensor) else a
 
 
+def _same(a: Any) -> Any:
+    return a
+
+
 def run_differences(expected: dict[str, Any], actual: dict[str, Any], *, atol: float, rtol: float) -> list[str]:
-    """Name what differs between two :func:`run_forward_backward` results.
+    """Name what differs between two :func:`run_forward_backward` results, in what both hold.
 
     Names read ``"outputs[0]"``, ``"buffers['bn.running_mean']"``, ``"grads['fc.weight']"``.
     """
     found: list[str] = []
     for key in ("outputs", "input_grads"):
+        if key not in expected or key not in actual:
+            continue
         if len(expected[key]) != len(actual[key]):
             found.append(f"{key} (one run has {len(expected[key])}, the other {len(actual[key])})")
             continue
@@ -72,6 +107,8 @@ def run_differences(expected: dict[str, Any], actual: dict[str, Any], *, atol: f
             if not _close(e, a, atol, rtol)
         ]
     for key in ("buffers", "grads"):
+        if key not in expected or key not in actual:
+            continue
         for name in sorted(set(expected[key]) | set(actual[key])):
             if not _close(expected[key].get(name), actual[key].get(name), atol, rtol):
                 found.append(f"{key}[{name!r}]")
@@ -92,51 +129,119 @@ def second_opinion(
 ) -> Iterator[Found]:
     """Run ``expected`` and ``actual`` forward and backward on ``inputs`` under each of ``seeds``; yield what differs.
 
-    Under the first seed only when neither graph draws random numbers. The
-    graphs run on copies of their buffers and new parameters over the same
-    data, so the modules they come from are left as they were.
+    Under the first seed only, unless the graphs draw random numbers
+    differently: then under each (where both draw alike, each seed would hold
+    the same draws against the same computation). Each
+    run starts from the modules' parameters and buffers and writes only into
+    copies of them (see :func:`_own_state`): the modules are left as they
+    were. Where a graph fails to run, what both ran is compared, and a last
+    ``Found`` of side ``"unrun"`` says what failed; no later seed runs.
     """
-    expected, actual = _runnable(expected), _runnable(actual)
     args, kwargs = inputs
+    written = [_written_tensors(gm) for gm in (expected, actual)]
     under: dict[str, list[int]] = {}
+    failed: str | None = None
+    alike = True  # the graphs left the random generators alike
     # A graph that draws no random numbers computes the same under every seed.
     drawing = any(_draws(gm) for gm in (expected, actual))
-    for seed in seeds if drawing else seeds[:1]:
-        wanted = run_forward_backward(expected, args, kwargs, seed=seed)
-        got = run_forward_backward(actual, args, kwargs, seed=seed)
+    for i, seed in enumerate(seeds if drawing else seeds[:1]):
+        if i > 0 and alike:
+            break
+        with _own_state(expected, written[0]):
+            wanted = run_forward_backward(expected, args, kwargs, seed=seed, copy_grads=False, catch=True)
+        state = _random_state()
+        with _own_state(actual, written[1]):
+            got = run_forward_backward(actual, args, kwargs, seed=seed, copy_grads=False, catch=True)
+        alike = alike and all(torch.equal(a, b) for a, b in zip(state, _random_state(), strict=True))
         # A strict export leaves out buffers its graph does not read: compare the ones both hold.
         for key in ("buffers", "grads"):
-            wanted[key], got[key] = (
-                {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
-            )
+            if key in wanted and key in got:
+                wanted[key], got[key] = (
+                    {k: v for k, v in r[key].items() if k in wanted[key] and k in got[key]} for r in (wanted, got)
+                )
         for what in run_differences(wanted, got, atol=1e-6, rtol=1e-5):
             under.setdefault(what, []).append(seed)
+        failed = wanted.get("failed") or got.get("failed")
+        if failed:
+            break
     for what, differing in under.items():
         path = what.partition("['")[2].rpartition(".")[0]
         yield Found(side="values", module_path=path, nodes=(), ops=(), argument=what, values=(differing, None))
+    if failed:
+        yield Found(side="unrun", module_path="", nodes=(), ops=(), argument=failed)
 
 
-def _runnable(gm: GraphModule) -> GraphModule:
-    """A copy of ``gm`` to run forward and backward without touching the model it shares tensors with.
+def _random_state() -> list[torch.Tensor]:
+    """The state of the default generators: the CPU's, and each CUDA device's once CUDA is initialised."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
+    return [torch.get_rng_state(), *cuda]
 
-    Its parameters are new ``Parameter`` objects over the same data (their
-    gradients are the copy's own), its buffers copies (a forward in train mode
-    updates them); a tensor held under two names stays one.
+
+def _written_tensors(gm: GraphModule) -> set[int]:
+    """The ids of the tensors ``gm`` writes in place (:func:`modeswap.compare.written_state`)."""
+    return {id(attribute(module, target)) for _, module in graph_modules(gm) for target in written_state(module)}
+
+
+@contextmanager
+def _own_state(gm: GraphModule, written: set[int]) -> Iterator[None]:
+    """Lend ``gm`` tensors of its own for one run, and give it back its own after.
+
+    Its parameters become new ``Parameter`` objects (their gradients are the
+    run's), over the same data unless the graph writes them in place
+    (``embedding_renorm_`` of an ``Embedding(max_norm=...)``; ids in
+    ``written``): then over a copy. Its buffers are copies (a forward in train
+    mode updates them, not always through an op that says so), its tensor
+    constants copies where written. A tensor held under two names stays one.
+    What the run only reads is not copied, so a large model costs no more than
+    its gradients; while the run lasts, ``gm`` is not for other threads.
     """
-    new = copy_module(gm, share_weights=True)
-    params: dict[int, torch.nn.Parameter] = {}
-    buffers: dict[int, torch.Tensor] = {}
-    for module in new.modules():
-        for name, param in module._parameters.items():
-            if param is not None and id(param) not in params:
-                params[id(param)] = torch.nn.Parameter(param.detach(), param.requires_grad)
-            module._parameters[name] = None if param is None else params[id(param)]
-        for name, buffer in module._buffers.items():
-            if buffer is not None and id(buffer) not in buffers:
-                buffers[id(buffer)] = buffer.clone()
-            module._buffers[name] = None if buffer is None else buffers[id(buffer)]
-    recompile_all(new)
-    return new
+    lent: dict[int, torch.Tensor] = {}
+    shared: dict[int, tuple[torch.Tensor, int]] = {}
+    held: list[tuple[dict[str, Any], str, torch.Tensor]] = []  # where, under which name, the module's own tensor
+
+    def lend(where: dict[str, Any], name: str, tensor: torch.Tensor, *, parameter: bool, copied: bool) -> None:
+        if id(tensor) not in lent:
+            if copied:
+                data = tensor.detach().clone()
+            else:
+                data = tensor.detach()
+                shared[id(tensor)] = (tensor, tensor._version)
+            lent[id(tensor)] = torch.nn.Parameter(data, tensor.requires_grad) if parameter else data
+        held.append((where, name, tensor))
+        where[name] = lent[id(tensor)]
+
+    try:
+        for module in gm.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    lend(module._parameters, name, param, parameter=True, copied=id(param) in written)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    lend(module._buffers, name, buffer, parameter=False, copied=True)
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and id(value) in written:
+                    lend(module.__dict__, name, value, parameter=False, copied=True)
+        yield
+    finally:
+        for where, name, tensor in reversed(held):
+            where[name] = tensor
+    _require_untouched(shared)
+
+
+def _require_untouched(shared: dict[int, tuple[torch.Tensor, int]]) -> None:
+    """Raise if a run wrote into a tensor it shares with the model, through a view :func:`written_state` missed.
+
+    Only writes that bump the version counter show (an op whose schema
+    declares them): not the running statistics a batch norm kernel updates.
+    """
+    written = [t for t, version in shared.values() if t._version != version]
+    if written:
+        shapes = ", ".join(str(tuple(t.shape)) for t in written[:3])
+        msg = (
+            f"modeswap's second opinion wrote into {len(written)} tensor(s) of the model (shapes {shapes}) that it "
+            "took for read-only; please report this with the model"
+        )
+        raise RuntimeError(msg)
 
 
 def _draws(gm: GraphModule) -> bool:

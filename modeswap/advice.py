@@ -49,13 +49,13 @@ def explain(
     rows = {
         target: list(_rows(found[target], target, graphs[target], other_exact=exact[target.other])) for target in Mode
     }
-    site_paths = {path for module in modules.values() for path in _site_paths(module)}
-    fixes = _options(rows, modules, site_paths)
+    sited = {path for module in modules.values() for path in site_paths(module)}
+    fixes = _options(rows, modules, sited)
     held = {row.module_path for target in Mode for row in rows[target] if row.cause is Cause.PINNED}
 
     def keeps_only_held(pattern: str) -> bool:
         # keep= reaches the sites of the modules inside the one it names: only if they are held too.
-        return all(path in held for path in site_paths if matches(pattern, path))
+        return all(path in held for path in sited if matches(pattern, path))
 
     return {
         target: tuple(_grouped([_fixed(row, fixes.get(id(row))) for row in rows[target]], keeps_only_held))
@@ -65,6 +65,51 @@ def explain(
 
 def _fixed(row: Difference, fix: tuple[Options, str] | None) -> Difference:
     return row if fix is None else attrs.evolve(row, options=fix[0], fix=fix[1])
+
+
+def verified(
+    rows: Mapping[Mode, tuple[Difference, ...]], left: Callable[[Mode, Options], list[Found | str] | None]
+) -> dict[Mode, tuple[Difference, ...]]:
+    """``rows``, without the options of the rows that the swap with all the rows' options still differs in.
+
+    ``left(target, options)`` compares the swap to ``target`` with ``options``
+    added to the user's, and returns what still differs (``None``: the swap
+    refused the options). A difference inside a row's modules fails that row;
+    one outside every row fails the rows whose patterns reach it, or all of them.
+    """
+    rows = dict(rows)
+    for _ in range(4):  # each round drops options; a round that drops none ends it
+        advised = Options.merged(row.options for target in Mode for row in rows[target])
+        if not advised:
+            break
+        every = [row for target in Mode for row in rows[target]]
+        failed: set[int] = set()
+        for target in Mode:
+            still = left(target, advised)
+            for f in ["refused"] if still is None else still:
+                owners = [row for row in every if isinstance(f, Found) and _inside(f.module_path, row.paths)]
+                if owners and not any(row.options for row in owners):
+                    continue  # a difference no option was meant to fix
+                reach = [row for row in every if row.options and isinstance(f, Found) and _reaches(row, f.module_path)]
+                failed |= {id(row) for row in (owners or reach or every) if row.options}
+        if not failed:
+            break
+        rows = {target: tuple(_unfixed(row) if id(row) in failed else row for row in rows[target]) for target in Mode}
+    return rows
+
+
+def _inside(path: str, paths: tuple[str, ...]) -> bool:
+    return any(path == p or (p and path.startswith(p + ".")) or not p for p in paths)
+
+
+def _reaches(row: Difference, path: str) -> bool:
+    patterns = [*row.options.keep, *(pattern for pattern, _ in row.options.dropout)]
+    return any(matches(pattern, path) for pattern in patterns) or row.options.attention_dropout is not None
+
+
+def _unfixed(row: Difference) -> Difference:
+    fix = "no option the swap takes fixes it (the swap with it still differs): use `modeswap.capture(model, args)`"
+    return attrs.evolve(row, options=Options(), fix=fix)
 
 
 # What was found, one row each.
@@ -246,7 +291,7 @@ class _Site:
 
 
 def _options(
-    rows: Mapping[Mode, list[Difference]], modules: Mapping[Mode, GraphModule], site_paths: set[str]
+    rows: Mapping[Mode, list[Difference]], modules: Mapping[Mode, GraphModule], sited: set[str]
 ) -> dict[int, tuple[Options, str]]:
     """Per row (by ``id``), the ``options`` and ``fix`` that fix it, or the ``fix`` that says why none does."""
     fixes: dict[int, tuple[Options, str]] = {}
@@ -258,7 +303,7 @@ def _options(
         held = {row.module_path for row in pinned}
         for row in pinned:
             # keep= reaches the sites of the modules inside the one it names: only if they are held too.
-            if all(path in held for path in site_paths if matches(row.module_path, path)):
+            if all(path in held for path in sited if matches(row.module_path, path)):
                 options = Options(keep=(row.module_path,))
                 fixes[id(row)] = (options, f"`{options}` leaves it as the model holds it")
             else:
@@ -305,7 +350,9 @@ def _training_values(unknown: list[Difference], sites: list[_Site]) -> dict[int,
         else:
             deciding = decide(tuple(mapping.items()), row.module_path)
             assert deciding is not None
-            inside = [(p, v) for p, v in mapping.items() if p == deciding[0] or matches(deciding[0], p)]
+            # The pattern, and the patterns beside it for the sites it reaches that it would contradict.
+            reached = [site.path for site in sites if matches(deciding[0], site.path)]
+            inside = [(p, v) for p, v in mapping.items() if p == deciding[0] or any(matches(p, r) for r in reached)]
             options = Options(dropout=tuple(inside))
         fixes[id(row)] = (options, f"`{options}` states the training value")
     return fixes
@@ -382,7 +429,8 @@ def _probability_sites(gm: GraphModule, unknown: list[Difference]) -> Iterator[_
                 yield _Site(path, attention, unknown_value, float(value))
 
 
-def _site_paths(gm: GraphModule) -> Iterator[str]:
+def site_paths(gm: GraphModule) -> Iterator[str]:
+    """The module path of every site of ``gm``, subgraphs included, whatever its mode."""
     for _, module in graph_modules(gm):
         for node in module.graph.nodes:
             rule = rule_for(node)

@@ -20,16 +20,16 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from modeswap.advice import explain
+from modeswap.advice import explain, site_paths, verified
 from modeswap.compare import Found, compare
 from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.exported import is_exported
-from modeswap.fidelity import Direction, Fidelity
+from modeswap.fidelity import Direction, Fidelity, Options
 from modeswap.modal import Layout, ModalModule, modal_of, set_flags
 from modeswap.modes import Mode
 from modeswap.recompute import checkpoints_entered, warn_recomputed
 from modeswap.running import second_opinion
-from modeswap.stated import Stated
+from modeswap.stated import Stated, matches
 from modeswap.swapping import swap
 
 #: The seeds of the second opinion: each swap and the other mode's export run under each, forward and backward.
@@ -299,13 +299,15 @@ def fidelity_of(
     The second opinion runs on the programs' example inputs under ``seeds``;
     ``mixed`` names the modules that were exported in the other mode than the model's.
     """
-    # The training values stated are for the swap to train; what to keep, for both.
+    # The training values stated are for the swap to train; what to keep, for both (where it has a site).
     options: dict[Mode, dict[str, Any]] = {
         Mode.TRAIN: {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep},
         Mode.EVAL: {"keep": keep},
     }
     # One module per program: the swaps leave theirs as it was, and the second opinion runs on copies.
     modules = {mode: program.module() for mode, program in programs.items()}
+    for target in Mode:
+        options[target]["keep"] = _kept(keep, modules, target.other)
     inputs = programs[Mode.TRAIN].example_inputs
     found = {mode: _direction(modules, mode, options[mode], inputs, _seeds(seeds)) for mode in Mode}
     # The second opinion's word on what it could not run is no difference, but the report says it.
@@ -314,12 +316,45 @@ def fidelity_of(
         for mode in Mode
     }
     found = {mode: [f for f in found[mode] if not (isinstance(f, Found) and f.side == "unrun")] for mode in Mode}
-    rows = explain(found, modules)
+    rows = verified(explain(found, modules), lambda target, advised: _left(modules, target, options[target], advised))
     directions = {
         target: Direction(source=target.other, target=target, differences=rows[target], unrun=unrun[target])
         for target in Mode
     }
     return Fidelity(to_eval=directions[Mode.EVAL], to_train=directions[Mode.TRAIN], mixed=tuple(mixed))
+
+
+def _kept(keep: Sequence[str], modules: Mapping[Mode, GraphModule], source: Mode) -> tuple[str, ...]:
+    """The patterns of ``keep`` that match a site of ``modules[source]``; an error for one that matches none of either.
+
+    A module may hold a site in one export only (a dropout only eval runs):
+    ``keep=`` pins it in the swap of that export.
+    """
+    paths = {mode: set(site_paths(module)) for mode, module in modules.items()}
+    for pattern in keep:
+        if not any(matches(pattern, path) for mode in Mode for path in paths[mode]):
+            msg = (
+                f"keep pattern {pattern!r} matches no site of either export; the modules that have one: "
+                f"{', '.join(map(repr, sorted(paths[Mode.TRAIN] | paths[Mode.EVAL]))) or 'none'}"
+            )
+            raise InvalidOptionError(msg)
+    return tuple(pattern for pattern in keep if any(matches(pattern, path) for path in paths[source]))
+
+
+def _left(
+    modules: Mapping[Mode, GraphModule], target: Mode, options: dict[str, Any], advised: Options
+) -> list[Found | str] | None:
+    """What the swap to ``target`` with ``options`` and ``advised`` still differs in; ``None`` if it refuses them."""
+    stated: dict[str, Any] = advised.kwargs() if target is Mode.TRAIN else {}
+    stated["keep"] = _kept(advised.keep, modules, target.other)  # keep=: both directions, where it has a site
+    dropout = {**(options.get("dropout") or {}), **stated.get("dropout", {})}
+    merged = {**options, **stated, "keep": (*options["keep"], *stated["keep"]), "dropout": dropout or None}
+    if target is Mode.EVAL:
+        merged.pop("dropout")
+    try:
+        return _direction(modules, target, merged, None, ())
+    except InvalidOptionError:
+        return None
 
 
 def _direction(

@@ -218,7 +218,9 @@ class Fidelity:
                 lines += _wrap(x.what, width, indent="    ")
                 lines += _wrap(f"fix: {x.fix}", width, indent="    ")
             if d.unrun:
-                lines += _wrap(f"not run: {d.unrun}", width, indent="  ")
+                lines += _wrap(
+                    f"not run: {d.unrun} (the verdict rests on the graphs and on what ran)", width, indent="  "
+                )
         suggested = Options.merged(x.options for d in self.directions for x in d.differences)
         if suggested:
             lines += _wrap(f"suggested: `{suggested}`", width)

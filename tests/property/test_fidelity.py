@@ -76,7 +76,7 @@ def test_check_reports_a_difference_exactly_where_a_branch_changes_the_graph(cas
             continue
         branches = set(case.differs(direction.target))
         assert direction.exact is not branches, f"{direction.name} of {case}:\n{fidelity}"
-        named = {difference.module_path for difference in direction.differences}
+        named = {path for difference in direction.differences for path in difference.paths}
         root = {""} if any(_body(case, path) == "output" for path in branches) else set()
         assert all(_within(path, branches) or path in root for path in named), f"{direction.name}:\n{fidelity}"
         assert all(_within(path, branches) for path in named) or root, fidelity
@@ -120,7 +120,7 @@ def test_check_finds_no_difference_where_a_swap_is_exact(case: Case) -> None:
     elif case.drop_path:
         drop_paths = {str(i) for i, layer in enumerate(case.layers) if layer.kind == "drop_path"}
         assert causes == {Cause.DROP_PATH}, fidelity
-        assert all(_within(d.module_path, drop_paths) for d in fidelity.to_train.differences), fidelity
+        assert all(_within(path, drop_paths) for d in fidelity.to_train.differences for path in d.paths), fidelity
     else:
         assert fidelity.to_train.exact, fidelity
 

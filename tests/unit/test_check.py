@@ -212,6 +212,23 @@ def test_a_keep_pattern_that_would_reach_a_site_that_must_change_is_not_suggeste
     assert fidelity.suggested == {}
 
 
+class EvalOnlyDropout(nn.Module):
+    """A dropout held in train mode that only eval runs: the train export has nothing for keep= to hold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.training else F.dropout(x, 0.5, training=True)
+
+
+def test_a_keep_that_would_not_fix_the_swap_is_not_suggested() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), EvalOnlyDropout(), nn.BatchNorm1d(5))
+    fidelity = modeswap.check(model, (X,))
+    (row,) = fidelity.to_eval.differences
+    assert row.paths == ("1",)
+    assert not row.options, row  # keep=("1",) leaves the swap without the dropout the eval export runs
+    assert "still differs" in row.fix
+    assert not modeswap.check(model, (X,), keep=("1",)).to_eval.exact  # as said
+
+
 def test_monte_carlo_dropout_is_reported_as_mixed_with_the_keep_that_pins_it() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.BatchNorm1d(5)).eval()
     model[1].train()
@@ -258,6 +275,17 @@ def test_bad_options_raise_before_anything_is_reported(options: dict, match: str
     with pytest.raises(InvalidOptionError, match=match):
         modeswap.check(model, (X,), **options)
     assert before.changed(Observed.of(model)) == []
+
+
+def test_a_backward_that_eager_itself_cannot_run_is_said_not_raised() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Dropout(inplace=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model.train()(torch.randn(4, 8)).sum().backward()  # eager's own backward fails
+    fidelity = modeswap.check(model, (torch.randn(4, 8),))
+    assert fidelity.exact  # the graphs and the forwards agree
+    assert fidelity.to_train.unrun.startswith("backward: RuntimeError: one of the variables needed")
+    assert "not run: backward: RuntimeError" in str(fidelity)
+    assert '"unrun": "backward: RuntimeError' in fidelity.to_json()
 
 
 def test_bad_seeds_are_refused_before_exporting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@
     python benchmarks/bench.py --models chain-10,bert --out /tmp/bench
     python benchmarks/bench.py --render docs/performance/results.json --out docs/performance  # re-render only
     python benchmarks/bench.py --only archive   # save and load of ResNet-50's and BERT's captures, a few minutes
-    python benchmarks/bench.py --only modal     # check and capture next to two exports, about ten minutes
+    python benchmarks/bench.py --only modal     # check and capture next to two exports (modal.json, modal.md), 5 min
 
 Writes ``results.json`` (raw times, memory, node counts, machine), ``table.md``
 and ``plot.png`` to ``--out``: by default ``docs/performance`` for a full run,
@@ -602,7 +602,10 @@ def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
 
 
 def only_modal(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
-    """``--only modal``: check and capture next to two exports on each model, to ``out``/results.json and modal.md."""
+    """``--only modal``: check and capture next to two exports on each model, to ``out``/modal.json and modal.md.
+
+    Not results.json: ``--out docs/performance`` publishes these rows beside the full run's results.
+    """
     results: dict[str, Any] = {
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -628,9 +631,9 @@ def only_modal(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
     results["machine"]["load_average_end"] = _load()
     results["targets"] = [t.to_json() for t in check(results)]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "modal.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "modal.md").write_text(modal_markdown(results))
-    log(f"wrote {out}/results.json and modal.md")
+    log(f"wrote {out}/modal.json and modal.md")
 
 
 def machine() -> dict[str, Any]:

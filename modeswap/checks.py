@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -206,44 +206,84 @@ def preflight(
     """Check ``gm``, and what the user states about it, before a swap of its sites of ``kinds`` to ``mode``.
 
     Raises for a graph that ``run_decompositions()`` lowered, when a pattern
-    matches no site it could speak of, or when a stated training value
-    contradicts a recorded one; on the way to train, warns about the sites whose
-    training value is neither recorded nor stated.
+    matches no site it could speak of, when ``attention_dropout=`` reaches no
+    attention node, or when a stated training value contradicts a recorded
+    one; on the way to train, warns about the sites whose training value is
+    neither recorded nor stated.
     """
     refuse_decomposed(gm)
     paths: list[str] = []  # the module path of every site
-    probabilities: list[str] = []  # of the dropout and attention sites
-    unknown: list[flags.Target] = []
-    attention = False
+    probabilities: dict[bool, list[str]] = {False: [], True: []}  # of the dropout and attention sites, by kept
+    attention: dict[bool, list[str]] = {False: [], True: []}  # of the attention nodes, by decided (pattern, pin)
+    spoken: set[str] = set()  # the modules with a site a dropout= pattern holds for: it sets it, or it agrees
+    checked: list[flags.Target] = []
     for kind in dict.fromkeys(rule.kind for rule in RULES):
         for target in flags.targets(gm, context, kind, mode, told):
             path = module_path(target.node)
             paths.append(path)
-            attention |= target.rule.train is PerNode.VALUE
-            if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
-                probabilities.append(path)
             memo = memo_of(target.node)
-            if kind not in kinds or mode is not Mode.TRAIN or (memo is not None and memo.kept):
+            kept = bool(memo is not None and memo.kept) or told.keeps(path)
+            if target.rule.train is PerNode.VALUE:
+                attention[kept or told.dropout_for(path) is not None].append(path)
+            if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
+                probabilities[kept].append(path)
+            if mode is not Mode.TRAIN or kept:
                 continue
-            if told.keeps(path) or not told.reaches(path):
-                continue
-            training = flags.training_probability(target)  # raises on a contradiction
-            if training is not None and training[1] is flags.UNKNOWN:
-                unknown.append(target)
+            if flags.holds(target):
+                spoken.add(path)
+            if kind in kinds and told.reaches(path):
+                checked.append(target)
     paths += [site.module_path for site in idiom_sites(gm)]
     _refuse_unmatched(told.keep, paths, "keep", "no site")
-    _refuse_unmatched(
-        [pattern for pattern, _ in told.dropout], probabilities, "dropout", "no dropout or attention site"
-    )
-    if told.attention_dropout is not None and not attention:
+    patterns = [pattern for pattern, _ in told.dropout]
+    _refuse_unmatched(patterns, probabilities[False], "dropout", "no dropout or attention site", probabilities[True])
+    if told.attention_dropout is not None:
+        _refuse_unreached(told, attention)
+    unknown: list[flags.Target] = []
+    for target in checked:
+        _refuse_contradiction(target, spoken)
+        training = flags.training_probability(target)
+        if training is not None and training[1] is flags.UNKNOWN:
+            unknown.append(target)
+    if unknown:
+        _warn_unknown(unknown)
+    return ()
+
+
+def _refuse_contradiction(target: flags.Target, spoken: set[str]) -> None:
+    """Raise where what the user states of ``target`` contradicts the training value its graph records.
+
+    A ``dropout=`` pattern cannot tell apart two sites of one module, so where
+    it holds for one of them (``spoken``), the module's others keep the value
+    they record, unremarked: ``F.dropout(h, p=0.1)`` beside
+    ``F.dropout(w, p=0.2 if self.training else 0.0)``.
+    """
+    found = flags.contradiction(target)
+    if found is None:
+        return
+    path = module_path(target.node)
+    if target.stated.dropout_for(path) is not None and path in spoken:
+        return
+    raise InvalidOptionError(found)
+
+
+def _refuse_unreached(told: Stated, attention: dict[bool, list[str]]) -> None:
+    """Raise when ``attention_dropout=`` decides no attention node: there is none, or patterns and pins decide all."""
+    if attention[False]:
+        return
+    if not attention[True]:
         msg = (
             f"attention_dropout={told.attention_dropout} is for attention nodes (scaled_dot_product_attention), "
             "and this graph has none; state the training p of other sites with dropout={module pattern: p}"
         )
         raise InvalidOptionError(msg)
-    if unknown:
-        _warn_unknown(unknown)
-    return ()
+    modules = ", ".join(repr(path) for path in dict.fromkeys(attention[True]))
+    msg = (
+        f"attention_dropout={told.attention_dropout} is for the attention nodes that no dropout= pattern decides "
+        f"and keep= leaves to swap, and this graph has none: dropout= or keep= decides every one (in {modules}). "
+        "Leave attention_dropout out, or state those nodes' value with dropout="
+    )
+    raise InvalidOptionError(msg)
 
 
 def refuse_decomposed(gm: GraphModule) -> None:
@@ -296,17 +336,29 @@ def _key(source: Any) -> tuple[str, int]:
     return source.name, source.graph_id
 
 
-def _refuse_unmatched(patterns: Iterable[str], paths: list[str], option: str, what: str) -> None:
+def _refuse_unmatched(
+    patterns: Iterable[str], paths: list[str], option: str, what: str, kept: Sequence[str] = ()
+) -> None:
+    """Raise for a pattern that matches none of ``paths``; name the ``kept`` paths it matches, if any."""
     for pattern in patterns:
-        if not any(stated.matches(pattern, path) for path in paths):
-            known = ", ".join(repr(p) for p in suggest((path, "") for path in paths))
+        if any(stated.matches(pattern, path) for path in paths):
+            continue
+        pinned = [path for path in dict.fromkeys(kept) if stated.matches(pattern, path)]
+        if pinned:
             msg = (
-                f"{option} pattern {pattern!r} matches {what} of this graph"
-                + (f"; the modules that have one: {known}" if known else "")
-                + " (a pattern matches a module path or an enclosing one; * stays within a path component, "
-                "** matches any number of them)"
+                f"{option} pattern {pattern!r} matches only sites that this swap leaves as they are (keep=, or a "
+                f"pin an earlier swap recorded), in {_some(pinned, 'module')}: the value it states would set "
+                "nothing. Leave the pattern out, or those modules out of keep="
             )
             raise InvalidOptionError(msg)
+        known = ", ".join(repr(p) for p in suggest((path, "") for path in [*paths, *kept]))
+        msg = (
+            f"{option} pattern {pattern!r} matches {what} of this graph"
+            + (f"; the modules that have one: {known}" if known else "")
+            + " (a pattern matches a module path or an enclosing one; * stays within a path component, "
+            "** matches any number of them)"
+        )
+        raise InvalidOptionError(msg)
 
 
 def _warn_unknown(unknown: list[flags.Target]) -> None:

@@ -324,6 +324,18 @@ _CLI_WORDS = (
     (re.compile(r"modeswap\.mode_of\(\w+\)\.stochastic"), "modeswap inspect"),
     (re.compile(r"modeswap\.to_train\(\w+, attention_dropout=p\)"), "--attention-dropout P"),
     (re.compile(r"\b(?:attention_dropout|dropout|keep)(?= patterns?\b)"), lambda m: f"--{m[0].replace('_', '-')}"),
+    # What the user stated, as the flags that state it: dropout={'drop': 0.3} is --dropout drop=0.3.
+    (re.compile(r"(?<![\w.-])dropout=\{module pattern: p\}"), "--dropout PATTERN=P"),
+    (re.compile(r"(?<![\w.-])attention_dropout=(\d[\d.e-]*)"), r"--attention-dropout \1"),
+    (
+        re.compile(r"(?<![\w.-])dropout=\{'([^'{}]*)': ([^{}]+)\}"),
+        lambda m: f"--dropout {shlex.quote(f'{m[1]}={m[2]}')}",
+    ),
+    (
+        re.compile(r"(?<![\w.-])(attention_dropout|dropout|keep)=(?=[\s,.;)]|$)"),
+        lambda m: f"--{m[1].replace('_', '-')}",
+    ),
+    (re.compile(r"(?<![\w.-])attention_dropout(?![\w=])"), "--attention-dropout"),
 )
 
 

@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from modeswap import aliases, counters
-from modeswap.errors import InvalidOptionError, UnsupportedGraphError
+from modeswap.errors import UnsupportedGraphError
 from modeswap.graphs import (
     calls,
     describe,
@@ -177,30 +177,88 @@ def training_probability(t: Target) -> tuple[str, Any] | None:
     """The probability argument of ``t`` that train mode may set, and its training value, or ``None``.
 
     The value is the one the graph records, else the one the user states
-    (``dropout=``, then ``attention_dropout=`` for attention), else
-    :data:`UNKNOWN`. A stated value that contradicts a recorded one is an error.
+    (``dropout=``, then ``attention_dropout=`` for attention), else what the
+    graph's mode suggests (see :func:`_inferred`), else :data:`UNKNOWN`. A
+    recorded value wins over a stated one; :func:`contradiction` says where
+    they differ, and ``preflight`` raises there.
+    """
+    recorded = recorded_training(t)
+    if recorded is None or recorded[1] is not UNKNOWN:
+        return recorded
+    stated = stated_training(t)
+    if stated is not None:
+        return recorded[0], stated[1]
+    return recorded_probability(t.rule, t.node, t.captured)
+
+
+def recorded_training(t: Target) -> tuple[str, Any] | None:
+    """The probability argument of ``t`` that train mode may set, and the training value the graph records, or ``None``.
+
+    The value is :data:`UNKNOWN` where the graph records none, and where it is
+    only inferred from the mode the graph seems to be in: what the user states
+    wins over that inference.
     """
     recorded = recorded_probability(t.rule, t.node, t.captured)
+    if recorded is not None and _inferred(t):
+        return recorded[0], UNKNOWN
+    return recorded
+
+
+def stated_training(t: Target) -> tuple[str, float] | None:
+    """The option that states the training probability of ``t`` (``"dropout={'encoder': 0.1}"``) and its value.
+
+    A ``dropout=`` pattern decides a site before ``attention_dropout=`` does;
+    ``None`` where neither speaks of ``t``.
+    """
+    decided = t.stated.dropout_for(module_path(t.node))
+    if decided is not None:
+        pattern, p = decided
+        return f"dropout={{{pattern!r}: {p}}}", p
+    if t.rule.train is PerNode.VALUE and t.stated.attention_dropout is not None:
+        return f"attention_dropout={t.stated.attention_dropout}", t.stated.attention_dropout
+    return None
+
+
+def holds(t: Target) -> bool:
+    """Whether ``t`` bears out a ``dropout=`` pattern that decides its module: it takes the stated value, or records it.
+
+    A site whose training value the graph does not record bears out any value.
+    """
+    recorded = recorded_training(t)
     if recorded is None:
+        return False
+    decided = t.stated.dropout_for(module_path(t.node))
+    if recorded[1] is UNKNOWN:
+        return True
+    return decided is not None and not isinstance(recorded[1], Node) and recorded[1] == decided[1]
+
+
+def contradiction(t: Target) -> str | None:
+    """Why what the user states of ``t`` contradicts the training value the graph records; ``None`` if it does not.
+
+    A value the graph computes instead of holding as a literal cannot be
+    compared, so any statement of it is refused.
+    """
+    recorded, stated = recorded_training(t), stated_training(t)
+    if recorded is None or stated is None or recorded[1] is UNKNOWN:
         return None
-    argument, value = recorded
-    if _inferred(t):
-        value = UNKNOWN  # what the user states wins over what the graph's mode suggests
+    (argument, value), (option, p) = recorded, stated
+    if not isinstance(value, Node) and value == p:
+        return None
     path = module_path(t.node)
-    stated = t.stated.dropout_for(path)
-    if stated is None:
-        if value is UNKNOWN and t.rule.train is PerNode.VALUE and t.stated.attention_dropout is not None:
-            return argument, t.stated.attention_dropout
-        return recorded
-    pattern, p = stated
-    if value is not UNKNOWN and value != p:
-        msg = (
-            f"dropout={{{pattern!r}: {p}}} contradicts the graph: {describe(t.name, t.node)} records a "
-            f"training {argument} of {value}. Leave that module out of the pattern (add a more specific "
-            f"pattern for it), or state {value}"
+    if option.startswith("dropout="):
+        fix = "Leave that module out of the pattern (add a more specific pattern for it)"
+    else:
+        fix = f"Give that module a pattern of its own (dropout={{{path!r}: {value}}})"
+    if isinstance(value, Node):
+        return (
+            f"{option} cannot hold for {describe(t.name, t.node)}: it computes its training {argument} in the graph "
+            f"({value.name}) instead of passing a literal, and modeswap neither sets nor checks it. {fix}"
         )
-        raise InvalidOptionError(msg)
-    return argument, p
+    return (
+        f"{option} contradicts the graph: {describe(t.name, t.node)} records a training {argument} of {value}. "
+        f"{fix}, or state {value}"
+    )
 
 
 def _inferred(t: Target) -> bool:
@@ -220,9 +278,11 @@ def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple
 
     Attention's ``dropout_p`` is 0.0 in eval; a dropout's ``p`` is 0.0 in eval
     where eager code wrote ``p if self.training else 0.0``. The training value
-    is what a memo or a train-mode literal records, and 0.0 in an
-    ``nn.Dropout`` (whose ``p`` does not depend on the mode); else it is
-    :data:`UNKNOWN`. ``None`` for a node whose probability, if any, no mode zeroes.
+    is what a memo or a train-mode literal records, any ``p`` but 0.0 (no mode
+    gives it: eager code zeroes ``p`` outside training, it sets no other
+    value), and 0.0 in an ``nn.Dropout`` (whose ``p`` does not depend on the
+    mode); else it is :data:`UNKNOWN`. ``None`` for a node with no probability
+    that a mode may zero.
     """
     memo = memo_of(node)
     argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
@@ -234,8 +294,8 @@ def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple
     value = get_argument(node, argument)
     if rule.train is PerNode.VALUE:
         return argument, value if value != rule.eval or captured is Mode.TRAIN else UNKNOWN
-    if value != 0.0:
-        return None
+    if isinstance(value, Node) or value != 0.0:
+        return argument, value  # what eager computes in both modes
     in_eval = get_argument(node, rule.flag) == rule.eval
     known = memo is not None or not in_eval or not rule.functional(node)
     return argument, 0.0 if known else UNKNOWN

@@ -456,7 +456,7 @@ class ModalModule(torch.nn.Module):
             return attrs.evolve(stated, within=within)
         # The training p an eval export writes as 0.0, read off the train export.
         learned = self._learned()
-        return Stated(dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within)
+        return Stated(dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within, exact=True)
 
     def _editable(self, mode: Mode) -> GraphModule:
         """A ``GraphModule`` of this module's tree and ``mode``'s graph, to edit: its own graph and bodies."""

@@ -45,12 +45,17 @@ class Stated:
     sites this swap changes and whose traces its checks speak of: a
     ``ModalModule`` swaps the modules whose ``.training`` differs from the
     rest this way. Other sites stay as they are, and are not marked kept.
+    ``exact`` makes each ``dropout`` key a module path that decides the sites
+    that module runs itself, none of the modules inside it: values read per
+    module off an export, as ``capture``'s are, say nothing of the modules
+    inside.
     """
 
     dropout: tuple[tuple[str, float], ...] = ()
     attention_dropout: float | None = None
     keep: tuple[str, ...] = ()
     within: frozenset[str] | None = None
+    exact: bool = False
 
     @classmethod
     def of(
@@ -92,6 +97,8 @@ class Stated:
 
     def dropout_for(self, path: str) -> tuple[str, float] | None:
         """The pattern of ``dropout`` that decides a site run by the module at ``path``, and its ``p``."""
+        if self.exact:
+            return next(((pattern, p) for pattern, p in self.dropout if pattern == path), None)
         return decide(self.dropout, path)
 
 

@@ -51,10 +51,15 @@ def swap(
     - ``dropout`` maps module-path patterns to the training ``p`` of dropout and
       attention sites whose graph holds 0.0 (an eval export writes 0.0 where
       eager code zeroes ``p`` outside training). It sets the sites that record
-      no training value; where the graph records one, a different stated value
-      raises. Sites holding another ``p`` keep it: the graph records it.
+      no training value. A value the graph records (any ``p`` but 0.0, an
+      ``nn.Dropout``'s, a train graph's, a memo's) is never overridden: a
+      stated value that differs raises, unless the pattern sets another site
+      of the same module, which no pattern can tell apart from it; then the
+      recorded one stays.
     - ``attention_dropout`` is the training ``dropout_p`` of attention nodes
-      (``scaled_dot_product_attention``) that no ``dropout`` pattern matches.
+      (``scaled_dot_product_attention``) that no ``dropout`` pattern matches;
+      one that differs from what such a node records raises, and so does one
+      that no node is left for.
     - ``keep`` lists module-path patterns whose sites this swap, and every later
       one, leaves as they are (Monte Carlo dropout, frozen batch norms). The pin
       is recorded in the new graph; swap the original graph to undo it.

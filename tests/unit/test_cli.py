@@ -320,6 +320,21 @@ def test_a_warning_is_one_line_of_flags_that_the_user_can_paste(files, tmp_path)
     ]
 
 
+def test_a_stated_value_that_contradicts_the_file_is_an_error_in_flags(files, tmp_path):
+    # train.pt2's nn.Dropout(0.3) records its p: --dropout 2=0.5 would have kept 0.3 unremarked.
+    result = run("convert", files / "train.pt2", "--to", "train", "--dropout", "2=0.5", "-o", tmp_path / "out.pt2")
+    assert_bad_input(
+        result,
+        "modeswap convert: --dropout 2=0.5 contradicts the graph: dropout (aten.dropout.default, in module '2')",
+        "records a training p of 0.3. Leave that module out of the pattern",
+        "or state 0.3",
+    )
+    assert list(tmp_path.iterdir()) == []
+    stated = tmp_path / "stated.pt2"
+    result = run("convert", files / "train.pt2", "--to", "train", "--dropout", "2=0.3", "-o", stated)
+    assert (result.returncode, own_stderr(result)) == (0, [])
+
+
 def test_attention_dropout_states_the_attention_nodes(files, tmp_path):
     out = tmp_path / "stated.pt2"
     result = run("convert", files / "blocks.pt2", "--to", "train", "--attention-dropout", "0.1", "-o", out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -256,17 +257,184 @@ def test_a_batch_norm_without_running_stats_is_no_site_to_keep() -> None:
         modeswap.to_eval(gm, keep=["1"])
 
 
-def test_a_dropout_pattern_leaves_sites_that_hold_another_p_alone() -> None:
-    # dropout= speaks of sites whose graph holds 0.0; a plain F.dropout(p=0.1) records its p in both modes.
-    class Plain(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.dropout(x, p=0.1, training=self.training)
+class Plain(nn.Module):
+    """``F.dropout(x, p, training=self.training)``: its graph holds ``p`` in both modes, so it records it."""
 
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=self.p, training=self.training)
+
+
+def test_a_pattern_that_contradicts_a_functional_dropouts_recorded_p_is_an_error() -> None:
+    # The graph holds p=0.1 in both modes: it records the training value, and 0.5 contradicts it.
     torch.manual_seed(0)
-    model, args = nn.Sequential(nn.Linear(3, 3), Plain()), (torch.randn(2, 3),)
+    model, args = nn.Sequential(nn.Linear(3, 3), Plain(0.1)), (torch.randn(2, 3),)
+    gm = export(model, args, "eval")
+    with pytest.raises(InvalidOptionError, match=r"'1'\) records a training p of 0\.1\. .*or state 0\.1$"):
+        modeswap.to_train(gm, dropout={"1": 0.5})
     with silent():
-        trained = modeswap.to_train(export(model, args, "eval"), dropout={"1": 0.5})
+        trained = modeswap.to_train(gm, dropout={"1": 0.1})
     assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
+
+
+HEADS = (nn.Linear(8, 8), nn.Dropout(0.0), nn.Dropout(0.2))
+HEADS_CONTRADICTION = (
+    "dropout={'2': 0.5} contradicts the graph: dropout_1 (aten.dropout.default, in module '2') records a "
+    "training p of 0.2. Leave that module out of the pattern (add a more specific pattern for it), or state 0.2"
+)
+
+
+def _to_train_by(way: str, gm: torch.fx.GraphModule, args: tuple[Any, ...], **options: Any) -> nn.Module:
+    """``gm`` swapped to train by one of the ways a user has: ``to_train``, a program, ``allow_train_eval``, a pass."""
+    if way == "module":
+        return modeswap.to_train(gm, **options)
+    if way == "program":
+        return modeswap.to_train(torch.export.export(gm, args), **options).module()
+    if way == "modal":
+        return modeswap.allow_train_eval(gm, **options).train()
+    return modeswap.passes.swap_dropout("train", **options)(gm)
+
+
+@pytest.mark.parametrize("way", ["module", "program", "modal", "pass"])
+def test_a_pattern_that_contradicts_an_nn_dropouts_p_is_an_error(way: str) -> None:
+    # The issue's case: the nn.Dropout(0.2) used to keep 0.2 unremarked; nn.Dropout(0.0) raised already.
+    torch.manual_seed(0)
+    model, args = nn.Sequential(*copy.deepcopy(HEADS)), (torch.randn(2, 8),)
+    gm = export(model, args, "eval")
+    with pytest.raises(InvalidOptionError) as raised:
+        _to_train_by(way, gm, args, dropout={"2": 0.5})
+    assert str(raised.value) == HEADS_CONTRADICTION
+    with pytest.raises(InvalidOptionError, match=r"dropout=\{'': 0\.2\} contradicts .*'1'.* p of 0\.0"):
+        _to_train_by(way, gm, args, dropout={"": 0.2})
+    with silent():  # the value it records, and a pattern of its own for the nn.Dropout(0.0)
+        trained = _to_train_by(way, gm, args, dropout={"2": 0.2, "": 0.2, "1": 0.0})
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
+
+
+def test_a_pattern_holds_for_a_module_where_it_sets_one_site_and_the_others_keep_their_p() -> None:
+    # Gated runs F.dropout(p=0.2 if self.training else 0.0) and F.dropout(p=0.1): no pattern tells the two apart.
+    torch.manual_seed(0)
+    model, args = nn.Sequential(Gated(0.2, 0.1)), STACK_ARGS
+    gm = export(model, args, "eval")
+    with silent():
+        trained = modeswap.to_train(gm, dropout={"0": 0.2})
+    assert [s.params["p"] for s in modeswap.mode_of(trained).sites] == [0.2, 0.1]
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=2)
+    # In a train export both record their p: a value that neither holds is an error.
+    with pytest.raises(InvalidOptionError, match=r"dropout=\{'0': 0\.3\} contradicts .* p of 0\.2"):
+        modeswap.to_train(export(model, args, "train"), dropout={"0": 0.3})
+
+
+def test_a_pattern_that_decides_a_p_the_graph_computes_is_an_error() -> None:
+    # A pass computes p in the graph: modeswap neither sets nor checks it, so it refuses a statement of it.
+    torch.manual_seed(0)
+    model, args = nn.Sequential(nn.Linear(3, 3), Plain(0.3)), (torch.randn(2, 3),)
+    gm = export(model, args, "eval")
+    (dropout,) = gm.graph.find_nodes(op="call_function", target=aten.dropout.default)
+    with gm.graph.inserting_before(dropout):
+        computed = gm.graph.call_function(operator.mul, (0.15, 2.0))
+    computed.meta["val"] = 0.3
+    dropout.update_arg(1, computed)
+    gm.recompile()
+    with pytest.raises(InvalidOptionError, match=r"dropout=\{'1': 0\.3\} cannot hold for dropout .* \(mul\) instead"):
+        modeswap.to_train(gm, dropout={"1": 0.3})
+    (site,) = modeswap.mode_of(gm).sites
+    assert (site.params["p"], site.known) == ("mul", True)
+    with silent():
+        trained = modeswap.to_train(gm)
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
+
+
+def test_attention_dropout_that_contradicts_a_remembered_value_is_an_error() -> None:
+    torch.manual_seed(0)
+    model, args = nn.Sequential(nn.Linear(4, 4), Attention(0.3)), (torch.randn(2, 3, 4),)
+    evaluated = modeswap.to_eval(export(model, args, "train"))
+    with pytest.raises(InvalidOptionError) as raised:
+        modeswap.to_train(evaluated, attention_dropout=0.2)
+    assert str(raised.value) == (
+        "attention_dropout=0.2 contradicts the graph: scaled_dot_product_attention "
+        "(aten.scaled_dot_product_attention.default, in module '1') records a training dropout_p of 0.3. "
+        "Give that module a pattern of its own (dropout={'1': 0.3}), or state 0.3"
+    )
+    with silent():
+        trained = modeswap.to_train(evaluated, attention_dropout=0.3)
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=4)
+
+
+def test_attention_dropout_that_reaches_no_attention_node_is_an_error() -> None:
+    torch.manual_seed(0)
+    model, args = nn.Sequential(Attention(0.2), Attention(0.4)), (torch.randn(2, 3, 4),)
+    gm = export(model, args, "eval")
+    with pytest.raises(InvalidOptionError, match=r"attention_dropout=0\.3 is for .* decides every one \(in '0', '1'\)"):
+        modeswap.to_train(gm, dropout={"0": 0.2, "1": 0.4}, attention_dropout=0.3)
+    with pytest.raises(InvalidOptionError, match=r"attention_dropout=0\.2 is for .* decides every one \(in '0', '1'\)"):
+        modeswap.to_train(gm, dropout={"1": 0.4}, keep=["0"], attention_dropout=0.2)
+    with silent():
+        trained = modeswap.to_train(gm, dropout={"0": 0.2, "1": 0.4})
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=5)
+
+
+class ProjectedAttention(nn.Module):
+    """timm's attention: SDPA gated on training with its attn_drop's p, then a projection and an nn.Dropout."""
+
+    def __init__(self, attention: float, projection: float) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.attn_drop, self.proj_drop = nn.Dropout(attention), nn.Dropout(projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("projection", [0.0, 0.2])
+def test_capture_states_what_it_learned_of_a_module_for_that_module_alone(projection: float) -> None:
+    # capture reads the attention's training p (0.1) off the train export, as a value for module 'blocks.0';
+    # as a dropout= pattern it would reach blocks.0.proj_drop too, and contradict the p it records.
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(ProjectedAttention(0.1, projection), ProjectedAttention(0.3, projection)))
+    args = (torch.randn(2, 5, 8),)
+    modal = modeswap.capture(copy.deepcopy(model).eval(), args)
+    modal.get_submodule("blocks.0").train()
+    eager = copy.deepcopy(model).eval()
+    eager.get_submodule("blocks.0").train()
+    assert_runs_as(eager, modal, args, seed=6)
+
+
+@pytest.mark.parametrize("pinned", ["told", "recorded"])
+def test_a_pattern_that_matches_only_kept_sites_is_an_error(pinned: str) -> None:
+    model, args = WithMonteCarlo(), (torch.randn(4, 6),)
+    if pinned == "told":
+        gm, options = export(model, args, "eval"), {"keep": ["mc"]}
+    else:
+        gm, options = modeswap.swap(export(model, args, "train"), "eval", keep=["mc"]).module, {}
+    with pytest.raises(InvalidOptionError, match=r"dropout pattern 'mc' matches only sites that this swap leaves"):
+        modeswap.to_train(gm, dropout={"mc": 0.3}, **options)
+
+
+def test_a_pattern_that_matches_only_a_batch_norm_or_a_drop_path_is_an_error() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), DropPath(0.3, "timm"), nn.Dropout(0.1))
+    args = (torch.randn(2, 2, 3, 3),)
+    exports = {
+        "eval export": export(model, args, "eval"),  # its drop path left no node
+        "swapped train export": modeswap.to_eval(export(model, args, "train")),  # a drop path site, remembered
+    }
+    assert [s.kind for s in modeswap.mode_of(exports["swapped train export"]).sites] == [
+        "batch_norm",
+        "dropout",
+        "drop_path",
+    ]
+    for gm in exports.values():
+        for pattern in ("1", "2"):
+            with pytest.raises(
+                InvalidOptionError, match=rf"dropout pattern '{pattern}' matches no dropout or attention"
+            ):
+                modeswap.to_train(gm, dropout={pattern: 0.3})
 
 
 def test_dropout_states_attention_per_module_and_attention_dropout_the_rest() -> None:

@@ -37,8 +37,11 @@ LEGEND = {
     "call=functional": "an F.* call outside a module of its kind: its mode may be hard-coded, not follow "
     "training (convert --keep PATTERN leaves it as it is)",
     "training value=unknown": "the graph does not record the value a swap to train would set (an eval p=0.0 "
-    "written outside nn.Dropout): state it with convert --dropout PATTERN=P",
+    "written outside nn.Dropout, an eval attention dropout_p=0.0): state it with convert --dropout PATTERN=P "
+    "(or --attention-dropout P for attention)",
     "kept=yes": "a swap was told to leave the site as it is (convert --keep); later swaps leave it too",
+    "attention at dropout_p=0.0": "computes what eval mode does, and what train mode does at a training dropout_p "
+    "of 0.0: listed as eval, it leaves the graph's mode to the other sites",
 }
 
 
@@ -52,7 +55,11 @@ def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 def report_table(report: ModeReport) -> str:
     """Return a :class:`ModeReport` as a text table, with a legend line for each marker it uses."""
+    from modeswap.report import tells_mode
+
     overall = "none" if report.mode is None else report.mode.value
+    if report.mode is None and not report.mixed and report.sites:
+        overall += " (no site tells it)"
     rows = [
         (
             s.node,
@@ -74,6 +81,7 @@ def report_table(report: ModeReport) -> str:
         "call=functional": any(s.functional for s in report.sites),
         "training value=unknown": any(not s.known for s in report.sites),
         "kept=yes": any(s.kept for s in report.sites),
+        "attention at dropout_p=0.0": not all(tells_mode(s) for s in report.sites),
     }
     lines += [f"{marker}: {LEGEND[marker]}" for marker, present in used.items() if present]
     if report.stochastic:

@@ -53,7 +53,7 @@ from modeswap.modes import Memo, Mode, ModeReport
 from modeswap.pass_base import pipeline
 from modeswap.passes import stated_passes
 from modeswap.program import refuse_lowered, swap_program
-from modeswap.report import report, site_paths
+from modeswap.report import report, site_paths, tells_mode
 from modeswap.sharing import alias_groups, tie
 from modeswap.skeleton import Skeleton
 from modeswap.stated import Stated
@@ -678,7 +678,11 @@ def allow_train_eval(
     captured = report(gm)
     stated = {mode: Stated.of(mode, keep=keep) for mode in Mode}
     stated[Mode.TRAIN] = Stated.of(Mode.TRAIN, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
-    modes = {site.mode for site in captured.sites if not (site.kept or stated[Mode.EVAL].keeps(site.module_path))}
+    modes = {
+        site.mode
+        for site in captured.sites
+        if tells_mode(site) and not (site.kept or stated[Mode.EVAL].keeps(site.module_path))
+    }
     if len(modes) > 1:
         raise UnsupportedGraphError(_mixed(captured))
     # torch.export.load gives tied weights back as Parameters over one memory: one tensor again.
@@ -871,7 +875,10 @@ def _rename_subgraphs(gm: GraphModule, suffix: str) -> dict[str, GraphModule]:
 
 def _mixed(captured: ModeReport) -> str:
     """Why a graph whose sites disagree cannot be made modal as it is, and the ``keep=`` that pins the minority."""
-    counts = {mode: [site for site in captured.sites if site.mode is mode and not site.kept] for mode in Mode}
+    counts = {
+        mode: [site for site in captured.sites if site.mode is mode and tells_mode(site) and not site.kept]
+        for mode in Mode
+    }
     majority = max(Mode, key=lambda mode: len(counts[mode]))
     minority = counts[majority.other]
     paths = tuple(dict.fromkeys(site.module_path for site in minority))

@@ -12,20 +12,22 @@ from modeswap.flags import UNKNOWN, recorded_probability
 from modeswap.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
 from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
 from modeswap.pass_base import Context
-from modeswap.rules import Idiom, PerNode, rule_for
+from modeswap.rules import RULES, Idiom, PerNode, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
-    """Yield a :class:`Site` for every node of ``gm`` (subgraphs included) whose behaviour has a mode."""
+    """Yield a :class:`Site` for every node of ``gm`` (subgraphs included) whose behaviour has a mode.
+
+    A node that shows no mode of its own (see :func:`tells_mode`) is listed in
+    eval mode, whose behaviour it has.
+    """
     captured = Context.of(gm).captured()
     for path, module in graph_modules(gm):
         for node in module.graph.nodes:
             rule = rule_for(node)
             if rule is None or not rule.applies(node):
                 continue
-            mode = rule.mode(node)
-            if mode is None:
-                continue
+            mode = rule.mode(node) or Mode.EVAL
             params = {name: _literal(get_argument(node, name)) for name in rule.params}
             memo = memo_of(node)
             if rule.train is PerNode.VALUE and memo is not None:
@@ -44,12 +46,26 @@ def sites(gm: GraphModule) -> Iterator[Site]:
             )
 
 
-def site_paths(graph: Graph) -> Iterator[str]:
-    """Yield the module path of every node of ``graph`` (not its subgraphs) that a rule applies to, whatever its mode.
+def tells_mode(site: Site) -> bool:
+    """Whether the node of ``site`` tells the mode it is in, so that it counts toward the mode of its graph.
 
-    An eval attention node at ``dropout_p=0.0`` shows no mode, so it is no
-    :class:`Site`, but its module's flag still decides it.
+    An attention node at ``dropout_p=0.0`` that records no training value
+    (``params`` has no ``training_dropout_p``) does not: it computes what eval
+    mode computes, and what train mode computes at a training ``dropout_p`` of
+    0.0. ``mode_of`` lists it in eval mode and reads the graph's mode off the
+    other sites.
     """
+    return not any(
+        rule.kind == site.kind
+        and site.params.get(rule.flag) == rule.eval
+        and site.params.get(f"training_{rule.flag}") is None
+        for rule in RULES
+        if rule.train is PerNode.VALUE
+    )
+
+
+def site_paths(graph: Graph) -> Iterator[str]:
+    """Yield the module path of every node of ``graph`` (not its subgraphs) that a rule applies to."""
     for node in graph.nodes:
         rule = rule_for(node)
         if rule is not None and rule.applies(node):
@@ -98,7 +114,7 @@ def random_nodes(gm: GraphModule) -> Iterator[tuple[str, Node]]:
 def report(gm: GraphModule) -> ModeReport:
     """Derive the :class:`ModeReport` of an exported ``GraphModule`` from its graph."""
     found = (*sites(gm), *idiom_sites(gm))
-    modes = {site.mode for site in found if not site.kept}
+    modes = {site.mode for site in found if not site.kept and tells_mode(site)}
     (agreed,) = modes if len(modes) == 1 else (None,)
     return ModeReport(
         mode=agreed,

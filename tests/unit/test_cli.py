@@ -259,10 +259,12 @@ def test_debug_shows_the_traceback(files):
 def test_inspect_shows_training_values_and_pins_with_a_legend(files, tmp_path):
     result = run("inspect", files / "blocks.pt2")
     assert result.returncode == 0, result.stderr
-    header, _, *rows = result.stdout.splitlines()[2:6]
+    header, _, *rows = result.stdout.splitlines()[2:8]
     assert header.split() == ["node", "kind", "mode", "module", "call", "training", "value", "kept", "params"]
-    assert [row.split()[3:7] for row in rows[:2]] == [["0", "functional", "unknown", "no"]] * 1 + [
-        ["1", "functional", "unknown", "no"]
+    assert [row.split()[1:7] for row in rows] == [
+        [kind, "eval", path, "functional", "unknown", "no"]
+        for block in ("0", "1")
+        for kind, path in (("attention", f"{block}.attn"), ("dropout", block))
     ]
     assert "training value=unknown: " in result.stdout
     assert "call=functional: " in result.stdout
@@ -318,6 +320,39 @@ def test_a_warning_is_one_line_of_flags_that_the_user_can_paste(files, tmp_path)
         ("dropout", "0", 0.2),
         ("dropout", "1", 0.2),
     ]
+
+
+def test_inspect_lists_the_very_sites_whose_value_convert_warns_it_does_not_know(files, tmp_path):
+    # An eval export's attention (dropout_p=0.0) is a site: inspect lists it, as convert --to train warns of it.
+    result = run("inspect", files / "blocks.pt2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1] == "mode: eval"
+    unknown = {line.split()[3] for line in result.stdout.splitlines()[4:] if "unknown" in line.split()}
+    assert unknown == {"0", "0.attn", "1", "1.attn"}
+    assert "attention at dropout_p=0.0: " in result.stdout
+    assert "--attention-dropout P" in result.stdout
+    sites = json.loads(run("inspect", files / "blocks.pt2", "--json").stdout)["sites"]
+    assert [(s["kind"], s["module_path"], s["mode"], s["known"]) for s in sites if s["kind"] == "attention"] == [
+        ("attention", "0.attn", "eval", False),
+        ("attention", "1.attn", "eval", False),
+    ]
+    result = run("convert", files / "blocks.pt2", "--to", "train", "-o", tmp_path / "guessed.pt2")
+    [line] = warning_lines(result)
+    where = line.partition("keep 0.0 in train mode (")[2].partition(")")[0]
+    warned = {path for group in where.split("; ") for path in group.partition(": ")[2].split(", ")}
+    assert warned == unknown
+
+
+def test_inspect_of_attention_alone_says_no_site_tells_the_mode(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "attention.pt2"
+    torch.export.save(torch.export.export(nn.Sequential(nn.Flatten(2), Attention(0.1)).eval(), (X,)), path)
+    result = run("inspect", path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "mode: none (no site tells it)"
+    assert lines[4].split()[:6] == ["scaled_dot_product_attention", "attention", "eval", "1", "functional", "unknown"]
+    assert json.loads(run("inspect", path, "--json").stdout)["mode"] is None
 
 
 def test_a_stated_value_that_contradicts_the_file_is_an_error_in_flags(files, tmp_path):
@@ -439,10 +474,10 @@ def test_inspect_shows_both_programs_of_a_modal_archive_and_where_they_differ(ar
     assert "program train\nmode: train\n" in head
     assert "program eval\nmode: eval\n" in head
     assert "dropout     dropout     eval" in head
-    assert fidelity.startswith("train -> eval: 2 difference(s)")
-    assert "eval -> train: 2 difference(s)" in fidelity
+    assert fidelity.startswith("train -> eval: 2 difference")
+    assert "eval -> train: 2 difference" in fidelity
     rows = [line.split() for line in fidelity.splitlines() if "training branch" in line]
-    assert ["aux", "training", "branch"] in [row[:3] for row in rows]
+    assert "aux" in [row[0].rstrip(":") for row in rows]
 
 
 def test_inspect_json_of_a_modal_archive_has_each_programs_report_and_the_fidelity(archive):

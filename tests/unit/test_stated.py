@@ -673,13 +673,18 @@ def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_
 
 
 def test_a_kept_attention_at_zero_stays_although_mode_of_cannot_place_it() -> None:
-    # Shrunk by hypothesis: an attention pinned to eval, in an eval export, is no site of mode_of
-    # (dropout_p=0.0 tells no mode), but keep= still reaches it and attention_dropout= leaves it alone.
+    # Shrunk by hypothesis: an attention pinned to eval, in an eval export, tells mode_of no mode
+    # (dropout_p=0.0), but keep= still reaches it and attention_dropout= leaves it alone.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 1, 1), PinnedMode(Attention(0.5), training=False), Attention(0.5))
     args = (torch.randn(2, 1, 2),)
     gm = export(model, args, "eval")
-    assert modeswap.mode_of(gm).sites == ()
+    report = modeswap.mode_of(gm)
+    assert [(s.module_path, s.mode, s.known) for s in report.sites] == [
+        ("1.child", Mode.EVAL, False),
+        ("2", Mode.EVAL, False),
+    ]
+    assert report.mode is None  # neither tells a mode
     with silent():
         trained = modeswap.to_train(gm, keep=["1"], attention_dropout=0.5)
     assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)

@@ -13,6 +13,7 @@ op, not as everything after it.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ import attrs
 import torch
 from torch.fx import GraphModule, Node
 
-from modeswap.graphs import attribute, get_argument, module_path
+from modeswap.graphs import attribute, get_argument, graph_modules, module_path
 from modeswap.idioms import matches
 from modeswap.modes import Mode
 from modeswap.rules import PerNode, rule_for
@@ -290,7 +291,42 @@ def _aliased(node: Node) -> Node | None:
 
 
 def _small(t: torch.Tensor) -> Any:
-    return t.tolist() if t.numel() <= 16 and t.device.type != "meta" else None
+    """The values of a constant, to compare: a list when it is small, else a digest of its bytes."""
+    if t.device.type == "meta":
+        return None
+    if t.numel() <= 16:
+        return t.tolist()
+    try:
+        data = bytes(t.detach().cpu().contiguous().flatten().view(torch.uint8).tolist())
+    except (RuntimeError, TypeError):  # a dtype with no bytes to view (quantized, sparse): its values
+        data = repr(t.detach().cpu().tolist()).encode()
+    return ("sha256", hashlib.sha256(data).hexdigest())
+
+
+def blind_spots(gm: GraphModule) -> tuple[str, ...]:
+    """Return the ops of ``gm`` whose values the comparison cannot vouch for; empty when it vouches for all.
+
+    The comparison reads through an op that returns its input's values (an
+    eval dropout returns its very input; its train twin returns a new tensor).
+    Where a later op writes that tensor in place, through any alias, graphs
+    the comparison sees as the same may compute different values: only
+    running them tells. Returns the names of those ops, subgraphs included.
+    """
+    found: list[str] = []
+    for _, module in graph_modules(gm):
+        order = {node: i for i, node in enumerate(module.graph.nodes)}
+        read_through: dict[Node, int] = {}  # the base of what an identity op returned -> where it first did
+        for node in module.graph.nodes:
+            if _identity(node):
+                read_through.setdefault(_base(node), order[node])
+        if not read_through:
+            continue
+        for node in module.graph.nodes:
+            for value in _written(module, node, undeclared=True):
+                first = read_through.get(_base(value))
+                if first is not None and order[node] > first:
+                    found.append(node.name)
+    return tuple(dict.fromkeys(found))
 
 
 def _signature(gm: GraphModule) -> tuple[Any, ...]:

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
+import modeswap.running
 from modeswap import Cause, InvalidOptionError, Mode, Options
-from modeswap.testing import Observed, assert_mode_equivalent, quiet
+from modeswap.compare import blind_spots
+from modeswap.testing import Observed, assert_mode_equivalent, export, quiet
 from modeswap.testing.models import TrainOnlyHead
 
 X = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
@@ -253,6 +255,48 @@ def test_the_report_fits_the_width_without_breaking_a_path_or_a_piece_of_code() 
     assert str(fidelity) == fidelity.format(width=100)  # not a terminal: 100
 
 
+# 4. Cost: the second opinion runs where the comparison cannot vouch for the values.
+
+
+class WritesThroughDropout(nn.Module):
+    """Writes in place a tensor that an eval dropout returned as it is: only running the graphs tells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        z = self.drop(y)
+        y.mul_(2)  # in eval, z is y itself
+        return z + y
+
+
+@pytest.mark.parametrize(
+    ("build", "runs"),
+    [
+        # VGG's classifier: in-place ReLUs before the dropouts write nothing an eval dropout returned.
+        (lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(8, 8)), 0),
+        (WritesThroughDropout, 2),  # the eval graphs of one direction: run, under one seed
+    ],
+    ids=["vouched", "written-through-a-dropout"],
+)
+def test_the_second_opinion_runs_only_where_the_comparison_cannot_vouch(
+    build: type, runs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = modeswap.running.run_forward_backward
+    monkeypatch.setattr(
+        modeswap.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+    )
+    model = build()
+    assert modeswap.check(model, (X,)).exact
+    assert len(calls) == runs
+    before = {node for mode in Mode for node in blind_spots(export(model, (X,), mode))}
+    assert bool(before) is bool(runs)
+
+
 # 3. Errors and inputs.
 
 
@@ -277,10 +321,12 @@ def test_bad_options_raise_before_anything_is_reported(options: dict, match: str
     assert before.changed(Observed.of(model)) == []
 
 
-def test_a_backward_that_eager_itself_cannot_run_is_said_not_raised() -> None:
+def test_a_backward_that_eager_itself_cannot_run_is_said_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Dropout(inplace=True))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         model.train()(torch.randn(4, 8)).sum().backward()  # eager's own backward fails
+    assert modeswap.check(model, (torch.randn(4, 8),)).exact  # the comparison vouches: nothing runs
+    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))  # where it could not
     fidelity = modeswap.check(model, (torch.randn(4, 8),))
     assert fidelity.exact  # the graphs and the forwards agree
     assert fidelity.to_train.unrun.startswith("backward: RuntimeError: one of the variables needed")

@@ -8,8 +8,8 @@ breaks the main environment's torch, so never install it there)::
     /tmp/tvenv/bin/pip install --no-deps timm
     /tmp/tvenv/bin/pip install attrs toolz pyyaml huggingface_hub safetensors hypothesis numpy
     /tmp/tvenv/bin/pip install --no-deps -e .
-    /tmp/tvenv/bin/python -m tests.integration.check_torchvision_timm [--check traces recompute archive frozen-bn]
-        [--model NAME ...]
+    /tmp/tvenv/bin/python -m tests.integration.check_torchvision_timm
+        [--check traces recompute archive frozen-bn advice] [--model NAME ...]
 
 Every model is built with random weights (nothing is downloaded), on one thread, one at a time.
 
@@ -30,6 +30,17 @@ Every model is built with random weights (nothing is downloaded), on one thread,
 4. ``frozen-bn`` (issue 20, 4): torchvision's and timm's ResNet-18, captured and through
    ``allow_train_eval`` of a train export, trained two SGD steps with every batch norm in eval
    (set by path with ``get_submodule``), against eager doing the same.
+5. ``advice``: ``modeswap.check(model, args)`` on every model above, a small Swin (torchvision's and
+   timm's) and timm's ViT with ``attn_drop_rate=0.1``, in train with a gradient on every parameter:
+   rows per direction, causes, ``suggested``. ``check(model, args, **fidelity.suggested)`` must
+   leave no row on a module that a row with options covered, and make exact each direction whose
+   every row had options. Each such direction (or exact one) is then swapped from an export of
+   its source mode with the suggested options (``keep=`` only, to eval) and run forward and
+   backward against eager in its target mode under one seed. ``check`` must leave the model as it
+   found it (``modeswap.testing.Observed``). A "swap refused" row (a ViT's position dropout) has no
+   options and is expected to stay; a second row measures the rest with the refused site kept
+   (``keep=``). A third, for a model with batch norms, has the first one in eval
+   (``fidelity.mixed``; the eager model in train is taken as found).
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import modeswap
-from modeswap.testing import assert_same_run, run_forward_backward
+from modeswap.testing import Observed, assert_same_run, run_forward_backward
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
@@ -144,6 +155,50 @@ MODELS = (
     Spec("timm convnext_atto drop_path_rate=0.1", _timm("convnext_atto", drop_path_rate=0.1)),
     Spec("timm vit_tiny_patch16_224", _timm("vit_tiny_patch16_224"), shape=(2, 3, 224, 224)),
     Spec("timm mobilenetv3_small_050", _timm("mobilenetv3_small_050")),
+)
+
+
+def _tv_small_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    # check_vendored_swin's SMALL: attention dropout 0.1, no other dropout, no stochastic depth.
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        dropout=0.0,
+        attention_dropout=0.1,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
+#: Only ``advice`` runs these: attention dropout in a torchvision and a timm Swin and a timm ViT (12 blocks).
+ADVICE_MODELS = (
+    *MODELS,
+    Spec("tv SwinTransformer (2 stages, 32 wide)", _tv_small_swin, shape=(2, 3, 32, 32)),
+    Spec(
+        "timm swin (2 stages, 32 wide) attn_drop_rate=0.1 drop_path_rate=0",
+        _timm(
+            "swin_tiny_patch4_window7_224",
+            img_size=32,
+            window_size=4,
+            embed_dim=32,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            attn_drop_rate=0.1,
+            drop_path_rate=0.0,  # timm's Swin defaults to 0.1; ConvNeXt measures drop path
+            num_classes=10,
+        ),
+        shape=(2, 3, 32, 32),
+    ),
+    Spec(
+        "timm vit_tiny (patch 8, 32x32) attn_drop_rate=0.1",
+        _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, attn_drop_rate=0.1, num_classes=10),
+        shape=(2, 3, 32, 32),
+    ),
 )
 
 #: Eval exports only need a size the eval forward accepts: Inception-v3's is 75x75.
@@ -652,6 +707,189 @@ def check_frozen_bn(spec: Spec) -> list[Row]:
     return rows
 
 
+# 5. check's advice, taken ---------------------------------------------------------------------------------
+
+
+def _with_gradients(model: nn.Module) -> nn.Module:
+    """``model`` with a gradient on every parameter, as in the middle of training."""
+    generator = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+    return model
+
+
+def _causes(direction: modeswap.Direction) -> str:
+    """The causes of ``direction``'s rows, each with how many modules its rows cover."""
+    counted: dict[str, int] = {}
+    for d in direction.differences:
+        counted[str(d.cause)] = counted.get(str(d.cause), 0) + len(d.paths)
+    return ", ".join(f"{cause} x{n}" if n > 1 else cause for cause, n in counted.items()) or "exact"
+
+
+def _fixable(direction: modeswap.Direction) -> bool:
+    """Whether every row of ``direction`` carries options (an exact direction has nothing to fix)."""
+    return all(d.options for d in direction.differences)
+
+
+def _merged(*options: dict[str, Any]) -> dict[str, Any]:
+    """Swap options, ``keep=`` patterns joined, ``dropout=`` mappings joined, the first ``attention_dropout``."""
+    merged: dict[str, Any] = {}
+    for o in options:
+        if o.get("keep"):
+            merged["keep"] = tuple(dict.fromkeys((*merged.get("keep", ()), *o["keep"])))
+        if o.get("dropout"):
+            merged["dropout"] = {**o["dropout"], **merged.get("dropout", {})}
+        if o.get("attention_dropout") is not None:
+            merged.setdefault("attention_dropout", o["attention_dropout"])
+    return merged
+
+
+def _as_found_in(model: nn.Module, mode: modeswap.Mode) -> nn.Module:
+    """A copy of ``model`` in ``mode``: as found (modules in the other mode included) if that is its own mode."""
+    copied = copy.deepcopy(model)
+    return copied if copied.training == (mode is modeswap.Mode.TRAIN) else copied.train(mode is modeswap.Mode.TRAIN)
+
+
+def _eager_match(
+    model: nn.Module, args: tuple[Any, ...], direction: modeswap.Direction, options: dict[str, Any]
+) -> None:
+    """Swap an export of ``model`` in the source mode with ``options``; assert it runs as eager in the target mode.
+
+    ``model``'s own mode is taken as found, each module's included (``check`` exports it so); the
+    other mode is what ``model.train(mode)`` gives. One forward and backward under seed 0.
+    """
+    source, target = direction.source, direction.target
+    program = torch.export.export(_as_found_in(model, source), args)
+    if target is modeswap.Mode.TRAIN:
+        swapped = modeswap.to_train(program, **options)
+    else:
+        swapped = modeswap.to_eval(program, keep=options.get("keep", ()))
+    expected = run_forward_backward(_as_found_in(model, target), args, seed=0)
+    actual = run_forward_backward(swapped.module(), args, seed=0)
+    assert_same_run(expected, actual, atol=ATOL, rtol=RTOL)
+
+
+def _advice_row(
+    name: str, model: nn.Module, args: tuple[Any, ...], base: dict[str, Any]
+) -> tuple[Row, modeswap.Fidelity]:
+    """``check(model, args, **base)``; the options it suggests, taken by ``check`` and by a swap against eager."""
+    seen: list[Seen] = []
+    details: list[str] = []
+    failures: list[str] = []
+    before = Observed.of(model)
+    with recording("check", seen):
+        fidelity, took = _timed(lambda: modeswap.check(model, args, **base))
+    changed = before.changed(Observed.of(model))
+    suggested = fidelity.suggested
+    options = _merged(base, suggested)
+    details.append(f"print(fidelity):\n{fidelity}")
+    times = {"check": took}
+    directions = dict(zip(("train -> eval", "eval -> train"), fidelity.directions, strict=True))
+    cells = {
+        "rows": " / ".join(str(len(d.differences)) for d in directions.values()),
+        "causes": " / ".join(_causes(d) for d in directions.values()),
+        "suggested": repr(suggested) if suggested else "-",
+    }
+    if fidelity.mixed:
+        cells["mixed"] = repr(list(fidelity.mixed))
+    for direction in fidelity.directions:
+        for d in direction.differences:
+            if d.cause is modeswap.Cause.REFUSED:
+                found = _REFUSED_IN.search(d.what)
+                details.append(
+                    f"{direction.name}: swap refused in {found.group(1) if found else '?'!r} "
+                    "(expected for a ViT's position dropout; a row of its own below measures the rest with keep=)"
+                )
+
+    # 2. check again, with the suggested options.
+    cells["again"] = "-"
+    if suggested:
+        try:
+            with recording("check(**suggested)", seen):
+                again, times["again"] = _timed(lambda: modeswap.check(model, args, **options))
+        except modeswap.InvalidOptionError as error:
+            cells["again"] = "refused"
+            failures.append(f"check(model, args, **{options}) refused the suggestion: {error}")
+        else:
+            details.append(f"print(check(model, args, **{options})):\n{again}")
+            fixed = {p for d in fidelity.directions for row in d.differences if row.options for p in row.paths}
+            left = {p for d in again.directions for row in d.differences for p in row.paths}
+            if fixed & left:
+                failures.append(f"rows with options still differ with them: {sorted(fixed & left)}")
+            for first, second in zip(fidelity.directions, again.directions, strict=True):
+                if _fixable(first) and not second.exact:
+                    failures.append(f"{first.name}: every row had options, yet the check with them is not exact")
+            cells["again"] = " / ".join(
+                "exact" if d.exact else f"{len(d.differences)} ({_causes(d)})" for d in again.directions
+            )
+
+    # 3. each direction the options fix (or exact): the swap with them against eager under one seed. The other
+    # directions are run too, for the record: a difference there is what check said.
+    matches = []
+    for label, direction in directions.items():
+        required = _fixable(direction)
+        stated = options if direction.target is modeswap.Mode.TRAIN else {"keep": options.get("keep", ())}
+        try:
+            with recording(f"eager {label}", seen):
+                start = time.perf_counter()
+                _eager_match(model, args, direction, stated)
+                times[f"eager {label}"] = time.perf_counter() - start
+            matches.append(f"{label} ok" + ("" if required else " (not required: rows without options)"))
+        except modeswap.InvalidOptionError as error:
+            matches.append(f"{label} REFUSED")
+            failures.append(f"{label}: the swap refused {stated}: {error}")
+        except modeswap.ModeswapError as error:
+            matches.append(f"{label} swap raised {type(error).__name__}" + ("" if required else " (as check said)"))
+            if required:
+                failures.append(f"{label}: the swap with {stated} raised: {error}")
+        except AssertionError as error:
+            if required:
+                matches.append(f"{label} FAIL")
+                failures.append(f"{label} with {stated} differs from eager: {str(error)[:1200]}")
+            else:
+                matches.append(f"{label} differs (as check said)")
+    cells["eager match"] = "; ".join(matches)
+
+    # 4. check leaves the model as it found it.
+    cells["purity"] = "ok" if not changed else f"CHANGED {_short(changed)}"
+    if changed:
+        failures.append(f"check changed the model: {changed}")
+    cells["seconds"] = " ".join(f"{k} {t:.1f}" for k, t in times.items())
+    details += [f"FAIL: {message}" for message in failures]
+    details += [f"{s.category} ({s.where}): {s.message}" for s in seen]
+    return Row(name, cells, not failures, details), fidelity
+
+
+def check_advice(spec: Spec) -> list[Row]:
+    """The model in train with a gradient on every parameter; again with a site the swap refused kept; again with
+    its first batch norm in eval."""
+    model = _with_gradients(spec.model().train())
+    args = spec.inputs()
+    row, fidelity = _advice_row(spec.name, model, args, {})
+    rows = [row]
+    refused = [
+        found.group(1)
+        for direction in fidelity.directions
+        for d in direction.differences
+        if d.cause is modeswap.Cause.REFUSED
+        for found in [_REFUSED_IN.search(d.what)]
+        if found
+    ]
+    if refused:
+        keep = tuple(dict.fromkeys(refused))
+        rows.append(_advice_row(f"{spec.name} / keep={keep}", model, args, {"keep": keep})[0])
+    norms = [path for path, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        mixed = copy.deepcopy(model)
+        mixed.get_submodule(norms[0]).eval()
+        row, _ = _advice_row(f"{spec.name} / {norms[0]} in eval", mixed, args, {})
+        if row.cells.get("mixed") != repr([norms[0]]):
+            row.ok = False
+            row.details.append(f"FAIL: check with {norms[0]!r} in eval says mixed={row.cells.get('mixed')}")
+        rows.append(row)
+    return rows
+
+
 # The tables ------------------------------------------------------------------------------------------------
 
 
@@ -678,6 +916,8 @@ def run(check: str, specs: list[Spec], folder: Path) -> list[Row]:
                 rows.append(check_recompute(spec))
             elif check == "archive":
                 rows.append(check_archive(spec, folder))
+            elif check == "advice":
+                rows.extend(check_advice(spec))
             else:
                 rows.extend(check_frozen_bn(spec))
         except Exception as error:
@@ -690,6 +930,7 @@ CHECKS = {
     "recompute": ("2. issue 20, 5: capture of DenseNet-121 in train", (DENSENET_EFFICIENT, DENSENET)),
     "archive": ("3. issue 20, 3: save, load in a fresh process, inspect, convert", (GOOGLENET, INCEPTION)),
     "frozen-bn": ("4. issue 20, 4: two SGD steps with every batch norm frozen", (TV_RESNET, TIMM_RESNET)),
+    "advice": ("5. check, its suggested options taken, against eager; check leaves the model as found", ADVICE_MODELS),
 }
 
 

@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch.fx import GraphModule
 
-from modeswap.compare import Found
+from modeswap.compare import Found, source
 from modeswap.errors import InvalidOptionError
 from modeswap.fidelity import Cause, Difference, Options
 from modeswap.flags import UNKNOWN, recorded_probability
@@ -36,16 +36,20 @@ _UNKNOWN = (Cause.DROPOUT_UNKNOWN, Cause.ATTENTION_DROPOUT_UNKNOWN)
 
 
 def explain(
-    found: Mapping[Mode, list[Found | str]], modules: Mapping[Mode, GraphModule]
+    found: Mapping[Mode, list[Found | str]],
+    modules: Mapping[Mode, GraphModule],
+    swapped: Mapping[Mode, GraphModule | None],
 ) -> dict[Mode, tuple[Difference, ...]]:
     """Per target mode, the rows of what the swap to that mode differs in, with their causes and fixes.
 
-    ``found[target]`` is what comparing the swap of the other mode's module to
-    ``target`` with ``modules[target]`` found (a string: the swap refused).
+    ``found[target]`` is what comparing ``swapped[target]``, the swap of the
+    other mode's module to ``target`` (``None``: refused), with ``modules[target]``
+    found (a string: the swap refused).
     """
     exact = {mode: not found[mode] for mode in Mode}
-    # The swap keeps the names of the nodes it came from: the other mode's graph names the swap's.
-    graphs = {target: {"expected": modules[target], "actual": modules[target.other]} for target in Mode}
+    graphs = {
+        target: {"expected": modules[target], "actual": swapped[target] or modules[target.other]} for target in Mode
+    }
     rows = {
         target: list(_rows(found[target], target, graphs[target], other_exact=exact[target.other])) for target in Mode
     }
@@ -174,7 +178,8 @@ def _heads(found: list[Found | str], graphs: Mapping[str, GraphModule]) -> list[
     for i, f in enumerate(branches):
         nodes = {node.name: node for node in graphs[f.side].graph.nodes}
         for name in f.nodes:
-            for used in nodes[name].all_input_nodes if name in nodes else ():
+            # Through the ops the comparison reads through: an eval dropout between two layers of a head.
+            for used in map(source, nodes[name].all_input_nodes if name in nodes else ()):
                 j = owner.get((f.side, used.name))
                 if j is not None and _enclosing(f.module_path, branches[j].module_path):
                     parent[root(i)] = root(j)
@@ -261,8 +266,10 @@ def _ops(ops: tuple[str, ...], shown: int = 4) -> str:
 
 def _outputs(value: object) -> str:
     leaves = torch.utils._pytree.tree_leaves(value)
-    kind = "" if isinstance(value, str) else f"a {type(value).__name__} of "
-    return f"{kind}{len(leaves)} output(s) ({_short(', '.join(map(str, leaves)))})"
+    name = type(value).__name__
+    kind = "" if isinstance(value, str) else f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name} of "
+    count = f"{len(leaves)} output{'s' * (len(leaves) != 1)}"
+    return f"{kind}{count} ({_short(', '.join(map(str, leaves)))})"
 
 
 def _short(value: object) -> str:

@@ -22,7 +22,7 @@ import attrs
 import torch
 from torch.fx import GraphModule, Node
 
-from modeswap.graphs import attribute, get_argument, graph_modules, module_path
+from modeswap.graphs import attribute, get_argument, graph_modules, memo_of, module_path
 from modeswap.idioms import matches
 from modeswap.modes import Mode
 from modeswap.rules import PerNode, rule_for
@@ -33,13 +33,33 @@ _SAME_VALUES = (torch.ops.aten.alias.default, torch.ops.aten.contiguous.default)
 
 
 def _identity(node: Node) -> bool:
-    """Whether ``node`` returns its input's values unchanged: an alias, ``contiguous``, a dropout in eval mode."""
+    """Whether ``node`` returns its input's values unchanged: an alias, ``contiguous``, a dropout in eval mode.
+
+    A dropout of ``p=0.0`` returns its very input in train mode too (ATen's
+    dropout does nothing at 0), as timm's position dropout does by default.
+    """
     if node.op != "call_function":
         return False
     if node.target in _SAME_VALUES:
         return True
     rule = rule_for(node)
-    return rule is not None and rule.kind == "dropout" and get_argument(node, rule.flag) is False
+    if rule is None or rule.kind != "dropout":
+        return False
+    if get_argument(node, rule.flag) is False:
+        return True
+    if rule.gated is None or get_argument(node, rule.gated) != 0.0:
+        return False
+    # A p the swap left at 0.0 because no one said it (its memo holds None) stands for a p unknown, not for 0.
+    memo = memo_of(node)
+    return memo is None or memo.values.get(rule.gated, 0.0) is not None
+
+
+def source(node: Node) -> Node:
+    """What ``node`` returns unchanged (through aliases, eval dropouts), or ``node``: what the comparison reads."""
+    while _identity(node):
+        assert isinstance(node.args[0], Node)
+        node = node.args[0]
+    return node
 
 
 @attrs.frozen
@@ -87,7 +107,7 @@ class _Graph:
         self.keys = [(str(n.target), module_path(n)) for n in self.calls]
 
     def source(self, node: Node) -> Node:
-        return _source(node)
+        return source(node)
 
     def refer(self, node: Node, call: Callable[[int], Any]) -> Any:
         """What ``node`` stands for as an argument; ``call`` names the i-th op.
@@ -188,14 +208,6 @@ def _returns_written(node: Node) -> bool:
     )
 
 
-def _source(node: Node) -> Node:
-    """What ``node`` returns unchanged, or ``node``."""
-    while _identity(node):
-        assert isinstance(node.args[0], Node)
-        node = node.args[0]
-    return node
-
-
 def _written(gm: GraphModule, node: Node, *, undeclared: bool = False) -> Iterator[Node]:
     """The node arguments ``node`` writes to; a higher-order op writes what its body writes to its inputs.
 
@@ -226,7 +238,7 @@ def _written(gm: GraphModule, node: Node, *, undeclared: bool = False) -> Iterat
             continue
         position = {n: i for i, n in enumerate(inputs)}
         for inner in module.graph.nodes:
-            for value in map(_base if undeclared else _source, _written(module, inner, undeclared=undeclared)):
+            for value in map(_base if undeclared else source, _written(module, inner, undeclared=undeclared)):
                 if value in position and isinstance(operands[position[value]], Node):
                     yield operands[position[value]]
 

@@ -32,7 +32,8 @@ from modeswap.running import second_opinion
 from modeswap.stated import Stated, matches
 from modeswap.swapping import swap
 
-#: The seeds of the second opinion: each swap and the other mode's export run under each, forward and backward.
+#: The seeds of the second opinion: where it runs, each swap and the other mode's export run forward and backward
+#: under the first, and under the others where the two graphs draw random numbers differently.
 SEEDS = (0, 1)
 
 
@@ -211,13 +212,14 @@ def check(
     other mode, with ``attention_dropout``, ``dropout`` and ``keep`` as
     :func:`modeswap.swap` takes them, and compared with the other mode's own
     export: the ops, their order, their literal arguments and the outputs, then,
-    as a second opinion, the outputs, buffers and gradients of a forward and a
-    backward under each of ``seeds`` (under the first only, for graphs that draw
-    no random numbers; ``seeds=()`` skips it: on a large model it costs more
-    than the exports). A model whose modules are in mixed modes is exported,
-    in its own mode, as it is (``Fidelity.mixed``). ``model`` is left as it was
-    found: its parameters and buffers, their gradients, every module's mode,
-    its hooks, and the global random state.
+    as a second opinion where the comparison cannot vouch for the values (an
+    op writes in place a tensor that an eval dropout returned as it is), the
+    outputs, buffers and gradients of a forward and a backward under the first
+    of ``seeds`` (under the others too where the graphs draw random numbers
+    differently; ``seeds=()`` never runs it). A model whose modules are in
+    mixed modes is exported, in its own mode, as it is (``Fidelity.mixed``).
+    ``model`` is left as it was found: its parameters and buffers, their
+    gradients, every module's mode, its hooks, and the global random state.
 
     Raises :class:`~modeswap.InvalidOptionError` for an option a swap would
     refuse (a pattern that matches no site, a ``p`` that contradicts the
@@ -309,14 +311,18 @@ def fidelity_of(
     for target in Mode:
         options[target]["keep"] = _kept(keep, modules, target.other)
     inputs = programs[Mode.TRAIN].example_inputs
-    found = {mode: _direction(modules, mode, options[mode], inputs, _seeds(seeds)) for mode in Mode}
+    compared = {mode: _direction(modules, mode, options[mode], inputs, _seeds(seeds)) for mode in Mode}
+    found = {mode: compared[mode][0] for mode in Mode}
     # The second opinion's word on what it could not run is no difference, but the report says it.
     unrun = {
         mode: "; ".join(str(f.argument) for f in found[mode] if isinstance(f, Found) and f.side == "unrun")
         for mode in Mode
     }
     found = {mode: [f for f in found[mode] if not (isinstance(f, Found) and f.side == "unrun")] for mode in Mode}
-    rows = verified(explain(found, modules), lambda target, advised: _left(modules, target, options[target], advised))
+    swapped = {mode: compared[mode][1] for mode in Mode}
+    rows = verified(
+        explain(found, modules, swapped), lambda target, advised: _left(modules, target, options[target], advised)
+    )
     directions = {
         target: Direction(source=target.other, target=target, differences=rows[target], unrun=unrun[target])
         for target in Mode
@@ -352,7 +358,7 @@ def _left(
     if target is Mode.EVAL:
         merged.pop("dropout")
     try:
-        return _direction(modules, target, merged, None, ())
+        return _direction(modules, target, merged, None, ())[0]
     except InvalidOptionError:
         return None
 
@@ -363,8 +369,11 @@ def _direction(
     options: dict[str, Any],
     inputs: tuple[Any, Any] | None,
     seeds: tuple[int, ...],
-) -> list[Found | str]:
-    """What differs between the swap of the other mode's module to ``target`` and ``target``'s own module."""
+) -> tuple[list[Found | str], GraphModule | None]:
+    """What differs between the swap of the other mode's module to ``target`` and ``target``'s own module.
+
+    And the swap (``None``: it refused, and what differs is its message).
+    """
     source = target.other
     try:
         with warnings.catch_warnings():
@@ -374,10 +383,10 @@ def _direction(
         error.add_note(f"modeswap: check met this swapping the {source.value} export to {target.value}")
         raise  # the options are wrong, not the model
     except ModeswapError as error:
-        return [str(error)]
+        return [str(error)], None
     expected = modules[target]
     found: list[Found | str] = list(compare(expected, swapped, target))
     # Where the comparison vouches for every value, running the graphs could tell nothing more.
     if not found and inputs is not None and seeds and (blind_spots(expected) or blind_spots(swapped)):
         found += second_opinion(expected, swapped, inputs, seeds)
-    return found
+    return found, swapped

@@ -211,10 +211,9 @@ class Fidelity:
             count = len(d.differences)
             lines.append(f"{d.name}: " + ("exact" if d.exact else f"{count} difference{'s' * (count != 1)}"))
             for x in d.differences:
-                where = x.module_path or "(root)"
+                lines += _wrap(f"{x.module_path or '(root)'}: {x.cause}", width, indent="  ")
                 if len(x.paths) > 1:
-                    where += f" ({len(x.paths)} modules: {_some(x.paths, quoted=False)})"
-                lines += _wrap(f"{where}: {x.cause}", width, indent="  ")
+                    lines += _wrap(f"{len(x.paths)} modules: {_some(x.paths, quoted=False)}", width, indent="    ")
                 lines += _wrap(x.what, width, indent="    ")
                 lines += _wrap(f"fix: {x.fix}", width, indent="    ")
             if d.unrun:

@@ -181,7 +181,8 @@ def test_each_row_carries_the_options_that_fix_it() -> None:
 def test_a_train_only_head_is_one_row() -> None:
     # GoogLeNet's auxiliary head: ops of its own and of its children, one row per direction.
     model = TrainOnlyHead(8)
-    model.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.Linear(8, 3))  # layers of its own
+    # Layers of its own, with an eval dropout between two of them that the comparison reads through.
+    model.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.Dropout(0.2), nn.Linear(8, 3))
     fidelity = modeswap.check(nn.Sequential(nn.Linear(8, 8), model), (X,))
     for direction in fidelity.directions:
         heads = [row for row in direction.differences if row.module_path.startswith("1")]
@@ -253,6 +254,25 @@ def test_the_report_fits_the_width_without_breaking_a_path_or_a_piece_of_code() 
         assert code in text, width  # in one piece
         assert "blocks.*.attn" in text
     assert str(fidelity) == fidelity.format(width=100)  # not a terminal: 100
+
+
+class PositionDropout(nn.Module):
+    """timm's ViT: a position dropout of p=0.0, which returns its input in either mode, read twice after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.pos_drop = nn.Dropout(0.0)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.fc(x))
+        return x + self.drop(x)
+
+
+def test_a_dropout_of_p_0_does_the_same_in_both_modes() -> None:
+    fidelity = modeswap.check(PositionDropout(), (X,), keep=("pos_drop",))
+    assert fidelity.exact, fidelity  # no row for a dropout that does nothing in either mode
 
 
 # 4. Cost: the second opinion runs where the comparison cannot vouch for the values.

@@ -44,7 +44,7 @@ from modeswap.modes import Change, Mode
 from modeswap.pass_base import Context
 from modeswap.report import idiom_sites, random_nodes
 from modeswap.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, PerNode, rule_for
-from modeswap.stated import Stated
+from modeswap.stated import Stated, decide
 
 _SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
@@ -216,6 +216,7 @@ def preflight(
     probabilities: dict[bool, list[str]] = {False: [], True: []}  # of the dropout and attention sites, by kept
     attention: dict[bool, list[str]] = {False: [], True: []}  # of the attention nodes, by decided (pattern, pin)
     spoken: set[str] = set()  # the modules with a site a dropout= pattern holds for: it sets it, or it agrees
+    recorded: list[tuple[str, Any]] = []  # (module path, training value) of the sites whose value the graph records
     checked: list[flags.Target] = []
     for kind in dict.fromkeys(rule.kind for rule in RULES):
         for target in flags.targets(gm, context, kind, mode, told):
@@ -231,6 +232,8 @@ def preflight(
                 continue
             if flags.holds(target):
                 spoken.add(path)
+            if (training := flags.recorded_training(target)) is not None and training[1] is not flags.UNKNOWN:
+                recorded.append((path, training[1]))
             if kind in kinds and told.reaches(path):
                 checked.append(target)
     paths += [site.module_path for site in idiom_sites(gm)]
@@ -246,7 +249,7 @@ def preflight(
         if training is not None and training[1] is flags.UNKNOWN:
             unknown.append(target)
     if unknown:
-        _warn_unknown(unknown)
+        _warn_unknown(unknown, recorded)
     return ()
 
 
@@ -361,7 +364,7 @@ def _refuse_unmatched(
         raise InvalidOptionError(msg)
 
 
-def _warn_unknown(unknown: list[flags.Target]) -> None:
+def _warn_unknown(unknown: list[flags.Target], recorded: Sequence[tuple[str, Any]]) -> None:
     groups: dict[str, list[flags.Target]] = {}
     for target in unknown:
         _, module_type = innermost_module(target.node) or ("", "the root module")
@@ -373,7 +376,11 @@ def _warn_unknown(unknown: list[flags.Target]) -> None:
         for name, found in groups.items()
     )
     suggestion = suggest([innermost_module(t.node) or ("", "") for t in unknown])
-    mapping = "\n".join(f"      {pattern!r}: {p}," for pattern, p in suggestion.items())
+    beside = _beside(suggestion, {module_path(t.node) for t in unknown}, recorded)
+    mapping = "\n".join(
+        [f"      {pattern!r}: {p}," for pattern, p in suggestion.items()]
+        + [f"      {pattern!r}: {p},  # what the graph records: leave it" for pattern, p in beside.items()]
+    )
     msg = (
         f"{len(unknown)} dropout or attention site(s) hold a probability of 0.0 in this eval graph and "
         "record no training value: an eval export writes 0.0 both where the model's p is 0.0 and where "
@@ -387,9 +394,45 @@ def _warn_unknown(unknown: list[flags.Target]) -> None:
     if any(t.rule.train is PerNode.VALUE for t in unknown):
         msg += "\nor give the attention nodes no pattern states one value: modeswap.to_train(gm, attention_dropout=p)"
     warning = UnknownTrainingValueWarning(
-        msg, suggestion=suggestion, groups={name: tuple(found) for name, found in paths.items()}
+        msg, suggestion=suggestion | beside, groups={name: tuple(found) for name, found in paths.items()}
     )
     warnings.warn(warning, stacklevel=2)
+
+
+def _beside(suggestion: dict[str, float], unknown: set[str], recorded: Sequence[tuple[str, Any]]) -> dict[str, float]:
+    """Patterns at the values the graph records, for the sites ``suggestion`` reaches whose value the graph records.
+
+    Without them, the value the user fills in would contradict such a site
+    (GPT-2's ``attn.resid_dropout`` inside the ``attn`` whose attention it
+    states), unless a site of its own module (``unknown``) takes that value.
+    Numbered components become ``*`` where that decides no site otherwise.
+    """
+    values: dict[str, list[Any]] = {}
+    for path, value in recorded:
+        values.setdefault(path, []).append(value)
+    mapping = tuple(suggestion.items())
+    needed = {
+        path: float(found[0])
+        for path, found in values.items()
+        if path not in unknown and not isinstance(found[0], Node) and decide(mapping, path) is not None
+    }
+
+    def agrees(extra: dict[str, float]) -> bool:
+        full = tuple({**suggestion, **extra}.items())
+        try:
+            return all(decide(full, path) == decide(mapping, path) for path in unknown) and all(
+                (decided := decide(full, path)) is None or decided[1] in found
+                for path, found in values.items()
+                if path not in unknown
+            )
+        except InvalidOptionError:
+            return False
+
+    shapes: dict[tuple[str, float], list[str]] = {}
+    for path, value in needed.items():
+        shapes.setdefault((_NUMBERED.sub("*", path), value), []).append(path)
+    general = {shape if len(paths) > 1 else paths[0]: value for (shape, value), paths in shapes.items()}
+    return general if agrees(general) else needed
 
 
 def suggest(modules: Iterable[tuple[str, str]]) -> dict[str, float]:

@@ -360,20 +360,31 @@ def warning_line(warning: Warning | str) -> str:
     suggestion = getattr(warning, "suggestion", None)
     groups = getattr(warning, "groups", None)
     if isinstance(warning, UnknownTrainingValueWarning) and suggestion and groups:
+        from modeswap.stated import decide
+
         where = "; ".join(f"{kind}: {_some(paths)}" for kind, paths in groups.items())
-        flags = " ".join(f"--dropout {shlex.quote(f'{pattern}={p}')}" for pattern, p in suggestion.items())
+        mapping = tuple(suggestion.items())
+        # The patterns that decide the sites of unknown value; the others give sites beside them their recorded p.
+        edited = {found[0] for paths in groups.values() for path in paths if (found := decide(mapping, path))}
+        flags = _dropout_flags({k: p for k, p in mapping if k in edited})
+        recorded = _dropout_flags({k: p for k, p in mapping if k not in edited})
+        beside = f", and beside them, as they are, the values the file records: {recorded}" if recorded else ""
         modules = sum(len(paths) for paths in groups.values())
         # The Python advice ends with attention_dropout= when some of the sites are attention nodes.
         attention = "; or --attention-dropout P for every attention node" if "attention_dropout" in str(warning) else ""
         return (
             f"dropout or attention sites in {modules} module(s) hold a probability of 0.0 and record no "
             f"training value, so they keep 0.0 in train mode ({where}). State their training p, editing the "
-            f"numbers (the model's config or code has them): {flags}{attention}"
+            f"numbers (the model's config or code has them): {flags}{beside}{attention}"
         )
     if isinstance(warning, MixedModeWarning):
         flags = " ".join(f"--keep {shlex.quote(path or '')}" for path in warning.keep)
         return in_cli_words(str(warning).replace(f"keep={warning.keep!r}", flags))
     return in_cli_words(str(warning))
+
+
+def _dropout_flags(mapping: dict[str, float]) -> str:
+    return " ".join(f"--dropout {shlex.quote(f'{pattern}={p}')}" for pattern, p in mapping.items())
 
 
 def _some(items: Sequence[str], shown: int = 3) -> str:

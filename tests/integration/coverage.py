@@ -43,6 +43,7 @@ from modeswap.graphs import graph_modules
 from modeswap.testing.oracle import run_forward_backward
 
 from .models import CASES, Case
+from .test_transformers import filled
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "docs" / "coverage.md"
@@ -119,14 +120,14 @@ def sites_by_kind(gm: GraphModule) -> str:
 
 
 def stated(gm: GraphModule, p: float | None) -> dict[str, float] | None:
-    """The ``dropout=`` mapping that ``to_train``'s warning suggests for ``gm``, every value set to ``p``."""
+    """The ``dropout=`` mapping that ``to_train``'s warning suggests for ``gm``, every value to edit set to ``p``."""
     if p is None:
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         modeswap.to_train(gm)
-    suggestions = [w.message.suggestion for w in caught if isinstance(w.message, modeswap.UnknownTrainingValueWarning)]
-    return dict.fromkeys(suggestions[0] if suggestions else {}, p) or None
+    found = [w.message for w in caught if isinstance(w.message, modeswap.UnknownTrainingValueWarning)]
+    return filled(found[0], p) if found else None
 
 
 def timed_swaps(

@@ -76,11 +76,22 @@ def test_swap_matches_eager(case: Case, mode: str) -> None:
 
 
 def suggested(gm: torch.fx.GraphModule, p: float) -> dict[str, float]:
-    """The ``dropout=`` mapping that ``to_train``'s warning suggests for ``gm``, every value set to ``p``."""
+    """The ``dropout=`` mapping that ``to_train``'s warning suggests for ``gm``, every value to edit set to ``p``.
+
+    The patterns it adds at the values the graph records (GPT-2's ``attn.resid_dropout`` inside the
+    ``attn`` whose attention it states) keep them.
+    """
     with pytest.warns(modeswap.UnknownTrainingValueWarning) as caught:
         modeswap.to_train(gm)
     (warning,) = [w.message for w in caught if isinstance(w.message, modeswap.UnknownTrainingValueWarning)]
-    return dict.fromkeys(warning.suggestion, p)
+    return filled(warning, p)
+
+
+def filled(warning: modeswap.UnknownTrainingValueWarning, p: float) -> dict[str, float]:
+    """``warning.suggestion`` with ``p`` for each pattern that decides a site of unknown value."""
+    mapping = tuple(warning.suggestion.items())
+    unknown = {decide(mapping, path)[0] for paths in warning.groups.values() for path in paths}  # type: ignore[index]
+    return {pattern: p if pattern in unknown else value for pattern, value in mapping}
 
 
 @pytest.mark.parametrize("case", ERASED_ATTENTION, ids=_ids(ERASED_ATTENTION))

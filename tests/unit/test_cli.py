@@ -370,6 +370,40 @@ def test_a_stated_value_that_contradicts_the_file_is_an_error_in_flags(files, tm
     assert (result.returncode, own_stderr(result)) == (0, [])
 
 
+class Projected(nn.Module):
+    """SDPA gated on training, then an nn.Dropout(0.2) inside the module: a pattern for one reaches the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.drop = nn.Linear(6, 18), nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.drop(F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0))
+
+
+def test_the_warning_gives_the_recorded_values_its_flags_reach_apart_from_those_to_edit(tmp_path):
+    path = tmp_path / "projected.pt2"
+    torch.export.save(
+        torch.export.export(nn.Sequential(Projected(), Projected()).eval(), (torch.randn(2, 5, 6),)), path
+    )
+    result = run("convert", path, "--to", "train", "-o", tmp_path / "guessed.pt2")
+    [line] = warning_lines(result)
+    edit, _, recorded = line.partition("code has them): ")[2].partition(";")[0].partition(", and beside them, ")
+    assert shlex.split(edit) == ["--dropout", "*=0.0"]
+    assert recorded == "as they are, the values the file records: --dropout '*.drop=0.2'"
+    out = tmp_path / "stated.pt2"
+    result = run("convert", path, "--to", "train", "--dropout", "*=0.1", "--dropout", "*.drop=0.2", "-o", out)
+    assert (result.returncode, own_stderr(result)) == (0, [])
+    sites = modeswap.mode_of(torch.export.load(out)).sites
+    assert [(s.kind, s.module_path, s.mode.value, *s.params.values())[:4] for s in sites] == [
+        ("attention", "0", "train", 0.1),
+        ("dropout", "0.drop", "train", 0.2),
+        ("attention", "1", "train", 0.1),
+        ("dropout", "1.drop", "train", 0.2),
+    ]
+
+
 def test_attention_dropout_states_the_attention_nodes(files, tmp_path):
     out = tmp_path / "stated.pt2"
     result = run("convert", files / "blocks.pt2", "--to", "train", "--attention-dropout", "0.1", "-o", out)

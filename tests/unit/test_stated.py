@@ -406,6 +406,27 @@ def test_capture_states_what_it_learned_of_a_module_for_that_module_alone(projec
     assert_runs_as(eager, modal, args, seed=6)
 
 
+@pytest.mark.parametrize("projection", [0.0, 0.2])
+def test_the_suggested_mapping_gives_the_sites_it_reaches_their_recorded_p(projection: float) -> None:
+    # GPT-2's and timm's attention: a pattern for the attention reaches the nn.Dropout inside its module,
+    # which records its p. The suggestion states that p beside it, so the value filled in contradicts nothing.
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(ProjectedAttention(0.1, projection), ProjectedAttention(0.1, projection)))
+    args = (torch.randn(2, 5, 8),)
+    gm = export(model, args, "eval")
+    with pytest.warns(UnknownTrainingValueWarning) as caught:
+        modeswap.to_train(gm)
+    (warning,) = [w.message for w in caught if isinstance(w.message, UnknownTrainingValueWarning)]
+    assert warning.suggestion == {"blocks.*": 0.0, "blocks.*.proj_drop": projection}
+    assert f"'blocks.*.proj_drop': {projection},  # what the graph records: leave it" in str(warning)
+    with pytest.raises(InvalidOptionError, match=rf"'blocks\.0\.proj_drop'\) records a training p of {projection}"):
+        modeswap.to_train(gm, dropout={"blocks.*": 0.1})
+    with silent():
+        trained = modeswap.to_train(gm, dropout={**warning.suggestion, "blocks.*": 0.1})
+    assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=7)
+
+
 @pytest.mark.parametrize("pinned", ["told", "recorded"])
 def test_a_pattern_that_matches_only_kept_sites_is_an_error(pinned: str) -> None:
     model, args = WithMonteCarlo(), (torch.randn(4, 6),)

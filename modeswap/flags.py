@@ -320,8 +320,16 @@ def _refuse_untrainable(t: Target) -> None:
 
 
 def _refuse_aliased(t: Target) -> None:
-    """Refuse an eval node that returns its input, when export may have routed the input's own uses through it."""
+    """Refuse an eval node that returns its input, when export may have routed the input's own uses through it.
+
+    A dropout whose training ``p`` is 0.0 returns its very input in train mode
+    too (ATen's dropout does nothing at 0, as timm's position dropout is by
+    default): its uses read the same tensor whichever way they were routed.
+    """
     if t.node.target not in t.rule.eval_aliases:
+        return
+    training = training_probability(t)
+    if training is not None and training[1] is not UNKNOWN and training[1] == 0.0:
         return
     uses = _uses(t.node)
     if uses <= 1 or not aliases.returns_input(t.node):

@@ -270,9 +270,14 @@ class PositionDropout(nn.Module):
         return x + self.drop(x)
 
 
-def test_a_dropout_of_p_0_does_the_same_in_both_modes() -> None:
-    fidelity = modeswap.check(PositionDropout(), (X,), keep=("pos_drop",))
+@pytest.mark.parametrize("keep", [(), ("pos_drop",)])
+def test_a_dropout_of_p_0_does_the_same_in_both_modes(keep: tuple[str, ...]) -> None:
+    # Its eval node returns its input, read twice after it; at p=0.0 the train node does as well: no refusal.
+    fidelity = modeswap.check(PositionDropout(), (X,), keep=keep)
     assert fidelity.exact, fidelity  # no row for a dropout that does nothing in either mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", modeswap.ModeswapWarning)
+        assert_mode_equivalent(PositionDropout(), (X,), Mode.TRAIN, exported_in=Mode.EVAL, keep=keep)
 
 
 # 4. Cost: the second opinion runs where the comparison cannot vouch for the values.

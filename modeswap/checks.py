@@ -90,19 +90,24 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned
             if (rule := rule_for(node)) is not None and rule.applies(node):
                 with_sites.update(module_paths(node))
     found = [(path, what) for path, what in branches.items() if path not in with_sites]
+    erased: list[str] = []
     if mode is Mode.TRAIN and context.modules is not None:
         ran = {path for _, module in graph_modules(gm) for node in module.graph.nodes for path in module_paths(node)}
-        found += [(path, "named like a drop path, and left no node") for path in _erased(context.modules, ran)]
+        erased = [path for path in _erased(context.modules, ran) if pinned.reaches(path)]
     found = [(path, what) for path, what in found if pinned.reaches(path)]
+    found += [(path, "named like a drop path, and left no node") for path in erased]
     if found:
         listed = ", ".join(f"{path!r} ({what})" for path, what in found)
         msg = (
             f"the graph holds {len(found)} module(s) whose forward branches on self.training, and export kept "
             f"only the side that ran, so the {mode.value} graph may differ from eager {mode.value} mode there: "
-            f"{listed}. No swap can change them: export the model in {mode.value} mode instead. "
-            "A drop path exported in train mode survives to_eval and back; one that is an nn.Identity "
-            "(a drop rate of 0) loses nothing."
+            f"{listed}. No swap can change them: export the model in {mode.value} mode instead."
         )
+        if erased:  # the drop path's own words, for the modules named like one
+            msg += (
+                " A drop path exported in train mode survives to_eval and back; one that is an nn.Identity "
+                "(a drop rate of 0) loses nothing."
+            )
         warnings.warn(msg, TrainingBranchWarning, stacklevel=2)
     return ()
 

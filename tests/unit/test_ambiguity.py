@@ -418,11 +418,28 @@ class WeightedAttention(nn.Module):
         return out, weights
 
 
+def test_a_drop_path_an_eval_export_left_no_node_of_is_named_as_one() -> None:
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop_path = nn.Linear(4, 4), models.DropPath(0.3, "timm")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.drop_path(self.fc(x))
+
+    program = torch.export.export(Block().eval(), (torch.randn(2, 4),))
+    with pytest.warns(TrainingBranchWarning, match="'drop_path' \\(named like a drop path") as w:
+        modeswap.to_train(program)
+    assert "A drop path exported in train mode survives to_eval and back" in str(w[0].message)
+
+
 def test_attention_weights_exported_in_eval_lose_their_dropout_and_say_so() -> None:
     torch.manual_seed(0)
     model, tokens = WeightedAttention(), torch.randn(3, 2, 4)
-    with pytest.warns(TrainingBranchWarning, match=r"'mha' \(with need_weights=True, an eval export has no node"):
+    with pytest.warns(TrainingBranchWarning, match=r"'mha' \(with need_weights=True, an eval export has no node") as w:
         trained = modeswap.to_train(export(model, (tokens,), "eval"))
+    assert "drop path" not in str(w[0].message)  # it speaks of attention, not of a drop path
     expected = run_forward_backward(copy.deepcopy(model).train(), (tokens,), seed=0)
     with pytest.raises(AssertionError):
         assert_same_run(expected, run_forward_backward(trained, (tokens,), seed=0), atol=1e-6, rtol=1e-5)

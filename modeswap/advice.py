@@ -39,12 +39,14 @@ def explain(
     found: Mapping[Mode, list[Found | str]],
     modules: Mapping[Mode, GraphModule],
     swapped: Mapping[Mode, GraphModule | None],
+    kept: tuple[str, ...] = (),
 ) -> dict[Mode, tuple[Difference, ...]]:
     """Per target mode, the rows of what the swap to that mode differs in, with their causes and fixes.
 
     ``found[target]`` is what comparing ``swapped[target]``, the swap of the
     other mode's module to ``target`` (``None``: refused), with ``modules[target]``
-    found (a string: the swap refused).
+    found (a string: the swap refused). ``kept`` are the user's ``keep=``
+    patterns: a row they reach says so, and suggests nothing.
     """
     exact = {mode: not found[mode] for mode in Mode}
     graphs = {
@@ -61,10 +63,13 @@ def explain(
         # keep= reaches the sites of the modules inside the one it names: only if they are held too.
         return all(path in held for path in sited if matches(pattern, path))
 
-    return {
-        target: tuple(_grouped([_fixed(row, fixes.get(id(row))) for row in rows[target]], keeps_only_held))
-        for target in Mode
-    }
+    def fixed(row: Difference) -> Difference:
+        if row.module_path and any(matches(pattern, row.module_path) for pattern in kept):
+            held = "the `keep=` given holds it as the export has it: leave it out of `keep=` for the swap to change it"
+            return attrs.evolve(row, options=Options(), fix=held)
+        return _fixed(row, fixes.get(id(row)))
+
+    return {target: tuple(_grouped([fixed(row) for row in rows[target]], keeps_only_held)) for target in Mode}
 
 
 def _fixed(row: Difference, fix: tuple[Options, str] | None) -> Difference:

@@ -321,7 +321,8 @@ def fidelity_of(
     found = {mode: [f for f in found[mode] if not (isinstance(f, Found) and f.side == "unrun")] for mode in Mode}
     swapped = {mode: compared[mode][1] for mode in Mode}
     rows = verified(
-        explain(found, modules, swapped), lambda target, advised: _left(modules, target, options[target], advised)
+        explain(found, modules, swapped, tuple(keep)),
+        lambda target, advised: _left(modules, target, options[target], advised),
     )
     directions = {
         target: Direction(source=target.other, target=target, differences=rows[target], unrun=unrun[target])

@@ -232,6 +232,17 @@ def test_a_keep_that_would_not_fix_the_swap_is_not_suggested() -> None:
     assert not modeswap.check(model, (X,), keep=("1",)).to_eval.exact  # as said
 
 
+def test_a_row_the_users_own_keep_makes_says_so_and_suggests_nothing() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.BatchNorm1d(5))
+    assert modeswap.check(model, (X,)).exact
+    fidelity = modeswap.check(model, (X,), keep=("1",))
+    for direction in fidelity.directions:
+        (row,) = direction.differences
+        assert (row.module_path, row.options) == ("1", Options())
+        assert row.fix.startswith("the `keep=` given holds it"), row
+    assert fidelity.suggested == {}
+
+
 def test_monte_carlo_dropout_is_reported_as_mixed_with_the_keep_that_pins_it() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.BatchNorm1d(5)).eval()
     model[1].train()

@@ -65,8 +65,8 @@ def explain(
 
     def fixed(row: Difference) -> Difference:
         if row.module_path and any(matches(pattern, row.module_path) for pattern in kept):
-            held = "the `keep=` given holds it as the export has it: leave it out of `keep=` for the swap to change it"
-            return attrs.evolve(row, options=Options(), fix=held)
+            said = "the `keep=` given holds it as the export has it: leave it out of `keep=` for the swap to change it"
+            return attrs.evolve(row, options=Options(), fix=said)
         return _fixed(row, fixes.get(id(row)))
 
     return {target: tuple(_grouped([fixed(row) for row in rows[target]], keeps_only_held)) for target in Mode}
@@ -108,7 +108,8 @@ def verified(
 
 
 def _inside(path: str, paths: tuple[str, ...]) -> bool:
-    return any(path == p or (p and path.startswith(p + ".")) or not p for p in paths)
+    # The root's row (the outputs) is no owner of what lies in its modules: every difference does.
+    return any(path == p or (p and path.startswith(p + ".")) for p in paths)
 
 
 def _reaches(row: Difference, path: str) -> bool:

@@ -119,9 +119,10 @@ class Change:
 class ModeReport:
     """What ``mode_of`` reads off a graph.
 
-    ``mode`` is the mode every site agrees on, kept sites aside; it is ``None``
-    when the graph has no such sites, or when they disagree, and then ``mixed``
-    is true. ``stochastic``
+    ``mode`` is the mode every site that tells one agrees on, kept sites aside
+    (attention at ``dropout_p=0.0`` is a site that tells none: train mode at a
+    training ``p`` of 0.0 computes the same); it is ``None`` when no site tells
+    a mode, or when they disagree, and then ``mixed`` is true. ``stochastic``
     names the nodes that draw random numbers and belong to no site, so an eval
     graph with an empty ``stochastic`` is deterministic.
     """

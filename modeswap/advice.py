@@ -25,6 +25,7 @@ from modeswap.flags import UNKNOWN, recorded_probability
 from modeswap.graphs import get_argument, graph_modules, module_path
 from modeswap.modes import Mode
 from modeswap.pass_base import Context
+from modeswap.report import site_paths
 from modeswap.rules import PerNode, rule_for
 from modeswap.stated import decide, matches
 
@@ -55,7 +56,7 @@ def explain(
     rows = {
         target: list(_rows(found[target], target, graphs[target], other_exact=exact[target.other])) for target in Mode
     }
-    sited = {path for module in modules.values() for path in site_paths(module)}
+    sited = set().union(*map(sited_paths, modules.values()))
     fixes = _options(rows, modules, sited)
     held = {row.module_path for target in Mode for row in rows[target] if row.cause is Cause.PINNED}
 
@@ -442,13 +443,9 @@ def _probability_sites(gm: GraphModule, unknown: list[Difference]) -> Iterator[_
                 yield _Site(path, attention, unknown_value, float(value))
 
 
-def site_paths(gm: GraphModule) -> Iterator[str]:
+def sited_paths(gm: GraphModule) -> set[str]:
     """The module path of every site of ``gm``, subgraphs included, whatever its mode."""
-    for _, module in graph_modules(gm):
-        for node in module.graph.nodes:
-            rule = rule_for(node)
-            if rule is not None and rule.applies(node):
-                yield module_path(node)
+    return {path for _, module in graph_modules(gm) for path in site_paths(module.graph)}
 
 
 # Rows grouped as a reader wants them.

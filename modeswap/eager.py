@@ -20,7 +20,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from modeswap.advice import explain, site_paths, verified
+from modeswap.advice import explain, sited_paths, verified
 from modeswap.compare import Found, blind_spots, compare
 from modeswap.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.exported import is_exported
@@ -337,7 +337,7 @@ def _kept(keep: Sequence[str], modules: Mapping[Mode, GraphModule], source: Mode
     A module may hold a site in one export only (a dropout only eval runs):
     ``keep=`` pins it in the swap of that export.
     """
-    paths = {mode: set(site_paths(module)) for mode, module in modules.items()}
+    paths = {mode: sited_paths(module) for mode, module in modules.items()}
     for pattern in keep:
         if not any(matches(pattern, path) for mode in Mode for path in paths[mode]):
             msg = (

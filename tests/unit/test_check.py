@@ -109,7 +109,11 @@ def _with_grads(model: nn.Module) -> nn.Module:
         ("root dropout", RootDropout, (X,)),
     ],
 )
-def test_the_model_and_the_random_state_are_left_as_found(run: str, name: str, build: type, args: tuple) -> None:
+def test_the_model_and_the_random_state_are_left_as_found(
+    run: str, name: str, build: type, args: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second opinion runs here whatever the comparison vouches for: it is what could write into the model.
+    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))
     model = build()
     model.train()
     model.get_submodule(next(path for path, _ in model.named_children())).eval()  # modes mixed, as users leave them

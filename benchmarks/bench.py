@@ -568,15 +568,28 @@ def run_archive(
     return found
 
 
-def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
-    """``--only archive``: the archive rows of each model alone, to ``out``/results.json and archive.md."""
-    results: dict[str, Any] = {
+def _started(settings: Settings, only: str) -> dict[str, Any]:
+    """The results of an ``--only`` run as it starts: when, where, with what settings; no model yet."""
+    return {
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": settings.to_json(),
-        "only": "archive",
+        "only": only,
         "models": {},
     }
+
+
+def _ended(results: dict[str, Any], out: Path) -> None:
+    """Close an ``--only`` run's ``results``: its duration, the load at its end, its targets; make ``out``."""
+    results["duration_s"] = time.perf_counter() - START
+    results["machine"]["load_average_end"] = _load()
+    results["targets"] = [t.to_json() for t in check(results)]
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
+    """``--only archive``: the archive rows of each model alone, to ``out``/results.json and archive.md."""
+    results = _started(settings, "archive")
     for spec in specs:
         log(f"{spec.name}: building, exporting and capturing ({spec.description})")
         torch.manual_seed(0)
@@ -589,10 +602,7 @@ def only_archive(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
         finally:
             gc.unfreeze()
         results["models"][spec.name] = {"description": spec.description, "archive": found}
-    results["duration_s"] = time.perf_counter() - START
-    results["machine"]["load_average_end"] = _load()
-    results["targets"] = [t.to_json() for t in check(results)]
-    out.mkdir(parents=True, exist_ok=True)
+    _ended(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = archive.markdown(results["models"])
     (out / "archive.md").write_text(
@@ -606,13 +616,7 @@ def only_modal(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
 
     Not results.json: ``--out docs/performance`` publishes these rows beside the full run's results.
     """
-    results: dict[str, Any] = {
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "settings": settings.to_json(),
-        "only": "modal",
-        "models": {},
-    }
+    results = _started(settings, "modal")
     log(f"warming up torch.export; {len(specs)} models: {', '.join(s.name for s in specs)}")
     torch.export.export(chain(1), (torch.randn(2, 16, 8, 8),))
     for spec in specs:
@@ -627,10 +631,7 @@ def only_modal(specs: list[ModelSpec], settings: Settings, out: Path) -> None:
         finally:
             gc.unfreeze()
         results["models"][spec.name] = {"description": spec.description, "modal": {**found, "nodes": nodes}}
-        results["duration_s"] = time.perf_counter() - START
-    results["machine"]["load_average_end"] = _load()
-    results["targets"] = [t.to_json() for t in check(results)]
-    out.mkdir(parents=True, exist_ok=True)
+    _ended(results, out)
     (out / "modal.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "modal.md").write_text(modal_markdown(results))
     log(f"wrote {out}/modal.json and modal.md")

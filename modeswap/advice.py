@@ -22,11 +22,11 @@ from modeswap.compare import Found, source
 from modeswap.errors import InvalidOptionError
 from modeswap.fidelity import Cause, Difference, Options
 from modeswap.flags import UNKNOWN, recorded_probability
-from modeswap.graphs import get_argument, graph_modules, module_path
+from modeswap.graphs import get_argument, module_path
 from modeswap.modes import Mode
 from modeswap.pass_base import Context
-from modeswap.report import site_paths
-from modeswap.rules import PerNode, rule_for
+from modeswap.report import rule_nodes
+from modeswap.rules import PerNode
 from modeswap.stated import decide, matches
 
 #: A numbered component of a module path: ``3`` in ``layers.3.attention``.
@@ -422,30 +422,26 @@ def _probability_sites(gm: GraphModule, unknown: list[Difference]) -> Iterator[_
         (row.module_path, row.cause is Cause.ATTENTION_DROPOUT_UNKNOWN): row.options.dropout[0][1] for row in unknown
     }
     captured = Context.of(gm).captured()
-    for _, module in graph_modules(gm):
-        for node in module.graph.nodes:
-            rule = rule_for(node)
-            if rule is None or not rule.applies(node):
-                continue
-            argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
-            if argument is None:
-                continue
-            path, attention = module_path(node), rule.train is PerNode.VALUE
-            recorded = recorded_probability(rule, node, captured)
-            unknown_value = recorded is not None and recorded[1] is UNKNOWN
-            if (path, attention) in wanted:
-                value = wanted[path, attention]
-            elif recorded is not None and not unknown_value:
-                value = recorded[1]
-            else:
-                value = get_argument(node, argument)  # what the swap leaves, and the train export agreed
-            if isinstance(value, int | float):
-                yield _Site(path, attention, unknown_value, float(value))
+    for _, node, rule in rule_nodes(gm):
+        argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
+        if argument is None:
+            continue
+        path, attention = module_path(node), rule.train is PerNode.VALUE
+        recorded = recorded_probability(rule, node, captured)
+        unknown_value = recorded is not None and recorded[1] is UNKNOWN
+        if (path, attention) in wanted:
+            value = wanted[path, attention]
+        elif recorded is not None and not unknown_value:
+            value = recorded[1]
+        else:
+            value = get_argument(node, argument)  # what the swap leaves, and the train export agreed
+        if isinstance(value, int | float):
+            yield _Site(path, attention, unknown_value, float(value))
 
 
 def sited_paths(gm: GraphModule) -> set[str]:
     """The module path of every site of ``gm``, subgraphs included, whatever its mode."""
-    return {path for _, module in graph_modules(gm) for path in site_paths(module.graph)}
+    return {module_path(node) for _, node, _ in rule_nodes(gm)}
 
 
 # Rows grouped as a reader wants them.

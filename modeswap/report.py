@@ -12,7 +12,7 @@ from modeswap.flags import UNKNOWN, recorded_probability
 from modeswap.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
 from modeswap.modes import Mode, ModeReport, Params, Scalar, Site
 from modeswap.pass_base import Context
-from modeswap.rules import RULES, Idiom, PerNode, rule_for
+from modeswap.rules import RULES, Idiom, PerNode, Rule, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
@@ -22,28 +22,24 @@ def sites(gm: GraphModule) -> Iterator[Site]:
     eval mode, whose behaviour it has.
     """
     captured = Context.of(gm).captured()
-    for path, module in graph_modules(gm):
-        for node in module.graph.nodes:
-            rule = rule_for(node)
-            if rule is None or not rule.applies(node):
-                continue
-            mode = rule.mode(node) or Mode.EVAL
-            params = {name: _literal(get_argument(node, name)) for name in rule.params}
-            memo = memo_of(node)
-            if rule.train is PerNode.VALUE and memo is not None:
-                params[f"training_{rule.flag}"] = memo.values.get(rule.flag)
-            recorded = recorded_probability(rule, node, captured)
-            yield Site(
-                node=qualified_name(path, node),
-                op=str(node.target),
-                kind=rule.kind,
-                mode=mode,
-                module_path=module_path(node),
-                params=Params(params),
-                functional=rule.functional(node),
-                kept=bool(memo is not None and memo.kept),
-                known=recorded is None or recorded[1] is not UNKNOWN,
-            )
+    for path, node, rule in rule_nodes(gm):
+        mode = rule.mode(node) or Mode.EVAL
+        params = {name: _literal(get_argument(node, name)) for name in rule.params}
+        memo = memo_of(node)
+        if rule.train is PerNode.VALUE and memo is not None:
+            params[f"training_{rule.flag}"] = memo.values.get(rule.flag)
+        recorded = recorded_probability(rule, node, captured)
+        yield Site(
+            node=qualified_name(path, node),
+            op=str(node.target),
+            kind=rule.kind,
+            mode=mode,
+            module_path=module_path(node),
+            params=Params(params),
+            functional=rule.functional(node),
+            kept=bool(memo is not None and memo.kept),
+            known=recorded is None or recorded[1] is not UNKNOWN,
+        )
 
 
 def tells_mode(site: Site) -> bool:
@@ -62,6 +58,15 @@ def tells_mode(site: Site) -> bool:
         for rule in RULES
         if rule.train is PerNode.VALUE
     )
+
+
+def rule_nodes(gm: GraphModule) -> Iterator[tuple[str, Node, Rule]]:
+    """Yield each node of ``gm`` (subgraphs included) that a rule applies to: its subgraph's path, it, the rule."""
+    for path, module in graph_modules(gm):
+        for node in module.graph.nodes:
+            rule = rule_for(node)
+            if rule is not None and rule.applies(node):
+                yield path, node, rule
 
 
 def site_paths(graph: Graph) -> Iterator[str]:

@@ -31,8 +31,8 @@ import torch
 from measure import Policy, Prepare, measure, storages
 
 import modeswap
-from modeswap import skeleton
-from modeswap.archive import skeletons_of
+from modeswap.files.archive import skeletons_of
+from modeswap.forms import skeleton
 
 #: The archive's size over the state and the graphs.
 SIZE_RATIO = 1.05

@@ -14,9 +14,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modeswap import passes, testing
-    from modeswap.archive import load, save
-    from modeswap.eager import capture, check
-    from modeswap.errors import (
+    from modeswap.eager.check import capture, check
+    from modeswap.eager.fidelity import Cause, Difference, Direction, Fidelity, Options
+    from modeswap.files.archive import load, save
+    from modeswap.forms.modal import ModalModule, allow_train_eval
+    from modeswap.forms.swap import mode_of, swap, to_eval, to_train
+    from modeswap.fx.exported import is_exported
+    from modeswap.records.errors import (
         InvalidOptionError,
         MixedModeWarning,
         ModeswapError,
@@ -29,19 +33,17 @@ if TYPE_CHECKING:
         UnknownTrainingValueWarning,
         UnsupportedGraphError,
     )
-    from modeswap.exported import is_exported
-    from modeswap.fidelity import Cause, Difference, Direction, Fidelity, Options
-    from modeswap.modal import ModalModule, allow_train_eval
-    from modeswap.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
-    from modeswap.pass_base import Pass, pipeline
-    from modeswap.swapping import mode_of, swap, to_eval, to_train
+    from modeswap.records.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
+    from modeswap.rewrite.base import Pass, pipeline
 
-__version__ = "0.1.0"
+from modeswap.records.version import VERSION
+
+__version__ = VERSION
 
 #: Where each public name lives; the imports above say the same to type checkers.
 _HOMES = {
-    "modeswap.archive": ("load", "save"),
-    "modeswap.errors": (
+    "modeswap.files.archive": ("load", "save"),
+    "modeswap.records.errors": (
         "InvalidOptionError",
         "MixedModeWarning",
         "ModeswapError",
@@ -54,13 +56,13 @@ _HOMES = {
         "UnknownTrainingValueWarning",
         "UnsupportedGraphError",
     ),
-    "modeswap.eager": ("capture", "check"),
-    "modeswap.exported": ("is_exported",),
-    "modeswap.fidelity": ("Cause", "Difference", "Direction", "Fidelity", "Options"),
-    "modeswap.modal": ("ModalModule", "allow_train_eval"),
-    "modeswap.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
-    "modeswap.pass_base": ("Pass", "pipeline"),
-    "modeswap.swapping": ("mode_of", "swap", "to_eval", "to_train"),
+    "modeswap.eager.check": ("capture", "check"),
+    "modeswap.fx.exported": ("is_exported",),
+    "modeswap.eager.fidelity": ("Cause", "Difference", "Direction", "Fidelity", "Options"),
+    "modeswap.forms.modal": ("ModalModule", "allow_train_eval"),
+    "modeswap.records.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
+    "modeswap.rewrite.base": ("Pass", "pipeline"),
+    "modeswap.forms.swap": ("mode_of", "swap", "to_eval", "to_train"),
 }
 _HOME_OF = {name: home for home, names in _HOMES.items() for name in names}
 
@@ -73,7 +75,7 @@ if not TYPE_CHECKING:
             value = getattr(importlib.import_module(_HOME_OF[name]), name)
             globals()[name] = value  # later lookups find it without coming here
             return value
-        # A submodule (modeswap.passes, modeswap.testing, modeswap.graphs) loads on first use too.
+        # A submodule (modeswap.passes, modeswap.testing, modeswap.fx.graphs) loads on first use too.
         try:
             return importlib.import_module(f"modeswap.{name}")
         except ModuleNotFoundError as error:

@@ -2,6 +2,6 @@
 
 import sys
 
-from modeswap.cli import main
+from modeswap.cli.main import main
 
 sys.exit(main())

@@ -15,13 +15,13 @@ from typing import Any
 import attrs
 from torch.fx import GraphModule
 
-from modeswap import checks, flags, idioms
-from modeswap.errors import InvalidOptionError
-from modeswap.graphs import graph_modules, recompile_all
-from modeswap.modes import Change, Mode
-from modeswap.pass_base import Context, Kernel, Pass, for_pass_manager, pipeline
-from modeswap.rules import IDIOMS, KINDS, RULES
-from modeswap.stated import Stated
+from modeswap.fx.graphs import graph_modules, recompile_all
+from modeswap.records.errors import InvalidOptionError
+from modeswap.records.modes import Change, Mode
+from modeswap.records.options import Stated
+from modeswap.rewrite import flag_swap, idioms, warning_passes
+from modeswap.rewrite.base import Context, Kernel, Pass, for_pass_manager, pipeline
+from modeswap.table.rules import IDIOMS, KINDS, RULES
 
 __all__ = [
     "Context",
@@ -100,7 +100,7 @@ def _swap_kind(kind: str, target: Mode, stated: Stated) -> Pass:
     if any(rule.kind == kind for rule in RULES):
 
         def kernel(gm: GraphModule, context: Context) -> list[Change]:
-            return flags.swap_flags(gm, context, kind, target, stated)
+            return flag_swap.swap_flags(gm, context, kind, target, stated)
 
     elif any(idiom.kind == kind for idiom in IDIOMS):
 
@@ -133,11 +133,11 @@ def preflight(
 
 
 def _preflight(target: Mode, stated: Stated, kinds: tuple[str, ...] = KINDS) -> Pass:
-    return _check(f"preflight({target.value})", checks.preflight, target, stated, kinds)
+    return _check(f"preflight({target.value})", warning_passes.preflight, target, stated, kinds)
 
 
 def _check(name: str, check: Callable[..., tuple[Change, ...]], *options: Any) -> Pass:
-    """The pass ``name`` of a kernel of :mod:`modeswap.checks`, given ``options`` after the graph and its context."""
+    """The pass ``name`` of a kernel of :mod:`modeswap.rewrite.warning_passes`, given ``options`` after the graph."""
 
     def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
         return check(gm, context, *options)
@@ -213,11 +213,11 @@ def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pas
 
 
 def _warn_training_branches(target: Mode, stated: Stated) -> Pass:
-    return _check(f"warn_training_branches({target.value})", checks.warn_training_branches, target, stated)
+    return _check(f"warn_training_branches({target.value})", warning_passes.warn_training_branches, target, stated)
 
 
 #: Warn when an eval graph still draws random numbers that no rule owns.
-warn_nondeterministic = _check("warn_nondeterministic", checks.warn_nondeterministic, Stated())
+warn_nondeterministic = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, Stated())
 
 
 def swap_passes(
@@ -243,10 +243,13 @@ def stated_passes(target: Mode, stated: Stated) -> tuple[Pass, ...]:
     """:func:`swap_passes` for options already checked into a :class:`Stated` record (``within`` included)."""
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
     if target is Mode.EVAL:
-        checked = _check("warn_nondeterministic", checks.warn_nondeterministic, stated)
+        checked = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, stated)
     else:
-        checked = _check("warn_unread_state", checks.warn_unread_state, stated)
-    first = (_preflight(target, stated), _check(f"warn_minority({target.value})", checks.warn_minority, target, stated))
+        checked = _check("warn_unread_state", warning_passes.warn_unread_state, stated)
+    first = (
+        _preflight(target, stated),
+        _check(f"warn_minority({target.value})", warning_passes.warn_minority, target, stated),
+    )
     return (*first, *swaps, checked, _warn_training_branches(target, stated))
 
 

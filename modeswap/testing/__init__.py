@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from modeswap.running import run_forward_backward
+from modeswap.eager.running import run_forward_backward
 from modeswap.testing.oracle import (
     Observed,
     Snapshot,

@@ -14,9 +14,11 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-import modeswap
-from modeswap.modes import Mode
-from modeswap.running import run_forward_backward
+from modeswap.eager.running import run_forward_backward
+from modeswap.forms.swap import swap
+from modeswap.fx.graphs import graph_modules
+from modeswap.records.errors import ModeswapWarning
+from modeswap.records.modes import Mode, Swap
 
 
 @attrs.frozen(eq=False)
@@ -34,7 +36,7 @@ class Snapshot:
     @classmethod
     def of(cls, gm: GraphModule) -> Snapshot:
         """Record ``gm`` as it is now."""
-        graphs = list(modeswap.graphs.graph_modules(gm))
+        graphs = list(graph_modules(gm))
         nodes = tuple(
             (f"{path}.{n.name}", n.op, str(n.target), repr((n.args, n.kwargs)))
             for path, m in graphs
@@ -171,7 +173,7 @@ def assert_mode_equivalent(
     seed: int = 0,
     atol: float = 1e-6,
     rtol: float = 1e-5,
-) -> modeswap.Swap[GraphModule]:
+) -> Swap[GraphModule]:
     """Assert that swapping an export of ``model`` to ``mode`` behaves as eager ``model`` in ``mode``.
 
     The model is exported in ``exported_in`` (by default the other mode),
@@ -185,7 +187,7 @@ def assert_mode_equivalent(
     target = Mode.parse(mode)
     source = Mode.parse(exported_in) if exported_in is not None else other(target)
     gm = export(model, args, source)
-    swapped = modeswap.swap(gm, target, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    swapped = swap(gm, target, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     eager = copy.deepcopy(model).train(target is Mode.TRAIN)
     expected = run_forward_backward(eager, args, seed=seed)
     actual = run_forward_backward(swapped.module, args, seed=seed)
@@ -267,7 +269,7 @@ def quiet() -> Iterator[None]:
     ...     evaluated = modeswap.to_eval(gm)
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", modeswap.ModeswapWarning)
+        warnings.simplefilter("error", ModeswapWarning)
         yield
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from modeswap.aliases import exported_as_alias
-from modeswap.modes import Mode
+from modeswap.records.modes import Mode
+from modeswap.table.aliases import exported_as_alias
 from modeswap.testing.models import (
     Attention,
     DropPath,
@@ -175,7 +175,7 @@ class Case:
         """Whether an eval export of it is ambiguous: a dropout that returns its input in eval, read twice.
 
         That is a skip around such a dropout, or such a dropout right before a skip, which reads its
-        input twice (see ``modeswap.aliases``), or before branches that read it twice between them.
+        input twice (see ``modeswap.table.aliases``), or before branches that read it twice between them.
         """
         pairs = zip(self.layers, self.layers[1:], strict=False)
         return (

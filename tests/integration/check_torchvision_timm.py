@@ -407,9 +407,9 @@ def _diagnose_recompute(model: nn.Module, args: tuple[Any, ...]) -> str:
     called = "_checkpoint_without_reentrant_generator_impl" if renamed else "_checkpoint_without_reentrant_generator"
     said = f"this torch's checkpoint(use_reentrant=False) calls {called}"
     try:
-        from modeswap.recompute import recomputed_updates
+        from modeswap.eager.recompute import recomputed_updates
     except ImportError as error:
-        return f"{said}; modeswap.recompute.recomputed_updates: {error}"
+        return f"{said}; modeswap.eager.recompute.recomputed_updates: {error}"
     return f"{said}; recomputed_updates(model, args) finds {len(recomputed_updates(model, args))} module(s)"
 
 

@@ -39,7 +39,7 @@ import transformers
 from torch.fx import GraphModule
 
 import modeswap
-from modeswap.graphs import graph_modules
+from modeswap.fx.graphs import graph_modules
 from modeswap.testing.oracle import run_forward_backward
 
 from .models import CASES, Case

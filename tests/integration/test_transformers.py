@@ -28,7 +28,7 @@ import torch
 import transformers
 
 import modeswap
-from modeswap.stated import decide
+from modeswap.records.options import decide
 from modeswap.testing import assert_mode_equivalent
 from modeswap.testing.oracle import assert_same_run, run_forward_backward
 

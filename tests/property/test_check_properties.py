@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import modeswap
-import modeswap.eager
+import modeswap.eager.check
 from modeswap import Mode
 from modeswap.testing import Observed, assert_mode_equivalent, quiet
 from modeswap.testing.strategies import EXACT_LAYERS, Case, build, cases, mode_calls
@@ -40,7 +40,7 @@ def test_check_and_capture_leave_the_model_and_the_random_state_as_found(case: C
     torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     before = Observed.of(model)
     # The second opinion runs whatever the comparison vouches for: it is what could write into the model.
-    with quiet(), mock.patch.object(modeswap.eager, "blind_spots", return_value=("every op",)):
+    with quiet(), mock.patch.object(modeswap.eager.check, "blind_spots", return_value=("every op",)):
         modeswap.check(model, case.args, seeds=(0,))
         modeswap.capture(model, case.args)
     assert before.changed(Observed.of(model)) == []

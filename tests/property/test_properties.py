@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 import modeswap
 from modeswap import Mode
-from modeswap.graphs import module_path
-from modeswap.report import tells_mode
-from modeswap.rules import RULES, PerNode, rule_for
+from modeswap.fx.graphs import module_path
+from modeswap.rewrite.report import tells_mode
+from modeswap.table.rules import RULES, PerNode, rule_for
 from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, other, run_forward_backward
 
 #: The kinds of site whose training value the rule fixes: the ones that tell the mode a graph was captured in.

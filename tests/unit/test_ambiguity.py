@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError, aliases
+from modeswap import Mode, NondeterministicEvalWarning, TrainingBranchWarning, UnsupportedGraphError
+from modeswap.table import aliases
 from modeswap.testing import assert_mode_equivalent, assert_same_run, export, models, quiet, run_forward_backward
 
 X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))

@@ -165,7 +165,7 @@ def test_each_weight_is_read_once_and_both_programs_hold_the_modules_own(
     _, _, path = trained
     programs: list[torch.export.ExportedProgram] = []
     reads: list[str] = []
-    deserialized, read_storage = modeswap.pt2.deserialized_program, modeswap.pt2.Reader.read_storage
+    deserialized, read_storage = modeswap.files.pt2.deserialized_program, modeswap.files.pt2.Reader.read_storage
 
     def recording(*args: Any) -> torch.export.ExportedProgram:
         programs.append(deserialized(*args))
@@ -175,8 +175,8 @@ def test_each_weight_is_read_once_and_both_programs_hold_the_modules_own(
         reads.append(name)
         return read_storage(self, name, dtype)
 
-    monkeypatch.setattr(modeswap.pt2, "deserialized_program", recording)
-    monkeypatch.setattr(modeswap.pt2.Reader, "read_storage", counted)
+    monkeypatch.setattr(modeswap.files.pt2, "deserialized_program", recording)
+    monkeypatch.setattr(modeswap.files.pt2.Reader, "read_storage", counted)
     loaded = modeswap.load(path)
     assert sorted(reads) == sorted(set(reads))
     weights = [name for name in reads if name.startswith("data/weights/")]
@@ -203,7 +203,7 @@ def test_the_file_holds_the_state_once_for_both_programs(tmp_path: Path) -> None
     modeswap.save(modal, tmp_path / "wide.pt2")
     state = sum(t.untyped_storage().nbytes() for t in modal.state_dict().values())
     size = (tmp_path / "wide.pt2").stat().st_size
-    records = modeswap.archive.skeletons_of(modal)
+    records = modeswap.files.archive.skeletons_of(modal)
     graphs = sum(len(part) for skeleton in records.values() for part in skeleton.records())
     # The state once, the two graphs and their sample inputs, and the tables and zip headers around them.
     assert state + graphs < size < 1.05 * (state + graphs), (size, state, graphs)
@@ -292,7 +292,7 @@ def test_a_failed_write_leaves_nothing_behind(trained: Any, tmp_path: Path, monk
         stream.write(b"half an archive")
         raise OSError("disk full")
 
-    monkeypatch.setattr(modeswap.files, "pack", failing)
+    monkeypatch.setattr(modeswap.files.disk, "pack", failing)
     with pytest.raises(OSError, match="disk full"):
         modeswap.save(modal, target)
     assert target.read_bytes() == b"the old file"
@@ -316,7 +316,7 @@ def one_mode(folder: Path) -> Path:
 def later_version(folder: Path) -> Path:
     path = folder / "later.pt2"
     header = json.dumps({"format": "modeswap.ModalModule", "version": 3, "mode": "eval"})
-    programs = {mode.value: program for mode, program in modeswap.eager.export_modes(net(), (X,)).items()}
+    programs = {mode.value: program for mode, program in modeswap.eager.check.export_modes(net(), (X,)).items()}
     package_pt2(path, exported_programs=programs, extra_files={"modeswap.json": header})
     return path
 
@@ -403,14 +403,14 @@ def test_a_recorded_module_the_loaded_one_lacks_is_named(
     trained: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, modal, _ = trained
-    pack = modeswap.files.pack
+    pack = modeswap.files.disk.pack
 
     def with_a_ghost(stream: Any, programs: Any, extra_files: dict[str, str]) -> None:
         header = json.loads(extra_files["modeswap.json"])
         header["training"]["head.ghost"] = True
         pack(stream, programs, {"modeswap.json": json.dumps(header)})
 
-    monkeypatch.setattr(modeswap.files, "pack", with_a_ghost)
+    monkeypatch.setattr(modeswap.files.disk, "pack", with_a_ghost)
     modeswap.save(modal, tmp_path / "ghost.pt2")
     with pytest.raises(
         modeswap.ModeswapError, match=r"ghost\.pt2: the archive records the mode of a module at 'head\.ghost'"
@@ -422,13 +422,13 @@ def test_saving_again_and_saving_a_loaded_module_serialize_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[object] = []
-    serialized = modeswap.pt2.serialized_program
+    serialized = modeswap.files.pt2.serialized_program
 
     def counted(*args: Any) -> tuple[bytes, bytes]:
         calls.append(args)
         return serialized(*args)
 
-    monkeypatch.setattr(modeswap.pt2, "serialized_program", counted)
+    monkeypatch.setattr(modeswap.files.pt2, "serialized_program", counted)
     modal = modeswap.capture(net(), (X,))
     modeswap.save(modal, tmp_path / "first.pt2")
     assert len(calls) == 2  # a program per mode
@@ -451,8 +451,8 @@ def test_the_mode_it_was_not_saved_in_is_deserialized_on_first_use_once(
 ) -> None:
     eager, modal, path = trained  # saved in eval
     deserialized: list[int] = []
-    real = modeswap.pt2.deserialized_program
-    monkeypatch.setattr(modeswap.pt2, "deserialized_program", lambda *a: deserialized.append(0) or real(*a))
+    real = modeswap.files.pt2.deserialized_program
+    monkeypatch.setattr(modeswap.files.pt2, "deserialized_program", lambda *a: deserialized.append(0) or real(*a))
     loaded = modeswap.load(path)
     assert len(deserialized) == 1  # the eval program: what the module runs now
     torch.testing.assert_close(loaded(X), copy.deepcopy(eager).eval()(X), atol=1e-6, rtol=1e-5)

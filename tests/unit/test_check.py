@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-import modeswap.running
+import modeswap.eager.running
 from modeswap import Cause, InvalidOptionError, Mode, Options
-from modeswap.compare import blind_spots
+from modeswap.eager.compare import blind_spots
 from modeswap.testing import Observed, assert_mode_equivalent, export, quiet
 from modeswap.testing.models import TrainOnlyHead
 
@@ -113,7 +113,7 @@ def test_the_model_and_the_random_state_are_left_as_found(
     run: str, name: str, build: type, args: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The second opinion runs here whatever the comparison vouches for: it is what could write into the model.
-    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))
+    monkeypatch.setattr(modeswap.eager.check, "blind_spots", lambda gm: ("every op",))
     model = build()
     model.train()
     model.get_submodule(next(path for path, _ in model.named_children())).eval()  # modes mixed, as users leave them
@@ -326,9 +326,9 @@ def test_the_second_opinion_runs_only_where_the_comparison_cannot_vouch(
     build: type, runs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = modeswap.running.run_forward_backward
+    real = modeswap.eager.running.run_forward_backward
     monkeypatch.setattr(
-        modeswap.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+        modeswap.eager.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
     )
     model = build()
     assert modeswap.check(model, (X,)).exact
@@ -366,7 +366,7 @@ def test_a_backward_that_eager_itself_cannot_run_is_said_not_raised(monkeypatch:
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         model.train()(torch.randn(4, 8)).sum().backward()  # eager's own backward fails
     assert modeswap.check(model, (torch.randn(4, 8),)).exact  # the comparison vouches: nothing runs
-    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))  # where it could not
+    monkeypatch.setattr(modeswap.eager.check, "blind_spots", lambda gm: ("every op",))  # where it could not
     fidelity = modeswap.check(model, (torch.randn(4, 8),))
     assert fidelity.exact  # the graphs and the forwards agree
     assert fidelity.to_train.unrun.startswith("backward: RuntimeError: one of the variables needed")

@@ -127,7 +127,7 @@ def test_version():
 def test_version_and_help_do_not_import_torch(argv):
     probe = (
         "import sys\n"
-        "from modeswap.cli import main\n"
+        "from modeswap.cli.main import main\n"
         "try:\n"
         f"    main({argv!r})\n"
         "except SystemExit as done:\n"

@@ -35,7 +35,7 @@ def test_every_public_name_resolves_both_ways():
         "assert not missing, missing\n"
         "assert set(modeswap.__all__) <= set(dir(modeswap))\n"
         "assert modeswap.swap is swap and modeswap.passes is passes and modeswap.Mode.EVAL.value == 'eval'\n"
-        "assert modeswap.graphs.__name__ == 'modeswap.graphs'  # submodules load on first use\n"
+        "assert modeswap.fx.graphs.__name__ == 'modeswap.fx.graphs'  # submodules load on first use\n"
         "try:\n"
         "    modeswap.no_such_name\n"
         "except AttributeError as error:\n"

@@ -3,7 +3,7 @@
 A new torch that adds such an op fails here until someone decides where it
 goes: a rule (``rules.RULES``), what decomposition makes of one
 (``rules.DECOMPOSED``), a fused eval-only kernel (``rules.EVAL_ONLY``), or one of
-the explained tables of ``modeswap.unowned``.
+the explained tables of ``modeswap.table.unowned``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from modeswap import rules, unowned
+from modeswap.table import rules, unowned
 
 #: Schema arguments that carry ``module.training`` in some op.
 MODE_ARGUMENTS = frozenset({"train", "training", "use_input_stats", "dropout_p"})
@@ -65,7 +65,7 @@ def test_every_mode_sensitive_op_has_exactly_one_place() -> None:
     twice = {name: _place(name) for name in census if len(_place(name)) > 1}
     assert nowhere == [], (
         f"torch {torch.__version__} has ops with a mode argument or a random draw that no table places: "
-        f"{nowhere}. Add a rule for each op a swap must change, or list it in modeswap.unowned with its reason."
+        f"{nowhere}. Add a rule for each op a swap must change, or list it in modeswap.table.unowned with its reason."
     )
     assert twice == {}
 

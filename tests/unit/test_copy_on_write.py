@@ -19,8 +19,8 @@ from torch.fx import GraphModule
 
 import modeswap
 from modeswap import Mode
+from modeswap.fx.weights import can_copy_on_write, tensor_copier
 from modeswap.testing import assert_same_run, other, run_forward_backward
-from modeswap.weights import can_copy_on_write, tensor_copier
 
 is_cow = torch._C._is_cow_tensor
 x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))

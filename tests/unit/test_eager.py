@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-import modeswap.running
+import modeswap.eager.running
 from modeswap import Cause, Mode
 from modeswap.testing import assert_mode_equivalent, assert_trains_like, other
 from modeswap.testing.models import (
@@ -341,7 +341,7 @@ def test_an_export_that_fails_says_in_which_mode() -> None:
 @pytest.fixture
 def blind(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the comparison vouch for nothing, so that the second opinion runs wherever the graphs read the same."""
-    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))
+    monkeypatch.setattr(modeswap.eager.check, "blind_spots", lambda gm: ("every op",))
 
 
 @pytest.mark.parametrize(
@@ -358,9 +358,9 @@ def test_the_second_opinion_runs_under_each_seed_only_where_it_can_tell(
     name: str, seeds: tuple[int, ...], runs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = modeswap.running.run_forward_backward
+    real = modeswap.eager.running.run_forward_backward
     monkeypatch.setattr(
-        modeswap.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+        modeswap.eager.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
     )
     model, args = model_of(name)
     modeswap.check(model, args, seeds=seeds)
@@ -370,9 +370,9 @@ def test_the_second_opinion_runs_under_each_seed_only_where_it_can_tell(
 @pytest.mark.usefixtures("blind")
 def test_a_graph_that_draws_nothing_runs_under_one_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = modeswap.running.run_forward_backward
+    real = modeswap.eager.running.run_forward_backward
     monkeypatch.setattr(
-        modeswap.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+        modeswap.eager.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
     )
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     assert modeswap.check(model, ROWS, seeds=(3, 4)).exact
@@ -383,7 +383,7 @@ def test_a_graph_that_draws_nothing_runs_under_one_seed(monkeypatch: pytest.Monk
 def test_a_value_that_differs_where_the_graphs_agree_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     # The second opinion's own finding: graphs that read the same yet compute another buffer.
     found = ["buffers['1.running_mean']"]
-    monkeypatch.setattr(modeswap.running, "run_differences", lambda *a, **k: found)
+    monkeypatch.setattr(modeswap.eager.running, "run_differences", lambda *a, **k: found)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     (difference,) = modeswap.check(model, ROWS).to_eval.differences
     assert difference.cause is Cause.VALUES

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import modeswap
-from modeswap.errors import ProgramFileError
-from modeswap.files import archive_names, is_modal_archive, load_program
+from modeswap.files.disk import archive_names, is_modal_archive, load_program
+from modeswap.records.errors import ProgramFileError
 
 EXECUTABLE = shutil.which("modeswap")
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))

@@ -142,7 +142,7 @@ def test_an_output_type_whose_module_cannot_be_imported_is_named_with_what_to_do
         result = python(f"import modeswap; modeswap.load({str(path)!r})", helpers=False)
         assert result.returncode == 1
         message = result.stderr.strip().splitlines()[-1]
-        assert message.startswith("modeswap.errors.ProgramFileError: ")
+        assert message.startswith("modeswap.records.errors.ProgramFileError: ")
     else:
         extra = ["--to", "eval", "-o", tmp_path / "out.pt2"] if reader == "convert" else []
         message = one_line(command(reader, path, *extra, helpers=False))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from modeswap import pt2
-from modeswap.packing import Packed, identities, pack, unpack
+from modeswap.files import pt2
+from modeswap.files.packing import Packed, identities, pack, unpack
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import modeswap
-from modeswap import Mode, pass_base, passes
+from modeswap import Mode, passes
+from modeswap.rewrite import base
 from modeswap.testing import Snapshot, assert_same_run, call_signature, run_forward_backward
 
 
@@ -81,8 +82,8 @@ def test_pipeline_of_single_passes_equals_the_swap(train_gm, x):
 
 def test_pipeline_copies_once_and_compiles_once(train_gm, monkeypatch):
     copies, compiles = [], []
-    real_copy, real_recompile = pass_base.copy_module, torch.fx.GraphModule.recompile
-    monkeypatch.setattr(pass_base, "copy_module", lambda *a, **k: copies.append(1) or real_copy(*a, **k))
+    real_copy, real_recompile = base.copy_module, torch.fx.GraphModule.recompile
+    monkeypatch.setattr(base, "copy_module", lambda *a, **k: copies.append(1) or real_copy(*a, **k))
     monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: compiles.append(1) or real_recompile(self))
     passes.swap_pipeline(Mode.EVAL)(train_gm)
     assert (len(copies), len(compiles)) == (1, 1)
@@ -210,7 +211,7 @@ def test_deepcopy_of_a_swapped_module_runs(train_gm, x):
 
 def test_the_default_pipeline_has_one_swap_pass_per_rule_kind():
     steps = passes.swap_pipeline("eval").name.removeprefix("pipeline(").removesuffix(")").split(", ")
-    assert len([step for step in steps if step.startswith("swap_")]) == len(modeswap.rules.KINDS)
+    assert len([step for step in steps if step.startswith("swap_")]) == len(modeswap.table.rules.KINDS)
     assert "swap_batch_norm(eval)" in steps
 
 

@@ -17,7 +17,7 @@ from archived_models import GoogLeNetLike, Predictor, Tied, seeded, tokens
 from torch import nn
 from torch._export.serde.serialize import _dict_to_dataclass, serialize
 
-from modeswap import pt2
+from modeswap.files import pt2
 
 
 class Branching(nn.Module):
@@ -60,7 +60,7 @@ PROGRAMS: dict[str, Callable[[], torch.export.ExportedProgram]] = {
 def program(request: pytest.FixtureRequest) -> torch.export.ExportedProgram:
     if request.param == "bert":
         pytest.importorskip("transformers")
-    from modeswap.output_types import name_for_saving
+    from modeswap.files.output_types import name_for_saving
 
     exported = PROGRAMS[request.param]()
     # What modeswap.save does first: give the namedtuples in the specs a name, so that torch can write them.

@@ -15,9 +15,9 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 import modeswap
-import modeswap.recompute
-from modeswap.errors import RecomputedUpdateWarning
-from modeswap.recompute import checkpoints_entered, recomputed_updates, warn_recomputed
+import modeswap.eager.recompute
+from modeswap.eager.recompute import checkpoints_entered, recomputed_updates, warn_recomputed
+from modeswap.records.errors import RecomputedUpdateWarning
 
 
 class DenseLayer(nn.Module):
@@ -398,7 +398,7 @@ def test_checkpoints_entered_notes_each_checkpointed_region_and_puts_torch_back(
 
 def test_without_a_checkpoint_nothing_runs_on_fake_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
-    monkeypatch.setattr(modeswap.recompute, "recomputed_updates", lambda *a, **k: ran.append("") or ())
+    monkeypatch.setattr(modeswap.eager.recompute, "recomputed_updates", lambda *a, **k: ran.append("") or ())
     model, args, _ = _build("no checkpoint")
     modeswap.capture(model, args)
     assert ran == []

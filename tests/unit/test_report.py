@@ -12,7 +12,7 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode
-from modeswap.report import tells_mode
+from modeswap.rewrite.report import tells_mode
 from modeswap.testing import Snapshot, assert_mode_equivalent, export, other
 from modeswap.testing.models import Attention, PinnedMode
 from modeswap.testing.oracle import assert_same_run, run_forward_backward
@@ -252,7 +252,7 @@ def test_attention_at_zero_in_a_train_export_leaves_the_mode_to_the_other_sites(
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_stochastic_lists_stray_random_ops_only(mode: str) -> None:
-    # Each dropout's output is read once: an eval export is unambiguous on every torch (see modeswap.aliases).
+    # Each dropout's output is read once: an eval export is unambiguous on every torch (see modeswap.table.aliases).
     model = nn.Sequential(Noise(), nn.Dropout(0.3), nn.Dropout2d(0.2), nn.RReLU())
     gm = export(model, ARGS, mode)
     random = {n.name for n in gm.graph.nodes if n.target in (aten.randn_like.default, aten.rand.default)}

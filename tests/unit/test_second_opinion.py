@@ -1,4 +1,4 @@
-"""check's second opinion (modeswap.running): what only running the graphs shows, and what running them must not do."""
+"""The second opinion of check (eager.running): what only running the graphs shows, and what running must not do."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 import modeswap
-import modeswap.running
+import modeswap.eager.running
 from modeswap import Mode
-from modeswap.compare import compare, written_state
-from modeswap.running import second_opinion
+from modeswap.eager.compare import compare, written_state
+from modeswap.eager.running import second_opinion
 
 ROWS = (torch.randn(5, 4, generator=torch.Generator().manual_seed(0)),)
 
@@ -57,7 +57,7 @@ def test_gradients_show_a_difference_that_the_outputs_hide() -> None:
 
 
 def test_an_embedding_with_max_norm_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(modeswap.eager, "blind_spots", lambda gm: ("every op",))  # the second opinion runs
+    monkeypatch.setattr(modeswap.eager.check, "blind_spots", lambda gm: ("every op",))  # the second opinion runs
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
     nn.init.normal_(model[0].weight, std=3.0)  # rows longer than max_norm: a forward renormalises them
@@ -117,7 +117,7 @@ def test_the_second_opinion_shares_what_it_does_not_write(monkeypatch: pytest.Mo
     actual = modeswap.to_train(module_of(model, args, training=False), share_weights=True)
     theirs = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: list[tuple[dict[str, bool], dict[str, bool], bool]] = []
-    real = modeswap.running.run_forward_backward
+    real = modeswap.eager.running.run_forward_backward
 
     def watched(module: nn.Module, *a: Any, **k: Any) -> dict[str, Any]:
         result = real(module, *a, **k)
@@ -127,7 +127,7 @@ def test_the_second_opinion_shares_what_it_does_not_write(monkeypatch: pytest.Mo
         seen.append((params, buffers, handed))
         return result
 
-    monkeypatch.setattr(modeswap.running, "run_forward_backward", watched)
+    monkeypatch.setattr(modeswap.eager.running, "run_forward_backward", watched)
     assert list(second_opinion(expected, actual, (args, {}), (0, 1))) == []
     assert len(seen) == 2  # two graphs under the first seed: their dropouts draw alike
     for params, buffers, handed in seen:
@@ -158,9 +158,9 @@ def test_later_seeds_run_where_the_graphs_draw_differently(
     one, two = TwiceDropped(1), TwiceDropped(times)
     two.load_state_dict(one.state_dict())
     calls: list[int] = []
-    real = modeswap.running.run_forward_backward
+    real = modeswap.eager.running.run_forward_backward
     monkeypatch.setattr(
-        modeswap.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+        modeswap.eager.running, "run_forward_backward", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
     )
     found = list(second_opinion(module_of(one, ROWS), module_of(two, ROWS), (ROWS, {}), (0, 1)))
     assert calls == [seed for seed in seeds for _ in range(2)]

@@ -16,8 +16,8 @@ from torch.export.pt2_archive._package import package_pt2
 from torch.utils import _pytree as pytree
 
 import modeswap
-from modeswap.cli import main
-from modeswap.sharing import alias_groups, tie
+from modeswap.cli.main import main
+from modeswap.fx.sharing import alias_groups, tie
 from modeswap.testing.oracle import assert_same_run, run_forward_backward
 
 
@@ -185,7 +185,7 @@ def test_names_moved_with_to_stay_one_tensor(saved: dict[str, Any]) -> None:
 
 def format_1(path: Path, model: nn.Module, args: tuple[Any, ...]) -> None:
     """Write ``model``'s programs as modeswap.save wrote format 1: torch's writer, each program its own tensors."""
-    programs = modeswap.eager.export_modes(model, args)
+    programs = modeswap.eager.check.export_modes(model, args)
     header = json.dumps({"format": "modeswap.ModalModule", "version": 1, "mode": "train", "modeswap": "0.1.0"})
     named = {mode.value: program for mode, program in programs.items()}
     package_pt2(path, exported_programs=named, extra_files={"modeswap.json": header})

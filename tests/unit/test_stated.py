@@ -19,8 +19,8 @@ from torch import nn
 
 import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
-from modeswap.aliases import exported_as_alias
-from modeswap.stated import Stated, decide, matches
+from modeswap.records.options import Stated, decide, matches
+from modeswap.table.aliases import exported_as_alias
 from modeswap.testing import assert_mode_equivalent, export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
 from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward

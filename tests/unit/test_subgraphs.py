@@ -36,7 +36,7 @@ x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 
 def test_the_region_is_a_subgraph(model):
     gm = export(model, (x,), "train")
-    assert any(path.startswith("submod") for path, _ in modeswap.graphs.graph_modules(gm))
+    assert any(path.startswith("submod") for path, _ in modeswap.fx.graphs.graph_modules(gm))
     nodes = {site.node for site in modeswap.mode_of(gm).sites}
     assert {"submod_1.batch_norm", "submod_1.dropout", "dropout_1"} <= nodes
 
@@ -51,7 +51,9 @@ def test_train_export_swaps_to_eval_inside_the_subgraph(model):
 def test_round_trip_through_eval_restores_the_subgraph(model):
     gm = export(model, (x,), "train")
     back = modeswap.to_train(modeswap.to_eval(gm))
-    for (_, old), (_, new) in zip(modeswap.graphs.graph_modules(gm), modeswap.graphs.graph_modules(back), strict=True):
+    for (_, old), (_, new) in zip(
+        modeswap.fx.graphs.graph_modules(gm), modeswap.fx.graphs.graph_modules(back), strict=True
+    ):
         assert call_signature(new) == call_signature(old)
     for _ in range(2):
         expected = run_forward_backward(model.train(), (x,), seed=3)

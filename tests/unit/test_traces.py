@@ -100,7 +100,7 @@ def test_a_functional_batch_norm_against_the_mode_is_the_minority(exported: Mode
 
 
 def test_the_command_line_names_the_keep_flag() -> None:
-    from modeswap.cli import warning_line
+    from modeswap.cli.main import warning_line
 
     warning = modeswap.MixedModeWarning("the graph mixes modes ... keep=('bn', 'head.1')", keep=("bn", "head.1"))
     line = warning_line(warning)
@@ -204,7 +204,7 @@ def test_a_train_export_with_heads_has_nothing_unread() -> None:
 
 
 def test_the_command_line_says_both_traces_in_its_own_words(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from modeswap.cli import main
+    from modeswap.cli.main import main
 
     torch.manual_seed(0)
     torch.export.save(torch.export.export(GoogLeNetLike().eval(), (X,)), tmp_path / "heads.pt2")

@@ -1,0 +1,1 @@
+"""The ``modeswap`` command: its parser, the demo, and the tables it prints."""

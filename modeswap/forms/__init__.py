@@ -1,0 +1,1 @@
+"""The input forms a swap takes and gives back: GraphModule, ExportedProgram and the modal module."""

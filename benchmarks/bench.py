@@ -89,7 +89,7 @@ from targets import check
 from torch.fx import GraphModule
 
 import modeswap
-from modeswap.fx.graphs import copy_module, recompile_all
+from modeswap.fx.copying import copy_module, recompile_all
 
 START = time.perf_counter()
 

@@ -28,7 +28,7 @@ from models import ModelSpec, all_specs
 from torch.fx import GraphModule
 
 import modeswap
-from modeswap.fx.graphs import copy_module, recompile_all
+from modeswap.fx.copying import copy_module, recompile_all
 
 
 def on_copy(step: Callable[[GraphModule], object], source: GraphModule, *, share_weights: bool) -> Prepare:

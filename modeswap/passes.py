@@ -15,15 +15,17 @@ from typing import Any
 import attrs
 from torch.fx import GraphModule
 
-from modeswap.fx.graphs import graph_modules, recompile_all
+from modeswap.fx.copying import recompile_all
+from modeswap.fx.graphs import graph_modules
 from modeswap.records.errors import InvalidOptionError
-from modeswap.records.modes import Change, Mode
+from modeswap.records.modes import Change, Kind, Mode
 from modeswap.records.options import Stated
 from modeswap.rewrite import flag_swap, idioms, warning_passes
 from modeswap.rewrite.base import Context, Kernel, Pass, for_pass_manager, pipeline
-from modeswap.table.rules import IDIOMS, KINDS, RULES
+from modeswap.table.rules import IDIOMS, KINDS, RULES, PerNode
 
 __all__ = [
+    "SWAPS",
     "Context",
     "Kernel",
     "Pass",
@@ -34,6 +36,7 @@ __all__ = [
     "recompile",
     "set_training",
     "swap_attention",
+    "swap_batch_norm",
     "swap_batchnorm",
     "swap_drop_path",
     "swap_dropout",
@@ -41,6 +44,7 @@ __all__ = [
     "swap_kind",
     "swap_passes",
     "swap_pipeline",
+    "swap_rnn",
     "swap_rrelu",
     "warn_nondeterministic",
     "warn_training_branches",
@@ -145,61 +149,71 @@ def _check(name: str, check: Callable[..., tuple[Change, ...]], *options: Any) -
     return Pass(name, kernel)
 
 
-def swap_dropout(mode: Mode | str, *, dropout: Mapping[str, float] | None = None, keep: Sequence[str] = ()) -> Pass:
-    """Return the pass that sets ``train`` of every dropout op (all variants) for ``mode``, checked.
-
-    ``dropout`` gives the training ``p`` of dropouts that an eval graph records
-    with ``p=0.0`` outside an ``nn.Dropout`` module, by module path: code such as
-    transformers' eager attention passes ``p=0.0 if not self.training else p``.
-    """
-    return _checked("dropout", mode, dropout=dropout, keep=keep)
-
-
-def swap_batchnorm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
-    """Return the pass that swaps batch norms with running stats, and their batch counters."""
-    return _checked("batch_norm", mode, keep=keep)
-
-
-def swap_instance_norm(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
-    """Return the pass that sets ``use_input_stats`` of instance norms with running stats."""
-    return _checked("instance_norm", mode, keep=keep)
-
-
-def swap_rrelu(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
-    """Return the pass that sets ``training`` of every ``rrelu``."""
-    return _checked("rrelu", mode, keep=keep)
-
-
-def swap_attention(
-    mode: Mode | str,
-    *,
-    attention_dropout: float | None = None,
-    dropout: Mapping[str, float] | None = None,
-    keep: Sequence[str] = (),
-) -> Pass:
-    """Return the pass that sets ``dropout_p`` of every ``scaled_dot_product_attention``, checked.
-
-    Eval sets it to 0.0 and remembers the training value in the node's meta;
-    train restores it, or uses the value ``dropout`` states for the node's module,
-    or ``attention_dropout``, where nothing was remembered.
-    """
-    return _checked("attention", mode, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
-
-
-def _checked(kind: str, mode: Mode | str, **options: Any) -> Pass:
+def _checked(kind: Kind, mode: Mode | str, **options: Any) -> Pass:
     target = Mode.parse(mode)
     stated = Stated.of(target, **options)
     checked = pipeline(_preflight(target, stated, (kind,)), _swap_kind(kind, target, stated))
     return attrs.evolve(checked, name=f"swap_{kind}({target.value})")
 
 
-def swap_drop_path(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:
-    """Return the pass that removes drop paths for eval (eager eval is the identity) and rebuilds them for train.
+#: A ``swap_<kind>`` factory: ``factory(mode, *, dropout=None, attention_dropout=None, keep=())`` -> :class:`Pass`.
+Factory = Callable[..., Pass]
 
-    Only drop paths an earlier eval swap removed can be rebuilt: an eval export
-    never ran them, so nothing in its graph tells they were there.
-    """
-    return _checked("drop_path", mode, keep=keep)
+
+def _factory(kind: Kind) -> Factory:
+    """The public, checked swap of the sites of ``kind``, written from what the rule table says of the kind."""
+    rules = [rule for rule in RULES if rule.kind == kind]
+    idioms_of_kind = [idiom for idiom in IDIOMS if idiom.kind == kind]
+    takes = {"keep"}
+    if any(rule.gated is not None or rule.train is PerNode.VALUE for rule in rules):
+        takes.add("dropout")
+    if any(rule.train is PerNode.VALUE for rule in rules):
+        takes.add("attention_dropout")
+    name = f"swap_{kind}"
+
+    def factory(
+        mode: Mode | str,
+        *,
+        dropout: Mapping[str, float] | None = None,
+        attention_dropout: float | None = None,
+        keep: Sequence[str] = (),
+    ) -> Pass:
+        given = {"dropout": dropout, "attention_dropout": attention_dropout, "keep": keep}
+        for option, value in given.items():
+            if value not in (None, ()) and option not in takes:
+                msg = f"{name} takes no {option}= (the sites of kind {kind!r} have no training value to state)"
+                raise InvalidOptionError(msg)
+        return _checked(kind, mode, **{option: given[option] for option in sorted(takes)})
+
+    if rules:
+        ops = ", ".join(sorted({f"``{str(op).rsplit('.', 1)[0]}``" for rule in rules for op in rule.ops}))
+        what = f"sets the mode argument of every {kind.replace('_', ' ')} op ({ops})"
+    else:
+        what = f"removes the {kind.replace('_', ' ')} idioms for eval and rebuilds them for train " + (
+            f"({', '.join(idiom.name for idiom in idioms_of_kind)}; only those an earlier eval swap removed: "
+            "an eval export never ran them)"
+        )
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (
+        f"Return the pass that {what} for ``mode``, checked first (``preflight``).\n\n"
+        f"    Generated from ``modeswap.table.rules``. Its options, {', '.join(f'``{o}``' for o in sorted(takes))}, "
+        "are ``modeswap.swap``'s.\n    "
+    )
+    return factory
+
+
+#: The checked swap of each kind of site in the rule table (``rules.KINDS``), by kind.
+SWAPS: Mapping[Kind, Factory] = {kind: _factory(kind) for kind in KINDS}
+
+swap_dropout = SWAPS["dropout"]
+swap_batch_norm = SWAPS["batch_norm"]
+swap_instance_norm = SWAPS["instance_norm"]
+swap_rrelu = SWAPS["rrelu"]
+swap_rnn = SWAPS["rnn"]
+swap_attention = SWAPS["attention"]
+swap_drop_path = SWAPS["drop_path"]
+#: The name the docs used before the factories were named after their kind.
+swap_batchnorm = swap_batch_norm
 
 
 def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pass:

@@ -46,8 +46,7 @@ def inspect(args: argparse.Namespace) -> int:
 
     if is_modal_archive(args.file):
         return inspect_archive(args)
-    from modeswap.forms.program import warn_unread_state
-    from modeswap.forms.swap import mode_of
+    from modeswap.forms.swap import mode_of, warn_unread_state
 
     program = load_program(args.file)
     report = mode_of(program)

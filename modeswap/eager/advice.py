@@ -25,7 +25,7 @@ from modeswap.records.errors import InvalidOptionError
 from modeswap.records.modes import Mode
 from modeswap.records.options import decide, matches
 from modeswap.rewrite.base import Context
-from modeswap.rewrite.flag_swap import UNKNOWN, recorded_probability
+from modeswap.rewrite.occurrence import UNKNOWN, recorded_probability
 from modeswap.rewrite.report import rule_nodes
 from modeswap.table.rules import PerNode
 
@@ -229,7 +229,7 @@ def _joined(found: list[Found], path: str) -> Found:
 
 def _held_attention(f: Found, target: Mode) -> bool:
     """Whether ``f`` is attention that the eval export runs with a dropout: a module holds it in train mode."""
-    return target is Mode.EVAL and f.site_kind == "attention" and f.argument == "dropout_p"
+    return target is Mode.EVAL and f.per_node
 
 
 def _cause(f: Found, pinned: set[str]) -> Cause:
@@ -241,9 +241,9 @@ def _cause(f: Found, pinned: set[str]) -> Cause:
         return Cause.DROP_PATH
     if f.side == "both" and f.argument is not None and f.values is not None:
         have = f.values[1]
-        if f.site_kind == "attention" and f.argument == "dropout_p" and have == 0.0:
+        if f.per_node and have == 0.0:
             return Cause.ATTENTION_DROPOUT_UNKNOWN
-        if f.site_kind == "dropout" and f.argument == "p" and have == 0.0:
+        if f.gated and have == 0.0:
             return Cause.DROPOUT_UNKNOWN
     return Cause.TRAINING_BRANCH
 

@@ -22,9 +22,9 @@ import attrs
 import torch
 from torch.fx import GraphModule, Node
 
-from modeswap.fx.graphs import attribute, get_argument, graph_modules, memo_of, module_path
-from modeswap.records.modes import Mode
-from modeswap.rewrite.idioms import matches
+from modeswap.fx.graphs import attribute, get_argument, graph_modules, module_path
+from modeswap.records.modes import Mode, memo_of
+from modeswap.table.idiom_matching import matches
 from modeswap.table.rules import PerNode, rule_for
 
 #: Ops whose result has their input's values: an alias, and ``contiguous``, which export keeps or drops
@@ -43,7 +43,7 @@ def _identity(node: Node) -> bool:
     if node.target in _SAME_VALUES:
         return True
     rule = rule_for(node)
-    if rule is None or rule.kind != "dropout":
+    if rule is None or not rule.identity_in_eval:
         return False
     if get_argument(node, rule.flag) is False:
         return True
@@ -85,7 +85,8 @@ class Found:
     argument: str | None = None
     values: tuple[Any, Any] | None = None
     flag: bool = False  # a site held in the other mode: its mode argument differs, or only one graph runs it
-    site_kind: str | None = None
+    per_node: bool = False  # the argument is a training value remembered per node (attention's dropout_p)
+    gated: bool = False  # the argument is one eager code zeroes outside training (a dropout's p)
     drop_path: bool = False
     writes: tuple[str, ...] = ()  # buffers the ops update in place
 
@@ -419,7 +420,8 @@ def _differing(
             argument=name,
             values=(a, b),
             flag=rule is not None and name == rule.flag and rule.train is not PerNode.VALUE,
-            site_kind=rule.kind if rule is not None else None,
+            per_node=rule is not None and name == rule.flag and rule.train is PerNode.VALUE,
+            gated=rule is not None and name == rule.gated,
         )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from modeswap.files.disk import MODAL_FORMAT, Header, load_archive, save_archive
 from modeswap.files.packing import Packed, identities
 from modeswap.forms.modal import Layout, ModalModule, modal_of
-from modeswap.forms.skeleton import Skeleton
+from modeswap.forms.program import Skeleton
 from modeswap.records.errors import NotExportedError, ProgramFileError
 from modeswap.records.modes import Mode
 

@@ -20,7 +20,7 @@ from torch.export import ExportedProgram
 from modeswap.files import pt2
 from modeswap.files.output_types import program_type_names, require
 from modeswap.files.packing import Packed, Unpacked, pack, unpack
-from modeswap.forms.skeleton import read_from
+from modeswap.forms.program import read_from
 from modeswap.fx.graphs import attribute
 from modeswap.records.errors import ProgramFileError
 from modeswap.records.modes import Mode

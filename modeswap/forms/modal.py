@@ -18,6 +18,7 @@ stateless one, such as a ``Dropout``, as an empty placeholder whose
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import types
 import warnings
@@ -31,32 +32,23 @@ from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule
 
 from modeswap.eager.compare import Found, compare
-from modeswap.forms.program import refuse_lowered, swap_program
-from modeswap.forms.skeleton import Skeleton
+from modeswap.forms.program import Skeleton, refuse_lowered
+from modeswap.forms.swap import Lifted, Weights, lift, mode_of, swapped
+from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
-from modeswap.fx.graphs import (
-    attribute,
-    copy_module,
-    enclosing,
-    graph_modules,
-    module_path,
-    module_paths,
-    recompile_all,
-    set_memo,
-)
+from modeswap.fx.graphs import attribute, enclosing, graph_modules, module_path, module_paths
 from modeswap.fx.sharing import alias_groups, tie
 from modeswap.fx.weights import copy_tensor
-from modeswap.passes import stated_passes
 from modeswap.records.errors import (
     ModeswapError,
     ModeswapWarning,
     NondeterministicEvalWarning,
+    NotExportedError,
     TrainingBranchWarning,
     UnsupportedGraphError,
 )
-from modeswap.records.modes import Memo, Mode, ModeReport
+from modeswap.records.modes import Memo, Mode, ModeReport, set_memo
 from modeswap.records.options import Stated
-from modeswap.rewrite.base import pipeline
 from modeswap.rewrite.report import report, site_paths, tells_mode
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
@@ -424,8 +416,8 @@ class ModalModule(torch.nn.Module):
 
         Sites of the modules in ``pinned`` stay as they are: the model holds them in one mode.
         """
-        gm = self._editable(base)
-        for _, module in graph_modules(gm):
+        lifted = self._editable(base)
+        for _, module in graph_modules(lifted.module):
             for node in module.graph.nodes:
                 if node.op == "call_function" and module_path(node) in pinned:
                     set_memo(node, Memo(kept=True))
@@ -438,8 +430,8 @@ class ModalModule(torch.nn.Module):
                     # What a graph alone can say of branches, the comparison of the exports says better.
                     warnings.simplefilter("ignore", TrainingBranchWarning)
                     warnings.simplefilter("ignore", NondeterministicEvalWarning)
-                changed |= bool(pipeline(*stated_passes(mode, stated(base, mode, within[mode]))).edit(gm))
-        return gm, changed
+                changed |= bool(lifted.edit(mode, stated(base, mode, within[mode])))
+        return lifted.module, changed
 
     def _variant_of(self, base: Mode, gm: GraphModule) -> Variant:
         variant, bodies = variant_of(gm, f"{base.value}_{len(self._derived)}")
@@ -458,13 +450,13 @@ class ModalModule(torch.nn.Module):
         learned = self._learned()
         return Stated(dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within, exact=True)
 
-    def _editable(self, mode: Mode) -> GraphModule:
-        """A ``GraphModule`` of this module's tree and ``mode``'s graph, to edit: its own graph and bodies."""
+    def _editable(self, mode: Mode) -> Lifted:
+        """This module's tree and ``mode``'s graph, lifted to be swapped: its own graph and bodies, the same tensors."""
         variant = self._variant(mode)
         shell = GraphModule.__new__(GraphModule)
         vars(shell).update({k: v for k, v in vars(self).items() if k not in self._BOOKKEEPING})
         vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
-        return copy_module(shell, share_weights=True)
+        return lift(shell, Weights(share_weights=True))
 
     def _compared(self) -> dict[Mode, tuple[Found | str, ...]]:
         """Per mode, what differs between the other export swapped to it and its own export (cached).
@@ -490,7 +482,7 @@ class ModalModule(torch.nn.Module):
                     )
                     continue
                 recompile_all(swapped)
-                found[target] = compare(self._editable(target), swapped, target)
+                found[target] = compare(self._editable(target).module, swapped, target)
             self._found = found
         return self._found
 
@@ -672,10 +664,9 @@ def allow_train_eval(
     """
     if isinstance(module, ExportedProgram):
         refuse_lowered(module)
-        gm, modules = module.module(), [entry.fqn for entry in module.module_call_graph]
+        captured, modules = report(module.graph_module), [entry.fqn for entry in module.module_call_graph]
     else:
-        gm, modules = require_exported(module), None
-    captured = report(gm)
+        captured, modules = report(require_exported(module)), None
     stated = {mode: Stated.of(mode, keep=keep) for mode in Mode}
     stated[Mode.TRAIN] = Stated.of(Mode.TRAIN, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     modes = {
@@ -685,21 +676,10 @@ def allow_train_eval(
     }
     if len(modes) > 1:
         raise UnsupportedGraphError(_mixed(captured))
-    # torch.export.load gives tied weights back as Parameters over one memory: one tensor again.
-    ties = alias_groups(tie(_named_tensors(gm)))
-    state = copy_module(gm, copy_on_write=copy_on_write)
-    _tie(state, ties)
-    variants: dict[Mode, Variant] = {}
-    subgraphs: dict[str, GraphModule] = {}
-    for mode in Mode:
-        # The training values the graph does not record are the train variant's alone.
-        skeleton = None
-        if isinstance(module, ExportedProgram):
-            skeleton = _swapped_skeleton(module, mode, stated[mode])
-        swapped = copy_module(state, share_weights=True)
-        pipeline(*stated_passes(mode, stated[mode])).edit(swapped, modules=modules)
-        variants[mode], bodies = variant_of(swapped, mode.value, skeleton)
-        subgraphs |= bodies
+    if isinstance(module, ExportedProgram):
+        state, variants, subgraphs = _from_program(module, stated, copy_on_write)
+    else:
+        state, variants, subgraphs = _from_graph(module, stated, copy_on_write)
     # A graph that shows no mode computes what its eval variant computes.
     layout = Layout(shared=shared_by_state(state))
     origin = Origin(stated[Mode.TRAIN])
@@ -707,20 +687,52 @@ def allow_train_eval(
     return ModalModule(state, variants, subgraphs, training=training, layout=layout, origin=origin, paths=modules or ())
 
 
-def _swapped_skeleton(program: ExportedProgram, mode: Mode, stated: Stated) -> Skeleton:
-    # The program swapped by the passes that swap the variant's graph, for modeswap.save. They warn
-    # alike: the variant's swap gives the warnings, once.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ModeswapWarning)
-        swapped, _ = swap_program(
-            program,
-            mode,
-            share_weights=True,
-            attention_dropout=stated.attention_dropout,
-            dropout=dict(stated.dropout) or None,
-            keep=stated.keep,
-        )
-    return Skeleton.of(swapped)
+def _from_graph(
+    gm: GraphModule, stated: Mapping[Mode, Stated], copy_on_write: bool
+) -> tuple[GraphModule, dict[Mode, Variant], dict[str, GraphModule]]:
+    """The state and the variants of a modal module of ``gm``: each mode's swap of one copy of its tensors."""
+    state = _state_of(gm, copy_on_write)
+    variants: dict[Mode, Variant] = {}
+    subgraphs: dict[str, GraphModule] = {}
+    for mode in Mode:
+        # The training values the graph does not record are the train variant's alone (stated[mode]).
+        lowered = functools.partial(_lowered, suffix=mode.value)
+        (variants[mode], bodies), _ = swapped(state, mode, stated[mode], Weights(share_weights=True), lowered)
+        subgraphs |= bodies
+    return state, variants, subgraphs
+
+
+def _lowered(lifted: Lifted, suffix: str) -> tuple[Variant, dict[str, GraphModule]]:
+    return variant_of(lifted.module, suffix)
+
+
+def _from_program(
+    program: ExportedProgram, stated: Mapping[Mode, Stated], copy_on_write: bool
+) -> tuple[GraphModule, dict[Mode, Variant], dict[str, GraphModule]]:
+    """The state and the variants of a modal module of ``program``: one swap of the program per mode.
+
+    Each variant runs its swapped program's ``module()`` on one copy of the
+    tensors, and keeps the program's skeleton for ``modeswap.save``.
+    """
+    programs = {mode: swapped(program, mode, stated[mode], Weights(share_weights=True))[0] for mode in Mode}
+    graphs = {mode: p.module() for mode, p in programs.items()}
+    state = _state_of(graphs[Mode.TRAIN], copy_on_write)
+    variants: dict[Mode, Variant] = {}
+    subgraphs: dict[str, GraphModule] = {}
+    for mode, gm in graphs.items():
+        names = _adopt(state, gm, mode)
+        variants[mode], bodies = variant_of(gm, mode.value, Skeleton.of(programs[mode], names))
+        subgraphs |= bodies
+    return state, variants, subgraphs
+
+
+def _state_of(gm: GraphModule, copy_on_write: bool) -> GraphModule:
+    """A copy of ``gm`` to hold a modal module's tensors; tied weights ``torch.export.load`` untied are one again."""
+    # torch.export.load gives tied weights back as Parameters over one memory: one tensor again.
+    ties = alias_groups(tie(_named_tensors(gm)))
+    state = copy_module(gm, copy_on_write=copy_on_write)
+    _tie(state, ties)
+    return state
 
 
 def variant_of(
@@ -891,3 +903,17 @@ def _mixed(captured: ModeReport) -> str:
         "To switch them with the rest, export the model in one mode; with the eager model at hand, "
         "modeswap.capture(model, args) keeps each module's own mode"
     )
+
+
+@lift.register
+def _(module: ModalModule, weights: Weights) -> Lifted:
+    msg = (
+        "got a module from modeswap.allow_train_eval; it switches with .train() and .eval(). "
+        "Swap the exported module it was made from instead"
+    )
+    raise NotExportedError(msg)
+
+
+@mode_of.register
+def _(module: ModalModule) -> ModeReport:
+    return module.variant.report

@@ -1,22 +1,128 @@
-"""The top level: swap an exported graph to a mode, or read the mode it is in."""
+"""One swap for every input form: lift the input into the form the passes edit, edit it once, lower it back.
+
+A ``GraphModule`` lifts to a copy of itself; an ``ExportedProgram`` to a copy
+of its lifted graph and what its signature says of the placeholders; a
+:class:`ModalModule` builds its variants from lifted copies of its own graph
+(``forms.modal``). :func:`swapped` runs the passes of a swap on the lifted
+form, and the form's ``lower`` gives back the kind the input was: a
+recompiled ``GraphModule``, a program assembled around the edited graph, or a
+modal variant. The public ``swap``, ``to_eval`` and ``to_train`` are
+:func:`swapped` with their options checked.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TypedDict, TypeVar, cast
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
+import attrs
 import torch
+from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from modeswap.forms.modal import ModalModule
-from modeswap.forms.program import swap_program
+from modeswap.forms.program import Skeleton, lifted_state, refuse_lowered
+from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
-from modeswap.passes import swap_pipeline
-from modeswap.records.errors import NotExportedError
-from modeswap.records.modes import Mode, ModeReport, Swap
+from modeswap.fx.weights import tensor_copier
+from modeswap.passes import stated_passes
+from modeswap.records.modes import Change, Mode, ModeReport, Swap
+from modeswap.records.options import Stated
+from modeswap.rewrite import warning_passes
+from modeswap.rewrite.base import Context, pipeline
 from modeswap.rewrite.report import report
 
-Exported = TypeVar("Exported", GraphModule, torch.export.ExportedProgram)
+Exported = TypeVar("Exported", GraphModule, ExportedProgram)
+Lowered = TypeVar("Lowered")
+
+
+@attrs.frozen
+class Weights:
+    """How a swap's result gets the input's parameters and buffers: cloned (the default), shared, or copy-on-write."""
+
+    share_weights: bool = False
+    copy_on_write: bool = False
+
+    def copy(self, gm: GraphModule) -> GraphModule:
+        """A copy of ``gm`` (its tree, graph and code) whose tensors are given as this record says."""
+        return copy_module(gm, share_weights=self.share_weights, copy_on_write=self.copy_on_write)
+
+
+@attrs.frozen
+class Lifted:
+    """A swap's input in the one form the passes edit: a graph module the swap owns, and what its program says."""
+
+    module: GraphModule
+    #: ``Pass.edit``'s ``buffers``, ``parameters`` and ``aliases``: empty for a GraphModule.
+    state: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
+    #: The module paths of the program's ``module_call_graph``; ``None`` for a GraphModule.
+    modules: tuple[str, ...] | None = None
+
+    def edit(self, mode: Mode, stated: Stated) -> tuple[Change, ...]:
+        """Run the passes that swap every site to ``mode`` on :attr:`module`, in place; return the changes."""
+        return pipeline(*stated_passes(mode, stated)).edit(self.module, **self.state, modules=self.modules)
+
+
+@functools.singledispatch
+def lift(module: object, weights: Weights) -> Lifted:
+    """Return ``module`` lifted into the form the passes edit; its tensors are copied as ``weights`` says."""
+    require_exported(module)  # raises, saying what to pass instead
+    raise AssertionError("require_exported accepts only GraphModules")  # pragma: no cover
+
+
+@lift.register
+def _(module: GraphModule, weights: Weights) -> Lifted:
+    return Lifted(weights.copy(require_exported(module)))
+
+
+@lift.register
+def _(program: ExportedProgram, weights: Weights) -> Lifted:
+    refuse_lowered(program)
+    modules = tuple(entry.fqn for entry in program.module_call_graph)
+    return Lifted(weights.copy(program.graph_module), lifted_state(program), modules)
+
+
+@functools.singledispatch
+def lower(original: Any, lifted: Lifted, mode: Mode, weights: Weights) -> Any:
+    """Return the swapped ``lifted`` as the kind ``original`` is: the input of :func:`lift`, not modified."""
+    msg = f"cannot lower a swap back to {type(original).__name__}"
+    raise TypeError(msg)
+
+
+@lower.register
+def _(original: GraphModule, lifted: Lifted, mode: Mode, weights: Weights) -> GraphModule:
+    for module in lifted.module.modules():
+        module.training = mode is Mode.TRAIN
+    recompile_all(lifted.module)
+    return lifted.module
+
+
+@lower.register
+def _(original: ExportedProgram, lifted: Lifted, mode: Mode, weights: Weights) -> ExportedProgram:
+    tensor = tensor_copier(share_weights=weights.share_weights, copy_on_write=weights.copy_on_write)
+
+    def tensors(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+    return Skeleton.of(original).assembled(lifted.module, tensors(original.state_dict), tensors(original.constants))
+
+
+def swapped(
+    module: Any,
+    mode: Mode,
+    stated: Stated,
+    weights: Weights = Weights(),
+    lowered: Callable[[Lifted], Lowered] | None = None,
+) -> tuple[Any, tuple[Change, ...]]:
+    """The swap primitive: lift ``module``, put every site in ``mode`` once, lower the result; and its changes.
+
+    ``module`` is not modified. ``lowered`` replaces the lowering to the
+    kind of ``module`` (a modal module lowers to a variant of its own).
+    """
+    lifted = lift(module, weights)
+    changes = lifted.edit(mode, stated)
+    result = lowered(lifted) if lowered is not None else lower(module, lifted, mode, weights)
+    return result, changes
 
 
 def swap(
@@ -68,29 +174,10 @@ def swap(
     >>> evaluated = swapped.module
     """
     target = Mode.parse(mode)
-    options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
-    if isinstance(module, torch.export.ExportedProgram):
-        program, changes = swap_program(
-            module, target, share_weights=share_weights, copy_on_write=copy_on_write, **options
-        )
-        return cast(Swap[Exported], Swap(program, target, changes))  # Exported is ExportedProgram here
-    if isinstance(module, ModalModule):
-        msg = (
-            "got a module from modeswap.allow_train_eval; it switches with .train() and .eval(). "
-            "Swap the exported module it was made from instead"
-        )
-        raise NotExportedError(msg)
-    rewrite = swap_pipeline(target, **options)
-    new, changes = rewrite.rewrite(module, share_weights=share_weights, copy_on_write=copy_on_write)
-    return Swap(new, target, changes)
-
-
-class Options(TypedDict):
-    """The options of a swap that state what the graph does not record."""
-
-    attention_dropout: float | None
-    dropout: Mapping[str, float] | None
-    keep: Sequence[str]
+    stated = Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    weights = Weights(share_weights=share_weights, copy_on_write=copy_on_write)
+    new, changes = swapped(module, target, stated, weights)
+    return cast(Swap[Exported], Swap(new, target, changes))
 
 
 def to_eval(
@@ -116,17 +203,33 @@ def to_train(
 
     >>> trainable = modeswap.to_train(gm, dropout={"encoder.layers.*.attention": 0.1})
     """
-    options = Options(attention_dropout=attention_dropout, dropout=dropout, keep=keep)
-    return swap(module, Mode.TRAIN, share_weights=share_weights, copy_on_write=copy_on_write, **options).module
+    return swap(
+        module,
+        Mode.TRAIN,
+        share_weights=share_weights,
+        copy_on_write=copy_on_write,
+        attention_dropout=attention_dropout,
+        dropout=dropout,
+        keep=keep,
+    ).module
 
 
-def mode_of(module: GraphModule | torch.export.ExportedProgram | ModalModule) -> ModeReport:
+@functools.singledispatch
+def mode_of(module: Any) -> ModeReport:
     """Return the :class:`ModeReport` of ``module``, read off its graph; ``module`` is not modified.
 
-    For a module from :func:`allow_train_eval`, that is the graph of its current mode.
+    ``module`` is a ``GraphModule``, an ``ExportedProgram``, or a module from
+    :func:`allow_train_eval`: for that, the report of its current mode's graph.
     """
-    if isinstance(module, torch.export.ExportedProgram):
-        return report(module.graph_module)
-    if isinstance(module, ModalModule):
-        return module.variant.report
     return report(require_exported(module))
+
+
+@mode_of.register
+def _(module: ExportedProgram) -> ModeReport:
+    return report(module.graph_module)
+
+
+def warn_unread_state(program: ExportedProgram) -> None:
+    """Warn, as a swap of ``program`` to train would, about modules whose state no node reads and that never ran."""
+    gm = program.graph_module
+    warning_passes.warn_unread_state(gm, Context.of(gm, **lifted_state(program)), Stated())

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from typing import Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, NoReturn, TypeVar
 
 import attrs
 
 from modeswap.records.errors import UnknownModeError
 
+if TYPE_CHECKING:
+    from torch.fx import Node
+
 #: A literal argument of a graph node, as it appears in ``node.args``.
 Scalar = bool | int | float | str | None
 
-#: What a site does: the row of the semantics table it belongs to, one of ``modeswap.table.rules.KINDS``.
-Kind = str
+#: What a site does: the row of the semantics table it belongs to. ``modeswap.table.rules.KINDS`` lists the
+#: kinds its rules and idioms have, in this order; a test holds the two to the same list.
+Kind = Literal["dropout", "batch_norm", "instance_norm", "rrelu", "attention", "rnn", "drop_path"]
 
 M = TypeVar("M")
 
@@ -146,7 +150,7 @@ class Swap(Generic[M]):
 class Memo:
     """Training-mode values an eval rewrite overwrote, kept for the way back.
 
-    Lives in the rewritten node's ``meta["custom"]`` (see ``graphs.MEMO_KEY``).
+    Lives in the rewritten node's ``meta["custom"]`` (see :data:`MEMO_KEY`).
     ``values`` maps a schema argument name to the value it had in train mode;
     ``counter`` names the node a batch norm incremented as ``num_batches_tracked``;
     ``removed`` is the JSON of the ops a drop path ran in train mode (see ``idioms``);
@@ -157,3 +161,30 @@ class Memo:
     counter: str | None = None
     removed: str | None = None
     kept: bool | None = None
+
+
+#: The key under ``node.meta["custom"]`` where a rewrite keeps its :class:`Memo`.
+#: ``torch.export.save`` keeps only ``meta["custom"]`` of a node's meta, as JSON,
+#: so the memo is stored there, as a plain dict, to survive a save and load.
+MEMO_KEY = "modeswap"
+
+
+def memo_of(node: Node) -> Memo | None:
+    """The memo a previous eval rewrite left on ``node``."""
+    stored = node.meta.get("custom", {}).get(MEMO_KEY)
+    return None if stored is None else Memo(**stored)
+
+
+def set_memo(node: Node, memo: Memo | None) -> None:
+    """Store ``memo`` on ``node`` (or remove it), leaving other ``custom`` entries alone.
+
+    Node meta is copied shallowly with the graph, so ``meta["custom"]`` may be
+    the very dict the original node holds: replace it, never edit it in place.
+    """
+    custom = {k: v for k, v in node.meta.get("custom", {}).items() if k != MEMO_KEY}
+    if memo is not None:
+        custom[MEMO_KEY] = {k: v for k, v in attrs.asdict(memo).items() if v is not None}
+    if custom:
+        node.meta["custom"] = custom
+    else:
+        node.meta.pop("custom", None)

@@ -18,9 +18,10 @@ import toolz
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
+from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
-from modeswap.fx.graphs import calls, copy_module, graph_modules, memo_of, module_path, recompile_all
-from modeswap.records.modes import Change, Mode
+from modeswap.fx.graphs import calls, graph_modules, module_path
+from modeswap.records.modes import Change, Mode, memo_of
 from modeswap.table.rules import RULES, PerNode
 
 

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from modeswap.fx.graphs import get_argument, graph_modules, memo_of, module_path, qualified_name
-from modeswap.records.modes import Mode, ModeReport, Params, Scalar, Site
-from modeswap.rewrite import idioms
+from modeswap.fx.graphs import get_argument, graph_modules, module_path, qualified_name
+from modeswap.records.modes import Mode, ModeReport, Params, Scalar, Site, memo_of
 from modeswap.rewrite.base import Context
-from modeswap.rewrite.flag_swap import UNKNOWN, recorded_probability
+from modeswap.rewrite.occurrence import UNKNOWN, recorded_probability
+from modeswap.table.idiom_matching import idiom_of, markers, matches
 from modeswap.table.rules import RULES, Idiom, PerNode, Rule, rule_for
 
 
@@ -81,11 +81,9 @@ def idiom_sites(gm: GraphModule) -> Iterator[Site]:
     """Yield a :class:`Site` for every idiom of ``gm`` (drop path): a train graph's ops, or what an eval swap left."""
     for path, module in graph_modules(gm):
         found: list[tuple[Node, Idiom, Scalar, Mode]] = [
-            (m.output, m.idiom, m.keep, Mode.TRAIN) for m in idioms.matches(module.graph)
+            (m.output, m.idiom, m.keep, Mode.TRAIN) for m in matches(module.graph)
         ]
-        found += [
-            (n, idioms.idiom_of(memo), memo.values["keep"], Mode.EVAL) for n, memo in idioms.markers(module.graph)
-        ]
+        found += [(n, idiom_of(memo), memo.values["keep"], Mode.EVAL) for n, memo in markers(module.graph)]
         for node, idiom, keep, mode in found:
             memo = memo_of(node)
             yield Site(
@@ -103,7 +101,7 @@ def random_nodes(gm: GraphModule) -> Iterator[tuple[str, Node]]:
     """Yield the name and node of every node that draws random numbers and that no rule or idiom owns."""
     seeded = torch.Tag.nondeterministic_seeded
     for path, module in graph_modules(gm):
-        owned = {node for found in idioms.matches(module.graph) for node in found.nodes}
+        owned = {node for found in matches(module.graph) for node in found.nodes}
         for node in module.graph.nodes:
             target = node.target
             if (

@@ -26,7 +26,6 @@ from modeswap.fx.graphs import (
     enclosing,
     graph_modules,
     innermost_module,
-    memo_of,
     module_path,
     module_paths,
     qualified_name,
@@ -38,11 +37,11 @@ from modeswap.records.errors import (
     NondeterministicEvalWarning,
     TrainingBranchWarning,
     UnknownTrainingValueWarning,
-    UnsupportedGraphError,
+    lowered,
 )
-from modeswap.records.modes import Change, Mode
+from modeswap.records.modes import Change, Mode, memo_of
 from modeswap.records.options import Stated, decide
-from modeswap.rewrite import flag_swap
+from modeswap.rewrite import occurrence
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import Occurrence
 from modeswap.rewrite.report import idiom_sites, random_nodes
@@ -226,7 +225,7 @@ def preflight(
     recorded: list[tuple[str, Any]] = []  # (module path, training value) of the sites whose value the graph records
     checked: list[Occurrence] = []
     for kind in dict.fromkeys(rule.kind for rule in RULES):
-        for target in flag_swap.occurrences(gm, context, kind, mode, told):
+        for target in occurrence.occurrences(gm, context, kind, mode, told):
             path = module_path(target.node)
             paths.append(path)
             memo = memo_of(target.node)
@@ -237,9 +236,9 @@ def preflight(
                 probabilities[kept].append(path)
             if mode is not Mode.TRAIN or kept:
                 continue
-            if flag_swap.holds(target):
+            if occurrence.holds(target):
                 spoken.add(path)
-            if (training := flag_swap.recorded_training(target)) is not None and training[1] is not flag_swap.UNKNOWN:
+            if (training := occurrence.recorded_training(target)) is not None and training[1] is not occurrence.UNKNOWN:
                 recorded.append((path, training[1]))
             if kind in kinds and told.reaches(path):
                 checked.append(target)
@@ -252,8 +251,8 @@ def preflight(
     unknown: list[Occurrence] = []
     for target in checked:
         _refuse_contradiction(target, spoken)
-        training = flag_swap.training_probability(target)
-        if training is not None and training[1] is flag_swap.UNKNOWN:
+        training = occurrence.training_probability(target)
+        if training is not None and training[1] is occurrence.UNKNOWN:
             unknown.append(target)
     if unknown:
         _warn_unknown(unknown, recorded)
@@ -268,7 +267,7 @@ def _refuse_contradiction(target: Occurrence, spoken: set[str]) -> None:
     they record, unremarked: ``F.dropout(h, p=0.1)`` beside
     ``F.dropout(w, p=0.2 if self.training else 0.0)``.
     """
-    found = flag_swap.contradiction(target)
+    found = occurrence.contradiction(target)
     if found is None:
         return
     path = module_path(target.node)
@@ -316,14 +315,11 @@ def refuse_decomposed(gm: GraphModule) -> None:
                 descendants += [(path, node, src) for src in _ancestors(node) if src.target in _SITE_TARGETS]
     for path, node, source in descendants:
         if _key(source) not in survivors:
-            lowered = describe(qualified_name(path, node), node)
-            msg = (
-                f"the graph was lowered by ExportedProgram.run_decompositions(): {lowered} comes from "
-                f"{source.target} node {source.name!r}, which the graph no longer has. Lowering erases an eval "
-                "dropout and fuses batch norm, so no swap can tell what the model did. Swap the program "
-                "torch.export.export returns, then call run_decompositions() on the result."
+            found = describe(qualified_name(path, node), node)
+            raise lowered(
+                f"the graph is not the TRAINING IR torch.export.export returns: {found} comes from "
+                f"{source.target} node {source.name!r}, which the graph no longer has"
             )
-            raise UnsupportedGraphError(msg)
 
 
 #: The ops of every site, as a node's provenance writes them ("aten.dropout.default").

@@ -14,8 +14,8 @@ import attrs
 import torch
 from torch.fx import Node
 
-from modeswap.fx.graphs import get_argument, innermost_module, memo_of
-from modeswap.records.modes import Mode, Scalar
+from modeswap.fx.graphs import get_argument, innermost_module
+from modeswap.records.modes import Kind, Mode, Scalar, memo_of
 
 aten = torch.ops.aten
 
@@ -53,7 +53,7 @@ class Counter:
 class Rule:
     """How one op encodes ``module.training`` in a graph."""
 
-    kind: str
+    kind: Kind
     ops: tuple[torch._ops.OpOverload, ...]  # every overload export may emit
     flag: str  # the schema argument that carries the mode
     train: Scalar | PerNode  # its value in train mode
@@ -70,6 +70,8 @@ class Rule:
     # routes every later use of the input through the node, and an eval graph cannot tell those
     # uses from the op's own.
     eval_aliases: tuple[torch._ops.OpOverload, ...] = ()
+    # In eval mode the op returns its input's values (a dropout): what compares two graphs reads through it.
+    identity_in_eval: bool = False
 
     def applies(self, node: Node) -> bool:
         """Whether ``node``'s behaviour depends on the mode under this rule."""
@@ -129,6 +131,7 @@ RULES: tuple[Rule, ...] = (
             aten.alpha_dropout.default,
             aten.feature_alpha_dropout.default,
         ),
+        identity_in_eval=True,
     ),
     Rule(
         "batch_norm",
@@ -220,7 +223,7 @@ class Idiom:
     feeds only the next one, so eval can remove them all.
     """
 
-    kind: str
+    kind: Kind
     name: str
     pattern: Op
 
@@ -350,7 +353,7 @@ def resolve(names: Iterable[str]) -> list[torch._ops.OpOverload]:
 
 
 #: Every kind of site, in the order the swap passes run: the rules', then the idioms'.
-KINDS: tuple[str, ...] = tuple(dict.fromkeys([*(rule.kind for rule in RULES), *(idiom.kind for idiom in IDIOMS)]))
+KINDS: tuple[Kind, ...] = tuple(dict.fromkeys([*(rule.kind for rule in RULES), *(idiom.kind for idiom in IDIOMS)]))
 
 
 def rule_for(node: Node) -> Rule | None:

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 import modeswap
 from modeswap import Change, Memo, Mode, UnknownTrainingValueWarning, UnsupportedGraphError
-from modeswap.fx.graphs import memo_of
+from modeswap.records.modes import memo_of
 from modeswap.testing import (
     Snapshot,
     assert_mode_equivalent,

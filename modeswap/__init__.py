@@ -9,62 +9,73 @@ The names below load on first use (PEP 562), so that ``import modeswap`` and
 
 from __future__ import annotations
 
+import ast
 import importlib
+import pathlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from modeswap import passes, testing
-    from modeswap.eager.check import capture, check
-    from modeswap.eager.fidelity import Cause, Difference, Direction, Fidelity, Options
-    from modeswap.files.archive import load, save
-    from modeswap.forms.modal import ModalModule, allow_train_eval
-    from modeswap.forms.swap import mode_of, swap, to_eval, to_train
-    from modeswap.fx.exported import is_exported
-    from modeswap.records.errors import (
-        InvalidOptionError,
-        MixedModeWarning,
-        ModeswapError,
-        ModeswapWarning,
-        NondeterministicEvalWarning,
-        NotExportedError,
-        RecomputedUpdateWarning,
-        TrainingBranchWarning,
-        UnknownModeError,
-        UnknownTrainingValueWarning,
-        UnsupportedGraphError,
+if TYPE_CHECKING:  # the one list of public names: type checkers read it, and so does _homes() below
+    from modeswap import passes as passes, testing as testing
+    from modeswap.eager.check import capture as capture, check as check
+    from modeswap.eager.fidelity import (
+        Cause as Cause,
+        Difference as Difference,
+        Direction as Direction,
+        Fidelity as Fidelity,
+        Options as Options,
     )
-    from modeswap.records.modes import Change, Memo, Mode, ModeReport, Params, Site, Swap
-    from modeswap.rewrite.base import Pass, pipeline
+    from modeswap.files.archive import load as load, save as save
+    from modeswap.forms.modal import ModalModule as ModalModule, allow_train_eval as allow_train_eval
+    from modeswap.forms.swap import mode_of as mode_of, swap as swap, to_eval as to_eval, to_train as to_train
+    from modeswap.fx.exported import is_exported as is_exported
+    from modeswap.records.errors import (
+        InvalidOptionError as InvalidOptionError,
+        MixedModeWarning as MixedModeWarning,
+        ModeswapError as ModeswapError,
+        ModeswapWarning as ModeswapWarning,
+        NondeterministicEvalWarning as NondeterministicEvalWarning,
+        NotExportedError as NotExportedError,
+        RecomputedUpdateWarning as RecomputedUpdateWarning,
+        TrainingBranchWarning as TrainingBranchWarning,
+        UnknownModeError as UnknownModeError,
+        UnknownTrainingValueWarning as UnknownTrainingValueWarning,
+        UnsupportedGraphError as UnsupportedGraphError,
+    )
+    from modeswap.records.modes import (
+        Change as Change,
+        Memo as Memo,
+        Mode as Mode,
+        ModeReport as ModeReport,
+        Params as Params,
+        Site as Site,
+        Swap as Swap,
+    )
+    from modeswap.rewrite.base import Pass as Pass, pipeline as pipeline
 
 from modeswap.records.version import VERSION
 
 __version__ = VERSION
 
-#: Where each public name lives; the imports above say the same to type checkers.
-_HOMES = {
-    "modeswap.files.archive": ("load", "save"),
-    "modeswap.records.errors": (
-        "InvalidOptionError",
-        "MixedModeWarning",
-        "ModeswapError",
-        "ModeswapWarning",
-        "NondeterministicEvalWarning",
-        "NotExportedError",
-        "RecomputedUpdateWarning",
-        "TrainingBranchWarning",
-        "UnknownModeError",
-        "UnknownTrainingValueWarning",
-        "UnsupportedGraphError",
-    ),
-    "modeswap.eager.check": ("capture", "check"),
-    "modeswap.fx.exported": ("is_exported",),
-    "modeswap.eager.fidelity": ("Cause", "Difference", "Direction", "Fidelity", "Options"),
-    "modeswap.forms.modal": ("ModalModule", "allow_train_eval"),
-    "modeswap.records.modes": ("Change", "Memo", "Mode", "ModeReport", "Params", "Site", "Swap"),
-    "modeswap.rewrite.base": ("Pass", "pipeline"),
-    "modeswap.forms.swap": ("mode_of", "swap", "to_eval", "to_train"),
-}
-_HOME_OF = {name: home for home, names in _HOMES.items() for name in names}
+
+def _homes() -> dict[str, str]:
+    """Each public name -> the module that defines it (a submodule -> itself), read off the imports above.
+
+    The imports under ``TYPE_CHECKING`` are the one list of the public names
+    (scientific-python's ``lazy_loader.attach_stub`` reads a stub file so):
+    type checkers see them, and at run time each name loads on first use.
+    """
+    tree = ast.parse(pathlib.Path(__file__).read_text(encoding="utf-8"))
+    (block,) = (node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    return {
+        alias.asname or alias.name: (f"{imp.module}.{alias.name}" if imp.module == __name__ else str(imp.module))
+        for imp in block.body
+        if isinstance(imp, ast.ImportFrom)
+        for alias in imp.names
+    }
+
+
+_HOME_OF = _homes()
+__all__ = sorted(_HOME_OF)
 
 
 # Hidden from type checkers, which see the imports above and flag a misspelt name instead of typing it object.
@@ -72,7 +83,8 @@ if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
         if name in _HOME_OF:
-            value = getattr(importlib.import_module(_HOME_OF[name]), name)
+            home = importlib.import_module(_HOME_OF[name])
+            value = home if home.__name__ == f"{__name__}.{name}" else getattr(home, name)
             globals()[name] = value  # later lookups find it without coming here
             return value
         # A submodule (modeswap.passes, modeswap.testing, modeswap.fx.graphs) loads on first use too.
@@ -87,45 +99,3 @@ if not TYPE_CHECKING:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-__all__ = [
-    "Cause",
-    "Change",
-    "Difference",
-    "Direction",
-    "Fidelity",
-    "InvalidOptionError",
-    "Memo",
-    "MixedModeWarning",
-    "ModalModule",
-    "Mode",
-    "ModeReport",
-    "ModeswapError",
-    "ModeswapWarning",
-    "NondeterministicEvalWarning",
-    "NotExportedError",
-    "Options",
-    "Params",
-    "Pass",
-    "RecomputedUpdateWarning",
-    "Site",
-    "Swap",
-    "TrainingBranchWarning",
-    "UnknownModeError",
-    "UnknownTrainingValueWarning",
-    "UnsupportedGraphError",
-    "allow_train_eval",
-    "capture",
-    "check",
-    "is_exported",
-    "load",
-    "mode_of",
-    "passes",
-    "pipeline",
-    "save",
-    "swap",
-    "testing",
-    "to_eval",
-    "to_train",
-]

@@ -22,7 +22,7 @@ from modeswap.records.modes import Change, Kind, Mode
 from modeswap.records.options import Stated
 from modeswap.rewrite import flag_swap, idioms, warning_passes
 from modeswap.rewrite.base import Context, Kernel, Pass, for_pass_manager, pipeline
-from modeswap.table.rules import IDIOMS, KINDS, RULES, PerNode
+from modeswap.table.rules import IDIOMS, KINDS, RULES, Sentinel
 
 __all__ = [
     "SWAPS",
@@ -165,9 +165,9 @@ def _factory(kind: Kind) -> Factory:
     rules = [rule for rule in RULES if rule.kind == kind]
     idioms_of_kind = [idiom for idiom in IDIOMS if idiom.kind == kind]
     takes = {"keep"}
-    if any(rule.gated is not None or rule.train is PerNode.VALUE for rule in rules):
+    if any(rule.gated is not None or rule.train is Sentinel.PER_NODE for rule in rules):
         takes.add("dropout")
-    if any(rule.train is PerNode.VALUE for rule in rules):
+    if any(rule.train is Sentinel.PER_NODE for rule in rules):
         takes.add("attention_dropout")
     name = f"swap_{kind}"
 

@@ -25,9 +25,9 @@ from modeswap.records.errors import InvalidOptionError
 from modeswap.records.modes import Mode
 from modeswap.records.options import decide, matches
 from modeswap.rewrite.base import Context
-from modeswap.rewrite.occurrence import UNKNOWN, recorded_probability
+from modeswap.rewrite.occurrence import recorded_probability
 from modeswap.rewrite.report import rule_nodes
-from modeswap.table.rules import PerNode
+from modeswap.table.rules import Sentinel
 
 #: A numbered component of a module path: ``3`` in ``layers.3.attention``.
 _NUMBERED = re.compile(r"(?<![^.])\d+(?![^.])")
@@ -423,12 +423,12 @@ def _probability_sites(gm: GraphModule, unknown: list[Difference]) -> Iterator[_
     }
     captured = Context.of(gm).captured()
     for _, node, rule in rule_nodes(gm):
-        argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
+        argument = rule.flag if rule.train is Sentinel.PER_NODE else rule.gated
         if argument is None:
             continue
-        path, attention = module_path(node), rule.train is PerNode.VALUE
+        path, attention = module_path(node), rule.train is Sentinel.PER_NODE
         recorded = recorded_probability(rule, node, captured)
-        unknown_value = recorded is not None and recorded[1] is UNKNOWN
+        unknown_value = recorded is not None and recorded[1] is Sentinel.UNKNOWN
         if (path, attention) in wanted:
             value = wanted[path, attention]
         elif recorded is not None and not unknown_value:

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from modeswap.fx.graphs import attribute, get_argument, graph_modules, module_path
 from modeswap.records.modes import Mode, memo_of
 from modeswap.table.idiom_matching import matches
-from modeswap.table.rules import PerNode, rule_for
+from modeswap.table.rules import Sentinel, rule_for
 
 #: Ops whose result has their input's values: an alias, and ``contiguous``, which export keeps or drops
 #: with the strides a kernel happens to return (an attention kernel's differ between train and eval).
@@ -419,8 +419,8 @@ def _differing(
             ops=(_op_name(want_node),),
             argument=name,
             values=(a, b),
-            flag=rule is not None and name == rule.flag and rule.train is not PerNode.VALUE,
-            per_node=rule is not None and name == rule.flag and rule.train is PerNode.VALUE,
+            flag=rule is not None and name == rule.flag and rule.train is not Sentinel.PER_NODE,
+            per_node=rule is not None and name == rule.flag and rule.train is Sentinel.PER_NODE,
             gated=rule is not None and name == rule.gated,
         )
 

@@ -19,9 +19,9 @@ from modeswap.records.modes import Change, Memo, Mode, memo_of, set_memo
 from modeswap.records.options import Stated
 from modeswap.rewrite import counters
 from modeswap.rewrite.base import Context
-from modeswap.rewrite.occurrence import UNKNOWN, Occurrence, occurrences, stays, training_probability
+from modeswap.rewrite.occurrence import Occurrence, occurrences, stays, training_probability
 from modeswap.table import aliases
-from modeswap.table.rules import PerNode
+from modeswap.table.rules import Sentinel
 
 
 def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Stated) -> list[Change]:
@@ -46,7 +46,7 @@ def _to_eval(t: Occurrence) -> list[Change]:
     rule, node = t.rule, t.node
     value = _literal_flag(t)
     if value == rule.eval:
-        if rule.train is PerNode.VALUE and t.captured is Mode.TRAIN and memo_of(node) is None:
+        if rule.train is Sentinel.PER_NODE and t.captured is Mode.TRAIN and memo_of(node) is None:
             set_memo(node, Memo({rule.flag: value}))  # 0.0 is this node's training value: keep it known
         return []
     # A value a blind train swap left unknown (None) stays unknown.
@@ -67,8 +67,8 @@ def _to_train(t: Occurrence) -> list[Change]:
     memo = memo_of(node)
     training = training_probability(t)
     # preflight warns about an unknown value; the memo says it stays unknown, for a later swap to state.
-    unknown = Memo({training[0]: None}) if training is not None and training[1] is UNKNOWN else None
-    if rule.train is PerNode.VALUE:
+    unknown = Memo({training[0]: None}) if training is not None and training[1] is Sentinel.UNKNOWN else None
+    if rule.train is Sentinel.PER_NODE:
         assert training is not None  # a per-node flag is a probability
         train = training[1]
         if unknown is not None:
@@ -86,7 +86,7 @@ def _to_train(t: Occurrence) -> list[Change]:
     if value != train:
         set_argument(node, rule.flag, train)
         changes.append(Change(t.name, str(node.target), rule.flag, value, train))
-    if training is not None and training[0] != rule.flag and training[1] is not UNKNOWN:
+    if training is not None and training[0] != rule.flag and training[1] is not Sentinel.UNKNOWN:
         argument, p = training
         if (held := get_argument(node, argument)) != p:
             set_argument(node, argument, p)
@@ -124,7 +124,7 @@ def _refuse_aliased(t: Occurrence) -> None:
     if t.node.target not in t.rule.eval_aliases:
         return
     training = training_probability(t)
-    if training is not None and training[1] is not UNKNOWN and training[1] == 0.0:
+    if training is not None and training[1] is not Sentinel.UNKNOWN and training[1] == 0.0:
         return
     uses = _uses(t.node)
     if uses <= 1 or not aliases.returns_input(t.node):

@@ -20,7 +20,7 @@ from modeswap.fx.graphs import calls, describe, get_argument, graph_modules, mod
 from modeswap.records.errors import UnsupportedGraphError, lowered
 from modeswap.records.modes import Memo, Mode, memo_of, set_memo
 from modeswap.records.options import Stated
-from modeswap.table.rules import DECOMPOSED, EVAL_ONLY, RULES, PerNode, Rule, resolve
+from modeswap.table.rules import DECOMPOSED, EVAL_ONLY, RULES, Rule, Sentinel, resolve
 
 if TYPE_CHECKING:
     from modeswap.rewrite.base import Context
@@ -56,10 +56,6 @@ def stays(node: Node, stated: Stated) -> bool:
         return False
     set_memo(node, attrs.evolve(memo or Memo(), kept=True))
     return True
-
-
-#: The training value of a node that neither the node nor the graph records.
-UNKNOWN: Any = object()
 
 
 @functools.cache
@@ -98,12 +94,12 @@ def training_probability(t: Occurrence) -> tuple[str, Any] | None:
 
     The value is the one the graph records, else the one the user states
     (``dropout=``, then ``attention_dropout=`` for attention), else what the
-    graph's mode suggests (see :func:`_inferred`), else :data:`UNKNOWN`. A
+    graph's mode suggests (see :func:`_inferred`), else :data:`Sentinel.UNKNOWN`. A
     recorded value wins over a stated one; :func:`contradiction` says where
     they differ, and ``preflight`` raises there.
     """
     recorded = recorded_training(t)
-    if recorded is None or recorded[1] is not UNKNOWN:
+    if recorded is None or recorded[1] is not Sentinel.UNKNOWN:
         return recorded
     stated = stated_training(t)
     if stated is not None:
@@ -114,13 +110,13 @@ def training_probability(t: Occurrence) -> tuple[str, Any] | None:
 def recorded_training(t: Occurrence) -> tuple[str, Any] | None:
     """The probability argument of ``t`` that train mode may set, and the training value the graph records, or ``None``.
 
-    The value is :data:`UNKNOWN` where the graph records none, and where it is
+    The value is :data:`Sentinel.UNKNOWN` where the graph records none, and where it is
     only inferred from the mode the graph seems to be in: what the user states
     wins over that inference.
     """
     recorded = recorded_probability(t.rule, t.node, t.captured)
     if recorded is not None and _inferred(t):
-        return recorded[0], UNKNOWN
+        return recorded[0], Sentinel.UNKNOWN
     return recorded
 
 
@@ -134,7 +130,7 @@ def stated_training(t: Occurrence) -> tuple[str, float] | None:
     if decided is not None:
         pattern, p = decided
         return f"dropout={{{pattern!r}: {p}}}", p
-    if t.rule.train is PerNode.VALUE and t.stated.attention_dropout is not None:
+    if t.rule.train is Sentinel.PER_NODE and t.stated.attention_dropout is not None:
         return f"attention_dropout={t.stated.attention_dropout}", t.stated.attention_dropout
     return None
 
@@ -148,7 +144,7 @@ def holds(t: Occurrence) -> bool:
     if recorded is None:
         return False
     decided = t.stated.dropout_for(module_path(t.node))
-    if recorded[1] is UNKNOWN:
+    if recorded[1] is Sentinel.UNKNOWN:
         return True
     return decided is not None and not isinstance(recorded[1], Node) and recorded[1] == decided[1]
 
@@ -160,7 +156,7 @@ def contradiction(t: Occurrence) -> str | None:
     compared, so any statement of it is refused.
     """
     recorded, stated = recorded_training(t), stated_training(t)
-    if recorded is None or stated is None or recorded[1] is UNKNOWN:
+    if recorded is None or stated is None or recorded[1] is Sentinel.UNKNOWN:
         return None
     (argument, value), (option, p) = recorded, stated
     if not isinstance(value, Node) and value == p:
@@ -190,7 +186,7 @@ def _inferred(t: Occurrence) -> bool:
     than a stated value.
     """
     rule, node = t.rule, t.node
-    return rule.train is PerNode.VALUE and memo_of(node) is None and get_argument(node, rule.flag) == rule.eval
+    return rule.train is Sentinel.PER_NODE and memo_of(node) is None and get_argument(node, rule.flag) == rule.eval
 
 
 def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple[str, Any] | None:
@@ -201,24 +197,24 @@ def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple
     is what a memo or a train-mode literal records, any ``p`` but 0.0 (no mode
     gives it: eager code zeroes ``p`` outside training, it sets no other
     value), and 0.0 in an ``nn.Dropout`` (whose ``p`` does not depend on the
-    mode); else it is :data:`UNKNOWN`. ``None`` for a node with no probability
+    mode); else it is :data:`Sentinel.UNKNOWN`. ``None`` for a node with no probability
     that a mode may zero.
     """
     memo = memo_of(node)
-    argument = rule.flag if rule.train is PerNode.VALUE else rule.gated
+    argument = rule.flag if rule.train is Sentinel.PER_NODE else rule.gated
     if argument is None:
         return None
     if memo is not None and argument in memo.values:
         held = memo.values[argument]  # None: a train swap met it unknown
-        return argument, UNKNOWN if held is None else held
+        return argument, Sentinel.UNKNOWN if held is None else held
     value = get_argument(node, argument)
-    if rule.train is PerNode.VALUE:
-        return argument, value if value != rule.eval or captured is Mode.TRAIN else UNKNOWN
+    if rule.train is Sentinel.PER_NODE:
+        return argument, value if value != rule.eval or captured is Mode.TRAIN else Sentinel.UNKNOWN
     if isinstance(value, Node) or value != 0.0:
         return argument, value  # what eager computes in both modes
     in_eval = get_argument(node, rule.flag) == rule.eval
     known = memo is not None or not in_eval or not rule.functional(node)
-    return argument, 0.0 if known else UNKNOWN
+    return argument, 0.0 if known else Sentinel.UNKNOWN
 
 
 def _refuse_decomposed(name: str, node: Node) -> None:

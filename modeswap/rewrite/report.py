@@ -10,9 +10,9 @@ from torch.fx import Graph, GraphModule, Node
 from modeswap.fx.graphs import get_argument, graph_modules, module_path, qualified_name
 from modeswap.records.modes import Mode, ModeReport, Params, Scalar, Site, memo_of
 from modeswap.rewrite.base import Context
-from modeswap.rewrite.occurrence import UNKNOWN, recorded_probability
+from modeswap.rewrite.occurrence import recorded_probability
 from modeswap.table.idiom_matching import idiom_of, markers, matches
-from modeswap.table.rules import RULES, Idiom, PerNode, Rule, rule_for
+from modeswap.table.rules import RULES, Idiom, Rule, Sentinel, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
@@ -26,7 +26,7 @@ def sites(gm: GraphModule) -> Iterator[Site]:
         mode = rule.mode(node) or Mode.EVAL
         params = {name: _literal(get_argument(node, name)) for name in rule.params}
         memo = memo_of(node)
-        if rule.train is PerNode.VALUE and memo is not None:
+        if rule.train is Sentinel.PER_NODE and memo is not None:
             params[f"training_{rule.flag}"] = memo.values.get(rule.flag)
         recorded = recorded_probability(rule, node, captured)
         yield Site(
@@ -38,7 +38,7 @@ def sites(gm: GraphModule) -> Iterator[Site]:
             params=Params(params),
             functional=rule.functional(node),
             kept=bool(memo is not None and memo.kept),
-            known=recorded is None or recorded[1] is not UNKNOWN,
+            known=recorded is None or recorded[1] is not Sentinel.UNKNOWN,
         )
 
 
@@ -56,7 +56,7 @@ def tells_mode(site: Site) -> bool:
         and site.params.get(rule.flag) == rule.eval
         and site.params.get(f"training_{rule.flag}") is None
         for rule in RULES
-        if rule.train is PerNode.VALUE
+        if rule.train is Sentinel.PER_NODE
     )
 
 

@@ -45,7 +45,7 @@ from modeswap.rewrite import occurrence
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import Occurrence
 from modeswap.rewrite.report import idiom_sites, random_nodes
-from modeswap.table.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, PerNode, rule_for
+from modeswap.table.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, Sentinel, rule_for
 
 _SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
@@ -225,23 +225,23 @@ def preflight(
     recorded: list[tuple[str, Any]] = []  # (module path, training value) of the sites whose value the graph records
     checked: list[Occurrence] = []
     for kind in dict.fromkeys(rule.kind for rule in RULES):
-        for target in occurrence.occurrences(gm, context, kind, mode, told):
-            path = module_path(target.node)
+        for site in occurrence.occurrences(gm, context, kind, mode, told):
+            path = module_path(site.node)
             paths.append(path)
-            memo = memo_of(target.node)
+            memo = memo_of(site.node)
             kept = bool(memo is not None and memo.kept) or told.keeps(path)
-            if target.rule.train is PerNode.VALUE:
+            if site.rule.train is Sentinel.PER_NODE:
                 attention[kept or told.dropout_for(path) is not None].append(path)
-            if target.rule.gated is not None or target.rule.train is PerNode.VALUE:
+            if site.rule.gated is not None or site.rule.train is Sentinel.PER_NODE:
                 probabilities[kept].append(path)
             if mode is not Mode.TRAIN or kept:
                 continue
-            if occurrence.holds(target):
+            if occurrence.holds(site):
                 spoken.add(path)
-            if (training := occurrence.recorded_training(target)) is not None and training[1] is not occurrence.UNKNOWN:
+            if (training := occurrence.recorded_training(site)) is not None and training[1] is not Sentinel.UNKNOWN:
                 recorded.append((path, training[1]))
             if kind in kinds and told.reaches(path):
-                checked.append(target)
+                checked.append(site)
     paths += [site.module_path for site in idiom_sites(gm)]
     _refuse_unmatched(told.keep, paths, "keep", "no site")
     patterns = [pattern for pattern, _ in told.dropout]
@@ -249,11 +249,11 @@ def preflight(
     if told.attention_dropout is not None:
         _refuse_unreached(told, attention)
     unknown: list[Occurrence] = []
-    for target in checked:
-        _refuse_contradiction(target, spoken)
-        training = occurrence.training_probability(target)
-        if training is not None and training[1] is occurrence.UNKNOWN:
-            unknown.append(target)
+    for site in checked:
+        _refuse_contradiction(site, spoken)
+        training = occurrence.training_probability(site)
+        if training is not None and training[1] is Sentinel.UNKNOWN:
+            unknown.append(site)
     if unknown:
         _warn_unknown(unknown, recorded)
     return ()
@@ -394,7 +394,7 @@ def _warn_unknown(unknown: list[Occurrence], recorded: Sequence[tuple[str, Any]]
         "or code has the values):\n"
         f"  modeswap.to_train(gm, dropout={{\n{mapping}\n  }})"
     )
-    if any(t.rule.train is PerNode.VALUE for t in unknown):
+    if any(t.rule.train is Sentinel.PER_NODE for t in unknown):
         msg += "\nor give the attention nodes no pattern states one value: modeswap.to_train(gm, attention_dropout=p)"
     warning = UnknownTrainingValueWarning(
         msg, suggestion=suggestion | beside, groups={name: tuple(found) for name, found in paths.items()}

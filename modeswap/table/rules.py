@@ -20,10 +20,13 @@ from modeswap.records.modes import Kind, Mode, Scalar, memo_of
 aten = torch.ops.aten
 
 
-class PerNode(enum.Enum):
-    """The training value differs from node to node and is remembered, not known."""
+class Sentinel(enum.Enum):
+    """What a rule or a site holds where a literal would be."""
 
-    VALUE = "per node"
+    #: A rule's training value that differs from node to node: remembered in each node's memo (attention's dropout_p).
+    PER_NODE = "per node"
+    #: A site's training value that neither the node nor the graph records.
+    UNKNOWN = "unknown"
 
 
 @attrs.frozen
@@ -56,7 +59,7 @@ class Rule:
     kind: Kind
     ops: tuple[torch._ops.OpOverload, ...]  # every overload export may emit
     flag: str  # the schema argument that carries the mode
-    train: Scalar | PerNode  # its value in train mode
+    train: Scalar | Sentinel  # its value in train mode
     eval: Scalar  # its value in eval mode
     family: tuple[str, ...]  # type-name prefixes of the modules that call the op and follow their mode
     params: tuple[str, ...] = ()  # literals a Site reports; never changed
@@ -82,7 +85,7 @@ class Rule:
         value = get_argument(node, self.flag)
         if value != self.eval:
             return Mode.TRAIN
-        if self.train is PerNode.VALUE and getattr(memo_of(node), "values", {}).get(self.flag) is None:
+        if self.train is Sentinel.PER_NODE and getattr(memo_of(node), "values", {}).get(self.flag) is None:
             return None  # e.g. attention with dropout_p=0.0: nothing tells
         return Mode.EVAL
 
@@ -168,7 +171,7 @@ RULES: tuple[Rule, ...] = (
         "attention",
         (aten.scaled_dot_product_attention.default,),
         flag="dropout_p",
-        train=PerNode.VALUE,
+        train=Sentinel.PER_NODE,
         eval=0.0,
         family=("torch.nn.modules.activation.MultiheadAttention",),
         params=("dropout_p", "is_causal"),

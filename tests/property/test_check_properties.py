@@ -12,8 +12,7 @@ from unittest import mock
 
 import attrs
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 import modeswap
 import modeswap.eager.check

@@ -12,8 +12,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 import modeswap
 from modeswap import Cause, Mode

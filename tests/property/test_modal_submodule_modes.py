@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import modeswap
 from modeswap.testing import Case, assert_same_run, cases, mode_calls, run_forward_backward

@@ -11,18 +11,17 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import modeswap
 from modeswap import Mode
 from modeswap.fx.graphs import module_path
 from modeswap.rewrite.report import tells_mode
-from modeswap.table.rules import RULES, PerNode, rule_for
+from modeswap.table.rules import RULES, Sentinel, rule_for
 from modeswap.testing import Case, Snapshot, assert_same_run, call_signature, cases, other, run_forward_backward
 
 #: The kinds of site whose training value the rule fixes: the ones that tell the mode a graph was captured in.
-FIXED_KINDS = frozenset(rule.kind for rule in RULES if rule.train is not PerNode.VALUE)
+FIXED_KINDS = frozenset(rule.kind for rule in RULES if rule.train is not Sentinel.PER_NODE)
 
 #: The equivalence property runs four times as many examples as the others (400 in ci).
 EQUIVALENCE = settings(max_examples=4 * settings.default.max_examples)

@@ -14,8 +14,7 @@ import re
 import warnings
 
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 import modeswap
 from modeswap import Mode

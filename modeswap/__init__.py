@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # the one list of public names: type checkers read it, and so
         Difference as Difference,
         Direction as Direction,
         Fidelity as Fidelity,
-        Options as Options,
     )
     from modeswap.files.archive import load as load, save as save
     from modeswap.forms.modal import ModalModule as ModalModule, allow_train_eval as allow_train_eval
@@ -50,6 +49,7 @@ if TYPE_CHECKING:  # the one list of public names: type checkers read it, and so
         Site as Site,
         Swap as Swap,
     )
+    from modeswap.records.options import Options as Options
     from modeswap.rewrite.base import Pass as Pass, pipeline as pipeline
 
 from modeswap.records.version import VERSION

@@ -19,7 +19,7 @@ from modeswap.fx.copying import recompile_all
 from modeswap.fx.graphs import graph_modules
 from modeswap.records.errors import InvalidOptionError
 from modeswap.records.modes import Change, Kind, Mode
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.rewrite import flag_swap, idioms, warning_passes
 from modeswap.rewrite.base import Context, Kernel, Pass, for_pass_manager, pipeline
 from modeswap.table.rules import IDIOMS, KINDS, RULES, Sentinel
@@ -96,10 +96,10 @@ def swap_kind(
     the other single-kind passes run it first.
     """
     target = Mode.parse(mode)
-    return _swap_kind(kind, target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+    return _swap_kind(kind, target, Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def _swap_kind(kind: str, target: Mode, stated: Stated) -> Pass:
+def _swap_kind(kind: str, target: Mode, stated: Options) -> Pass:
     kernel: Kernel
     if any(rule.kind == kind for rule in RULES):
 
@@ -133,10 +133,10 @@ def preflight(
     mapping that would state them.
     """
     target = Mode.parse(mode)
-    return _preflight(target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+    return _preflight(target, Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def _preflight(target: Mode, stated: Stated, kinds: tuple[str, ...] = KINDS) -> Pass:
+def _preflight(target: Mode, stated: Options, kinds: tuple[str, ...] = KINDS) -> Pass:
     return _check(f"preflight({target.value})", warning_passes.preflight, target, stated, kinds)
 
 
@@ -151,7 +151,7 @@ def _check(name: str, check: Callable[..., tuple[Change, ...]], *options: Any) -
 
 def _checked(kind: Kind, mode: Mode | str, **options: Any) -> Pass:
     target = Mode.parse(mode)
-    stated = Stated.of(target, **options)
+    stated = Options.of(target, **options)
     checked = pipeline(_preflight(target, stated, (kind,)), _swap_kind(kind, target, stated))
     return attrs.evolve(checked, name=f"swap_{kind}({target.value})")
 
@@ -223,15 +223,15 @@ def warn_training_branches(mode: Mode | str, *, keep: Sequence[str] = ()) -> Pas
     tell the mode the graph was captured in.
     """
     target = Mode.parse(mode)
-    return _warn_training_branches(target, Stated.of(Mode.EVAL, keep=keep))
+    return _warn_training_branches(target, Options.of(Mode.EVAL, keep=keep))
 
 
-def _warn_training_branches(target: Mode, stated: Stated) -> Pass:
+def _warn_training_branches(target: Mode, stated: Options) -> Pass:
     return _check(f"warn_training_branches({target.value})", warning_passes.warn_training_branches, target, stated)
 
 
 #: Warn when an eval graph still draws random numbers that no rule owns.
-warn_nondeterministic = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, Stated())
+warn_nondeterministic = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, Options())
 
 
 def swap_passes(
@@ -250,11 +250,11 @@ def swap_passes(
     they were and no dead-code pass is needed. The options are ``modeswap.swap``'s.
     """
     target = Mode.parse(mode)
-    return stated_passes(target, Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+    return stated_passes(target, Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def stated_passes(target: Mode, stated: Stated) -> tuple[Pass, ...]:
-    """:func:`swap_passes` for options already checked into a :class:`Stated` record (``within`` included)."""
+def stated_passes(target: Mode, stated: Options) -> tuple[Pass, ...]:
+    """:func:`swap_passes` for options already checked into a :class:`Options` record (``within`` included)."""
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
     if target is Mode.EVAL:
         checked = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, stated)

@@ -19,11 +19,11 @@ import torch
 from torch.fx import GraphModule
 
 from modeswap.eager.compare import Found, source
-from modeswap.eager.fidelity import Cause, Difference, Options
+from modeswap.eager.fidelity import Cause, Difference
 from modeswap.fx.graphs import get_argument, module_path
 from modeswap.records.errors import InvalidOptionError
 from modeswap.records.modes import Mode
-from modeswap.records.options import decide, matches
+from modeswap.records.options import Options, decide, matches
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import recorded_probability
 from modeswap.rewrite.report import rule_nodes

@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 
 from modeswap.eager.advice import explain, sited_paths, verified
 from modeswap.eager.compare import Found, blind_spots, compare
-from modeswap.eager.fidelity import Direction, Fidelity, Options
+from modeswap.eager.fidelity import Direction, Fidelity
 from modeswap.eager.recompute import checkpoints_entered, warn_recomputed
 from modeswap.eager.running import second_opinion
 from modeswap.forms.modal import Layout, ModalModule, modal_of, set_flags
@@ -30,7 +30,7 @@ from modeswap.forms.swap import swap
 from modeswap.fx.exported import is_exported
 from modeswap.records.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.records.modes import Mode
-from modeswap.records.options import Stated, matches
+from modeswap.records.options import Options, matches
 
 #: The seeds of the second opinion: where it runs, each swap and the other mode's export run forward and backward
 #: under the first, and under the others where the two graphs draw random numbers differently.
@@ -244,7 +244,7 @@ def check(
     """
     _require_eager(model)
     # Options are checked before minutes of exporting; patterns, once there is a graph to match them in.
-    Stated.of(Mode.TRAIN, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    Options.of(Mode.TRAIN, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
     seeds = _seeds(seeds)
     with _random_state_kept():
         exports = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, as_found=True)

@@ -12,12 +12,12 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
 from modeswap.records.modes import Mode
+from modeswap.records.options import Options
 
 
 class Cause(enum.StrEnum):
@@ -38,49 +38,6 @@ class Cause(enum.StrEnum):
     REFUSED = "swap refused"
     #: The graphs read the same, yet running them gave different values.
     VALUES = "values differ"
-
-
-@attrs.frozen
-class Options:
-    """Keyword options of a swap, as :func:`modeswap.to_train`, :func:`modeswap.swap` and ``check`` take them.
-
-    ``dropout`` holds ``(pattern, p)`` pairs, ``keep`` patterns; empty options
-    fix nothing.
-    """
-
-    dropout: tuple[tuple[str, float], ...] = ()
-    attention_dropout: float | None = None
-    keep: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.dropout or self.attention_dropout is not None or self.keep)
-
-    def kwargs(self) -> dict[str, Any]:
-        """The options set, as keyword arguments: ``{"dropout": {...}, "attention_dropout": p, "keep": (...)}``."""
-        kwargs: dict[str, Any] = {}
-        if self.dropout:
-            kwargs["dropout"] = dict(self.dropout)
-        if self.attention_dropout is not None:
-            kwargs["attention_dropout"] = self.attention_dropout
-        if self.keep:
-            kwargs["keep"] = self.keep
-        return kwargs
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self.kwargs().items())
-
-    @classmethod
-    def merged(cls, options: Iterable[Options]) -> Options:
-        """The options of all of ``options`` at once (built to agree: the first value of an option wins)."""
-        dropout: dict[str, float] = {}
-        attention: float | None = None
-        keep: dict[str, None] = {}
-        for o in options:
-            for pattern, p in o.dropout:
-                dropout.setdefault(pattern, p)
-            attention = o.attention_dropout if attention is None else attention
-            keep.update(dict.fromkeys(o.keep))
-        return cls(tuple(dropout.items()), attention, tuple(keep))
 
 
 @attrs.frozen

@@ -48,7 +48,7 @@ from modeswap.records.errors import (
     UnsupportedGraphError,
 )
 from modeswap.records.modes import Memo, Mode, ModeReport, set_memo
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.rewrite.report import report, site_paths, tells_mode
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
@@ -184,7 +184,7 @@ class Origin:
     ``load``), whose comparison tells what a swap cannot.
     """
 
-    stated: Stated = attrs.field(factory=Stated)
+    stated: Options = attrs.field(factory=Options)
     exports: bool = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Origin:
@@ -409,7 +409,7 @@ class ModalModule(torch.nn.Module):
         self,
         base: Mode,
         within: Mapping[Mode, frozenset[str]],
-        stated: Callable[[Mode, Mode, frozenset[str]], Stated],
+        stated: Callable[[Mode, Mode, frozenset[str]], Options],
         pinned: frozenset[str],
     ) -> tuple[GraphModule, bool]:
         """A copy of the ``base`` graph whose sites under ``within[mode]`` are swapped to ``mode``, and whether any was.
@@ -439,16 +439,18 @@ class ModalModule(torch.nn.Module):
             self.add_module(name, body)
         return attrs.evolve(variant, in_spec=self._variant(base).in_spec, out_spec=self._variant(base).out_spec)
 
-    def _stated(self, base: Mode, mode: Mode, within: frozenset[str]) -> Stated:
+    def _stated(self, base: Mode, mode: Mode, within: frozenset[str]) -> Options:
         """The options of the swap of the sites under ``within`` of the ``base`` graph to ``mode``."""
         stated = self._origin.stated
         if mode is Mode.EVAL:
-            return Stated(keep=stated.keep, within=within)
+            return Options(keep=stated.keep, within=within)
         if not self._origin.exports:
             return attrs.evolve(stated, within=within)
         # The training p an eval export writes as 0.0, read off the train export.
         learned = self._learned()
-        return Stated(dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within, exact=True)
+        return Options(
+            dropout=tuple((p, learned[p]) for p in sorted(within) if p in learned), within=within, exact=True
+        )
 
     def _editable(self, mode: Mode) -> Lifted:
         """This module's tree and ``mode``'s graph, lifted to be swapped: its own graph and bodies, the same tensors."""
@@ -474,7 +476,7 @@ class ModalModule(torch.nn.Module):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", ModeswapWarning)
                         swapped, _ = self._swapped(
-                            source, self._within(source, flags), lambda b, m, w: Stated(within=w), frozenset()
+                            source, self._within(source, flags), lambda b, m, w: Options(within=w), frozenset()
                         )
                 except ModeswapError as error:
                     found[target] = (
@@ -667,8 +669,8 @@ def allow_train_eval(
         captured, modules = report(module.graph_module), [entry.fqn for entry in module.module_call_graph]
     else:
         captured, modules = report(require_exported(module)), None
-    stated = {mode: Stated.of(mode, keep=keep) for mode in Mode}
-    stated[Mode.TRAIN] = Stated.of(Mode.TRAIN, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
+    stated = {mode: Options.of(mode, keep=keep) for mode in Mode}
+    stated[Mode.TRAIN] = Options.of(Mode.TRAIN, attention_dropout=attention_dropout, dropout=dropout, keep=keep)
     modes = {
         site.mode
         for site in captured.sites
@@ -688,7 +690,7 @@ def allow_train_eval(
 
 
 def _from_graph(
-    gm: GraphModule, stated: Mapping[Mode, Stated], copy_on_write: bool
+    gm: GraphModule, stated: Mapping[Mode, Options], copy_on_write: bool
 ) -> tuple[GraphModule, dict[Mode, Variant], dict[str, GraphModule]]:
     """The state and the variants of a modal module of ``gm``: each mode's swap of one copy of its tensors."""
     state = _state_of(gm, copy_on_write)
@@ -707,7 +709,7 @@ def _lowered(lifted: Lifted, suffix: str) -> tuple[Variant, dict[str, GraphModul
 
 
 def _from_program(
-    program: ExportedProgram, stated: Mapping[Mode, Stated], copy_on_write: bool
+    program: ExportedProgram, stated: Mapping[Mode, Options], copy_on_write: bool
 ) -> tuple[GraphModule, dict[Mode, Variant], dict[str, GraphModule]]:
     """The state and the variants of a modal module of ``program``: one swap of the program per mode.
 

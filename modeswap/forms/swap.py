@@ -27,7 +27,7 @@ from modeswap.fx.exported import require_exported
 from modeswap.fx.weights import tensor_copier
 from modeswap.passes import stated_passes
 from modeswap.records.modes import Change, Mode, ModeReport, Swap
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.rewrite import warning_passes
 from modeswap.rewrite.base import Context, pipeline
 from modeswap.rewrite.report import report
@@ -58,7 +58,7 @@ class Lifted:
     #: The module paths of the program's ``module_call_graph``; ``None`` for a GraphModule.
     modules: tuple[str, ...] | None = None
 
-    def edit(self, mode: Mode, stated: Stated) -> tuple[Change, ...]:
+    def edit(self, mode: Mode, stated: Options) -> tuple[Change, ...]:
         """Run the passes that swap every site to ``mode`` on :attr:`module`, in place; return the changes."""
         return pipeline(*stated_passes(mode, stated)).edit(self.module, **self.state, modules=self.modules)
 
@@ -110,7 +110,7 @@ def _(original: ExportedProgram, lifted: Lifted, mode: Mode, weights: Weights) -
 def swapped(
     module: Any,
     mode: Mode,
-    stated: Stated,
+    stated: Options,
     weights: Weights = Weights(),
     lowered: Callable[[Lifted], Lowered] | None = None,
 ) -> tuple[Any, tuple[Change, ...]]:
@@ -174,7 +174,7 @@ def swap(
     >>> evaluated = swapped.module
     """
     target = Mode.parse(mode)
-    stated = Stated.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    stated = Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
     weights = Weights(share_weights=share_weights, copy_on_write=copy_on_write)
     new, changes = swapped(module, target, stated, weights)
     return cast(Swap[Exported], Swap(new, target, changes))
@@ -232,4 +232,4 @@ def _(module: ExportedProgram) -> ModeReport:
 def warn_unread_state(program: ExportedProgram) -> None:
     """Warn, as a swap of ``program`` to train would, about modules whose state no node reads and that never ran."""
     gm = program.graph_module
-    warning_passes.warn_unread_state(gm, Context.of(gm, **lifted_state(program)), Stated())
+    warning_passes.warn_unread_state(gm, Context.of(gm, **lifted_state(program)), Options())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 
@@ -34,7 +35,7 @@ _WILDCARDS = frozenset("*?[]!")
 
 
 @attrs.frozen
-class Stated:
+class Options:
     """The training values and pins a user states for one swap; empty by default.
 
     ``dropout`` maps module-path patterns to the training ``p`` of dropout and
@@ -65,7 +66,7 @@ class Stated:
         dropout: Mapping[str, float] | None = None,
         attention_dropout: float | None = None,
         keep: Sequence[str] | None = (),
-    ) -> Stated:
+    ) -> Options:
         """Check the options of a swap to ``mode`` and return them as a record."""
         if mode is not Mode.TRAIN:
             for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
@@ -86,6 +87,36 @@ class Stated:
         pins = tuple(_pattern(pattern, "keep") for pattern in keep)
         attention = None if attention_dropout is None else _probability(attention_dropout, "attention_dropout")
         return cls(mapping, attention, pins)
+
+    def __bool__(self) -> bool:
+        return bool(self.dropout or self.attention_dropout is not None or self.keep)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options set, as keyword arguments: ``{"dropout": {...}, "attention_dropout": p, "keep": (...)}``."""
+        kwargs: dict[str, Any] = {}
+        if self.dropout:
+            kwargs["dropout"] = dict(self.dropout)
+        if self.attention_dropout is not None:
+            kwargs["attention_dropout"] = self.attention_dropout
+        if self.keep:
+            kwargs["keep"] = self.keep
+        return kwargs
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.kwargs().items())
+
+    @classmethod
+    def merged(cls, options: Iterable[Options]) -> Options:
+        """The options of all of ``options`` at once (built to agree: the first value of an option wins)."""
+        dropout: dict[str, float] = {}
+        attention: float | None = None
+        keep: dict[str, None] = {}
+        for o in options:
+            for pattern, p in o.dropout:
+                dropout.setdefault(pattern, p)
+            attention = o.attention_dropout if attention is None else attention
+            keep.update(dict.fromkeys(o.keep))
+        return cls(tuple(dropout.items()), attention, tuple(keep))
 
     def keeps(self, path: str) -> bool:
         """Whether a site run by the module at ``path`` is to be left as it is."""

@@ -16,7 +16,7 @@ from torch.fx.node import map_arg
 from modeswap.fx.graphs import describe, get_argument, set_argument
 from modeswap.records.errors import UnsupportedGraphError
 from modeswap.records.modes import Change, Memo, Mode, memo_of, set_memo
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.rewrite import counters
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import Occurrence, occurrences, stays, training_probability
@@ -24,7 +24,7 @@ from modeswap.table import aliases
 from modeswap.table.rules import Sentinel
 
 
-def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Stated) -> list[Change]:
+def swap_flags(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Options) -> list[Change]:
     """Put every site of ``kind`` in ``gm`` (subgraphs included) in ``mode``, in place; return the changes.
 
     Sites under a module ``stated.keep`` names, or that an earlier swap kept,

@@ -18,14 +18,14 @@ from torch.fx import Graph, GraphModule, Node
 from modeswap.fx.graphs import graph_modules, qualified_name
 from modeswap.records.errors import UnsupportedGraphError
 from modeswap.records.modes import Change, Memo, Mode, set_memo
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.rewrite.occurrence import stays
 from modeswap.table.idiom_matching import MARKER, Match, idiom_name, idiom_of, markers, matches
 
 aten = torch.ops.aten
 
 
-def swap_in_place(gm: GraphModule, kind: str, mode: Mode, stated: Stated) -> list[Change]:
+def swap_in_place(gm: GraphModule, kind: str, mode: Mode, stated: Options) -> list[Change]:
     """Remove the idioms of ``kind`` from ``gm`` for eval, or rebuild those an eval swap removed for train.
 
     Only what an earlier eval swap removed can be rebuilt: an eval export never

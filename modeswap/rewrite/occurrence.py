@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from modeswap.fx.graphs import calls, describe, get_argument, graph_modules, module_path, qualified_name
 from modeswap.records.errors import UnsupportedGraphError, lowered
 from modeswap.records.modes import Memo, Mode, memo_of, set_memo
-from modeswap.records.options import Stated
+from modeswap.records.options import Options
 from modeswap.table.rules import DECOMPOSED, EVAL_ONLY, RULES, Rule, Sentinel, resolve
 
 if TYPE_CHECKING:
@@ -37,14 +37,14 @@ class Occurrence:
     context: Context
     buffers: Mapping[str, str]  # lifted placeholders of this graph -> the buffers they stand for
     reads: dict[str, Node]  # get_attr target -> node in this graph; shared, kept current by counters
-    stated: Stated  # what the user states that the graph does not record
+    stated: Options  # what the user states that the graph does not record
     captured: Mode | None  # the mode the graph's fixed sites were captured in, kept sites aside
 
 
-def stays(node: Node, stated: Stated) -> bool:
+def stays(node: Node, stated: Options) -> bool:
     """Whether the site at ``node`` is to stay as it is; mark one that ``keep=`` names, so later swaps keep it too.
 
-    A site outside the modules the swap is for (``Stated.within``) stays unmarked.
+    A site outside the modules the swap is for (``Options.within``) stays unmarked.
     """
     memo = memo_of(node)
     if memo is not None and memo.kept:
@@ -68,7 +68,7 @@ def _refused(kind: str) -> tuple[tuple[torch._ops.OpOverload, ...], tuple[torch.
     return of_kind(DECOMPOSED), of_kind(EVAL_ONLY)
 
 
-def occurrences(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Stated) -> Iterator[Occurrence]:
+def occurrences(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Options) -> Iterator[Occurrence]:
     """Every site of ``kind`` in ``gm`` and its subgraphs, refusing the ops no swap to ``mode`` can handle."""
     rules = [rule for rule in RULES if rule.kind == kind]
     decomposed, eval_only = _refused(kind)

@@ -40,7 +40,7 @@ from modeswap.records.errors import (
     lowered,
 )
 from modeswap.records.modes import Change, Mode, memo_of
-from modeswap.records.options import Stated, decide
+from modeswap.records.options import Options, decide
 from modeswap.rewrite import occurrence
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import Occurrence
@@ -50,10 +50,10 @@ from modeswap.table.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, Senti
 _SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
 
 
-def warn_nondeterministic(gm: GraphModule, context: Context, told: Stated) -> tuple[Change, ...]:
+def warn_nondeterministic(gm: GraphModule, context: Context, told: Options) -> tuple[Change, ...]:
     """Warn when ``gm``, swapped to eval, still draws random numbers in nodes that no rule owns.
 
-    Only nodes of the modules the swap is for count (``Stated.within``).
+    Only nodes of the modules the swap is for count (``Options.within``).
     """
     found = [(name, node) for name, node in random_nodes(gm) if told.reaches(module_path(node))]
     if found:
@@ -69,7 +69,7 @@ def warn_nondeterministic(gm: GraphModule, context: Context, told: Stated) -> tu
     return ()
 
 
-def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned: Stated) -> tuple[Change, ...]:
+def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned: Options) -> tuple[Change, ...]:
     """Warn about modules of ``gm`` whose forward branches on ``self.training`` where no swap reaches.
 
     Two traces tell: a module of a type in ``rules.TRAINING_BRANCHES`` with no
@@ -113,11 +113,11 @@ def warn_training_branches(gm: GraphModule, context: Context, mode: Mode, pinned
     return ()
 
 
-def warn_minority(gm: GraphModule, context: Context, mode: Mode, told: Stated) -> tuple[Change, ...]:
+def warn_minority(gm: GraphModule, context: Context, mode: Mode, told: Options) -> tuple[Change, ...]:
     """Warn when a swap of a mixed graph to ``mode`` changes the sites whose mode differs from the rest.
 
     Sites the user pins (``keep=``) or states a value for (``dropout=``) are
-    spoken for, and a swap of some modules only (``Stated.within``) is not of the graph.
+    spoken for, and a swap of some modules only (``Options.within``) is not of the graph.
     """
     if told.within is not None:
         return ()
@@ -141,7 +141,7 @@ def warn_minority(gm: GraphModule, context: Context, mode: Mode, told: Stated) -
     return ()
 
 
-def warn_unread_state(gm: GraphModule, context: Context, told: Stated) -> tuple[Change, ...]:
+def warn_unread_state(gm: GraphModule, context: Context, told: Options) -> tuple[Change, ...]:
     """Warn, on the way to train, about modules whose state no node reads and whose forward never ran.
 
     That is what an eval export makes of a module that only training runs
@@ -207,7 +207,7 @@ def _erased(modules: tuple[str, ...], ran: set[str]) -> list[str]:
 
 
 def preflight(
-    gm: GraphModule, context: Context, mode: Mode, told: Stated, kinds: tuple[str, ...]
+    gm: GraphModule, context: Context, mode: Mode, told: Options, kinds: tuple[str, ...]
 ) -> tuple[Change, ...]:
     """Check ``gm``, and what the user states about it, before a swap of its sites of ``kinds`` to ``mode``.
 
@@ -276,7 +276,7 @@ def _refuse_contradiction(target: Occurrence, spoken: set[str]) -> None:
     raise InvalidOptionError(found)
 
 
-def _refuse_unreached(told: Stated, attention: dict[bool, list[str]]) -> None:
+def _refuse_unreached(told: Options, attention: dict[bool, list[str]]) -> None:
     """Raise when ``attention_dropout=`` decides no attention node: there is none, or patterns and pins decide all."""
     if attention[False]:
         return

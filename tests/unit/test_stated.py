@@ -19,7 +19,7 @@ from torch import nn
 
 import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
-from modeswap.records.options import Stated, decide, matches
+from modeswap.records.options import Options, decide, matches
 from modeswap.table.aliases import exported_as_alias
 from modeswap.testing import assert_mode_equivalent, export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
@@ -147,7 +147,7 @@ def test_equally_specific_patterns_with_different_values_are_an_error() -> None:
 )
 def test_bad_options_are_refused_before_the_graph_is_read(options: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidOptionError, match=match):
-        Stated.of(Mode.TRAIN, **options)
+        Options.of(Mode.TRAIN, **options)
 
 
 @pytest.mark.parametrize("option", ["dropout", "attention_dropout"])

@@ -153,11 +153,12 @@ def pipeline(*passes: Pass) -> Pass:
                 "GraphModule -> GraphModule functions with toolz.compose_left instead"
             )
             raise TypeError(msg)
-    kernels = tuple(p.kernel for p in passes)
+    # The card's composition, over one copy: each kernel in turn on the same module and context (juxt), each
+    # run to its end before the next starts, even a generator (compose with tuple), their changes one tuple (concat).
+    run_in_order = toolz.juxt(*(toolz.compose(tuple, p.kernel) for p in passes))
 
     def kernel(gm: GraphModule, context: Context) -> tuple[Change, ...]:
-        # tuple() runs each kernel to the end before the next starts, even a generator.
-        return tuple(toolz.concat(tuple(k(gm, context)) for k in kernels))
+        return tuple(toolz.concat(run_in_order(gm, context)))
 
     names = ", ".join(p.name for p in passes)
     return Pass(f"pipeline({names})", kernel, compiles=bool(passes) and passes[-1].compiles)

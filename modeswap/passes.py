@@ -22,7 +22,8 @@ from modeswap.records.modes import Change, Kind, Mode
 from modeswap.records.options import Options
 from modeswap.rewrite import flag_swap, idioms, warning_passes
 from modeswap.rewrite.base import Context, Kernel, Pass, for_pass_manager, pipeline
-from modeswap.table.rules import IDIOMS, KINDS, RULES, Sentinel
+from modeswap.table import rules as table
+from modeswap.table.rules import IDIOMS, KINDS, Sentinel
 
 __all__ = [
     "SWAPS",
@@ -101,7 +102,7 @@ def swap_kind(
 
 def _swap_kind(kind: str, target: Mode, stated: Options) -> Pass:
     kernel: Kernel
-    if any(rule.kind == kind for rule in RULES):
+    if any(rule.kind == kind for rule in table.RULES):
 
         def kernel(gm: GraphModule, context: Context) -> list[Change]:
             return flag_swap.swap_flags(gm, context, kind, target, stated)
@@ -162,7 +163,7 @@ Factory = Callable[..., Pass]
 
 def _factory(kind: Kind) -> Factory:
     """The public, checked swap of the sites of ``kind``, written from what the rule table says of the kind."""
-    rules = [rule for rule in RULES if rule.kind == kind]
+    rules = [rule for rule in table.RULES if rule.kind == kind]
     idioms_of_kind = [idiom for idiom in IDIOMS if idiom.kind == kind]
     takes = {"keep"}
     if any(rule.gated is not None or rule.train is Sentinel.PER_NODE for rule in rules):

@@ -1,4 +1,4 @@
-"""Reading, writing and copying ``torch.fx`` graphs the way ``torch.export`` writes them."""
+"""Reading and writing ``torch.fx`` graphs the way ``torch.export`` writes them."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
 from modeswap.fx.graphs import calls, graph_modules, module_path
 from modeswap.records.modes import Change, Mode, memo_of
-from modeswap.table.rules import RULES, Sentinel
+from modeswap.table import rules as table
+from modeswap.table.rules import Sentinel
 
 
 @attrs.frozen
@@ -70,7 +71,7 @@ class Context:
 
 
 def _modes(gm: GraphModule) -> tuple[tuple[str, Mode], ...]:
-    fixed = [rule for rule in RULES if rule.train is not Sentinel.PER_NODE]
+    fixed = [rule for rule in table.RULES if rule.train is not Sentinel.PER_NODE]
     return tuple(
         (module_path(node), mode)
         for rule in fixed

@@ -20,7 +20,8 @@ from modeswap.fx.graphs import calls, describe, get_argument, graph_modules, mod
 from modeswap.records.errors import UnsupportedGraphError, lowered
 from modeswap.records.modes import Memo, Mode, memo_of, set_memo
 from modeswap.records.options import Options
-from modeswap.table.rules import DECOMPOSED, EVAL_ONLY, RULES, Rule, Sentinel, resolve
+from modeswap.table import rules as table
+from modeswap.table.rules import DECOMPOSED, EVAL_ONLY, Rule, Sentinel, resolve
 
 if TYPE_CHECKING:
     from modeswap.rewrite.base import Context
@@ -70,7 +71,7 @@ def _refused(kind: str) -> tuple[tuple[torch._ops.OpOverload, ...], tuple[torch.
 
 def occurrences(gm: GraphModule, context: Context, kind: str, mode: Mode, stated: Options) -> Iterator[Occurrence]:
     """Every site of ``kind`` in ``gm`` and its subgraphs, refusing the ops no swap to ``mode`` can handle."""
-    rules = [rule for rule in RULES if rule.kind == kind]
+    rules = [rule for rule in table.RULES if rule.kind == kind]
     decomposed, eval_only = _refused(kind)
     if mode is not Mode.TRAIN:
         eval_only = ()  # an eval swap leaves them as they are: they compute what eager eval does

@@ -11,8 +11,9 @@ from modeswap.fx.graphs import get_argument, graph_modules, module_path, qualifi
 from modeswap.records.modes import Mode, ModeReport, Params, Scalar, Site, memo_of
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import recorded_probability
+from modeswap.table import rules as table
 from modeswap.table.idiom_matching import idiom_of, markers, matches
-from modeswap.table.rules import RULES, Idiom, Rule, Sentinel, rule_for
+from modeswap.table.rules import Idiom, Rule, Sentinel, rule_for
 
 
 def sites(gm: GraphModule) -> Iterator[Site]:
@@ -55,7 +56,7 @@ def tells_mode(site: Site) -> bool:
         rule.kind == site.kind
         and site.params.get(rule.flag) == rule.eval
         and site.params.get(f"training_{rule.flag}") is None
-        for rule in RULES
+        for rule in table.RULES
         if rule.train is Sentinel.PER_NODE
     )
 

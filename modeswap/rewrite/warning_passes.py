@@ -45,9 +45,10 @@ from modeswap.rewrite import occurrence
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import Occurrence
 from modeswap.rewrite.report import idiom_sites, random_nodes
-from modeswap.table.rules import ERASED_IN_EVAL, RULES, TRAINING_BRANCHES, Sentinel, rule_for
+from modeswap.table import rules as table
+from modeswap.table.rules import ERASED_IN_EVAL, TRAINING_BRANCHES, Sentinel, rule_for
 
-_SITE_OPS = tuple(op for rule in RULES for op in rule.ops)
+_SITE_OPS = tuple(op for rule in table.RULES for op in rule.ops)
 
 
 def warn_nondeterministic(gm: GraphModule, context: Context, told: Options) -> tuple[Change, ...]:
@@ -224,7 +225,7 @@ def preflight(
     spoken: set[str] = set()  # the modules with a site a dropout= pattern holds for: it sets it, or it agrees
     recorded: list[tuple[str, Any]] = []  # (module path, training value) of the sites whose value the graph records
     checked: list[Occurrence] = []
-    for kind in dict.fromkeys(rule.kind for rule in RULES):
+    for kind in dict.fromkeys(rule.kind for rule in table.RULES):
         for site in occurrence.occurrences(gm, context, kind, mode, told):
             path = module_path(site.node)
             paths.append(path)

@@ -273,8 +273,6 @@ IDIOMS: tuple[Idiom, ...] = (
     Idiom("drop_path", "empty-bernoulli", _bernoulli_mask(Op((aten.empty.memory_format,), (_SHAPE,)), scaled=True)),
 )
 
-RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
-
 
 @attrs.frozen
 class Branch:
@@ -363,4 +361,15 @@ def rule_for(node: Node) -> Rule | None:
     """The rule that owns ``node``, if any (``None`` for placeholders, outputs, other ops)."""
     if node.op != "call_function":
         return None
-    return RULES_BY_OP.get(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+    return _by_op().get(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+
+
+#: :data:`RULES` by op, and the table it was made of: a table extended at run time is indexed again.
+_INDEX: tuple[tuple[Rule, ...], dict[torch._ops.OpOverload, Rule]] = ((), {})
+
+
+def _by_op() -> dict[torch._ops.OpOverload, Rule]:
+    global _INDEX
+    if _INDEX[0] is not RULES:
+        _INDEX = (RULES, {op: rule for rule in RULES for op in rule.ops})
+    return _INDEX[1]

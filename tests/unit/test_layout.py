@@ -7,11 +7,17 @@ import functools
 import importlib
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 import modeswap
+from modeswap import passes
+from modeswap.records.modes import Kind
+from modeswap.table import rules
+
+PER_NODE = rules.Sentinel.PER_NODE
 
 PACKAGE = Path(modeswap.__file__).parent
 #: The longest chain of module-level imports from any module down to the bottom (docs/architecture.md).
@@ -149,3 +155,26 @@ def test_importing_the_package_loads_no_public_module_until_a_name_is_used():
 def test_a_misspelt_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'to_evall'"):
         importlib.import_module("modeswap").to_evall  # noqa: B018
+
+
+def test_the_kind_literal_names_the_kinds_of_the_table():
+    assert typing.get_args(Kind) == rules.KINDS
+
+
+@pytest.mark.parametrize("kind", rules.KINDS)
+def test_every_kind_of_the_table_has_its_public_swap(kind):
+    factory = getattr(passes, f"swap_{kind}")
+    assert factory is passes.SWAPS[kind]
+    assert f"swap_{kind}" in passes.__all__
+    assert factory("eval").name == f"swap_{kind}(eval)"
+    probabilities = [rule for rule in rules.RULES if (rule.kind == kind and rule.gated) or rule.train is PER_NODE]
+    if kind not in {rule.kind for rule in probabilities}:
+        with pytest.raises(modeswap.InvalidOptionError, match=f"swap_{kind} takes no dropout="):
+            factory("train", dropout={"": 0.1})
+
+
+def test_the_factories_are_the_kinds_of_the_table_and_the_old_name():
+    named = {name for name in passes.__all__ if name.startswith("swap_") and callable(getattr(passes, name))}
+    generic = {"swap_kind", "swap_passes", "swap_pipeline"}
+    assert named - generic == {f"swap_{kind}" for kind in rules.KINDS} | {"swap_batchnorm"}
+    assert passes.swap_batchnorm is passes.swap_batch_norm

@@ -251,11 +251,19 @@ def swap_passes(
     they were and no dead-code pass is needed. The options are ``modeswap.swap``'s.
     """
     target = Mode.parse(mode)
-    return stated_passes(target, Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
+    return _steps(target, Options.of(target, dropout=dropout, attention_dropout=attention_dropout, keep=keep))
 
 
-def stated_passes(target: Mode, stated: Options) -> tuple[Pass, ...]:
-    """:func:`swap_passes` for options already checked into a :class:`Options` record (``within`` included)."""
+def full_swap(target: Mode, options: Options) -> Pass:
+    """The one pass that swaps every site to ``target``, checks included: :func:`swap_passes` as one pipeline.
+
+    For options already checked into an :class:`Options` record (``within``
+    included); no ``set_training`` or ``recompile``, which lowering a swap does.
+    """
+    return attrs.evolve(pipeline(*_steps(target, options)), name=f"full_swap({target.value})")
+
+
+def _steps(target: Mode, stated: Options) -> tuple[Pass, ...]:
     swaps = tuple(_swap_kind(kind, target, stated) for kind in KINDS)
     if target is Mode.EVAL:
         checked = _check("warn_nondeterministic", warning_passes.warn_nondeterministic, stated)

@@ -26,7 +26,7 @@ from modeswap.eager.fidelity import Direction, Fidelity
 from modeswap.eager.recompute import checkpoints_entered, warn_recomputed
 from modeswap.eager.running import second_opinion
 from modeswap.forms.modal import Layout, ModalModule, modal_of, set_flags
-from modeswap.forms.swap import swap
+from modeswap.forms.swap import Weights, swapped
 from modeswap.fx.exported import is_exported
 from modeswap.records.errors import InvalidOptionError, ModeswapError, ModeswapWarning
 from modeswap.records.modes import Mode
@@ -244,18 +244,11 @@ def check(
     """
     _require_eager(model)
     # Options are checked before minutes of exporting; patterns, once there is a graph to match them in.
-    Options.of(Mode.TRAIN, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
+    options = Options.of(Mode.TRAIN, dropout=dropout, attention_dropout=attention_dropout, keep=keep)
     seeds = _seeds(seeds)
     with _random_state_kept():
         exports = _export_modes(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, as_found=True)
-        return fidelity_of(
-            exports.programs,
-            attention_dropout=attention_dropout,
-            dropout=dropout,
-            keep=keep,
-            seeds=seeds,
-            mixed=exports.mixed,
-        )
+        return fidelity_of(exports.programs, options, seeds=seeds, mixed=exports.mixed)
 
 
 def capture(
@@ -289,29 +282,27 @@ def capture(
 
 def fidelity_of(
     programs: Mapping[Mode, ExportedProgram],
+    options: Options = Options(),
     *,
-    attention_dropout: float | None = None,
-    dropout: Mapping[str, float] | None = None,
-    keep: Sequence[str] = (),
     seeds: Sequence[int] = SEEDS,
     mixed: Sequence[str] = (),
 ) -> Fidelity:
     """Return the :class:`Fidelity` of swapping each of ``programs`` (one per mode) to the other mode.
 
-    The second opinion runs on the programs' example inputs under ``seeds``;
-    ``mixed`` names the modules that were exported in the other mode than the model's.
+    ``options`` are the swaps' (checked for a swap to train). The second
+    opinion runs on the programs' example inputs under ``seeds``; ``mixed``
+    names the modules that were exported in the other mode than the model's.
     """
-    # The training values stated are for the swap to train; what to keep, for both (where it has a site).
-    options: dict[Mode, dict[str, Any]] = {
-        Mode.TRAIN: {"attention_dropout": attention_dropout, "dropout": dropout, "keep": keep},
-        Mode.EVAL: {"keep": keep},
-    }
     # One module per program: the swaps leave theirs as it was, and the second opinion runs on copies.
     modules = {mode: program.module() for mode, program in programs.items()}
-    for target in Mode:
-        options[target]["keep"] = _kept(keep, modules, target.other)
+    keep = options.keep
+    # The training values stated are for the swap to train; what to keep, for both (where it has a site).
+    per_mode = {
+        Mode.TRAIN: attrs.evolve(options, keep=_kept(keep, modules, Mode.EVAL)),
+        Mode.EVAL: Options(keep=_kept(keep, modules, Mode.TRAIN)),
+    }
     inputs = programs[Mode.TRAIN].example_inputs
-    compared = {mode: _direction(modules, mode, options[mode], inputs, _seeds(seeds)) for mode in Mode}
+    compared = {mode: _direction(modules, mode, per_mode[mode], inputs, _seeds(seeds)) for mode in Mode}
     found = {mode: compared[mode][0] for mode in Mode}
     # The second opinion's word on what it could not run is no difference, but the report says it.
     unrun = {
@@ -321,8 +312,8 @@ def fidelity_of(
     found = {mode: [f for f in found[mode] if not (isinstance(f, Found) and f.side == "unrun")] for mode in Mode}
     swapped = {mode: compared[mode][1] for mode in Mode}
     rows = verified(
-        explain(found, modules, swapped, tuple(keep)),
-        lambda target, advised: _left(modules, target, options[target], advised),
+        explain(found, modules, swapped, keep),
+        lambda target, advised: _left(modules, target, per_mode[target], advised),
     )
     directions = {
         target: Direction(source=target.other, target=target, differences=rows[target], unrun=unrun[target])
@@ -349,15 +340,16 @@ def _kept(keep: Sequence[str], modules: Mapping[Mode, GraphModule], source: Mode
 
 
 def _left(
-    modules: Mapping[Mode, GraphModule], target: Mode, options: dict[str, Any], advised: Options
+    modules: Mapping[Mode, GraphModule], target: Mode, options: Options, advised: Options
 ) -> list[Found | str] | None:
     """What the swap to ``target`` with ``options`` and ``advised`` still differs in; ``None`` if it refuses them."""
-    stated: dict[str, Any] = advised.kwargs() if target is Mode.TRAIN else {}
-    stated["keep"] = _kept(advised.keep, modules, target.other)  # keep=: both directions, where it has a site
-    dropout = {**(options.get("dropout") or {}), **stated.get("dropout", {})}
-    merged = {**options, **stated, "keep": (*options["keep"], *stated["keep"]), "dropout": dropout or None}
-    if target is Mode.EVAL:
-        merged.pop("dropout")
+    keep = (*options.keep, *_kept(advised.keep, modules, target.other))  # keep=: both directions, where it has a site
+    if target is Mode.TRAIN:  # the training values advised win over those stated
+        dropout = dict(options.dropout) | dict(advised.dropout)
+        attention = options.attention_dropout if advised.attention_dropout is None else advised.attention_dropout
+        merged = Options(tuple(dropout.items()), attention, keep)
+    else:
+        merged = Options(keep=keep)
     try:
         return _direction(modules, target, merged, None, ())[0]
     except InvalidOptionError:
@@ -367,7 +359,7 @@ def _left(
 def _direction(
     modules: Mapping[Mode, GraphModule],
     target: Mode,
-    options: dict[str, Any],
+    options: Options,
     inputs: tuple[Any, Any] | None,
     seeds: tuple[int, ...],
 ) -> tuple[list[Found | str], GraphModule | None]:
@@ -379,15 +371,15 @@ def _direction(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ModeswapWarning)  # the report says it, with the eager model's values
-            swapped = swap(modules[source], target, share_weights=True, **options).module
+            result, _ = swapped(modules[source], target, options, Weights(share_weights=True))
     except InvalidOptionError as error:
         error.add_note(f"modeswap: check met this swapping the {source.value} export to {target.value}")
         raise  # the options are wrong, not the model
     except ModeswapError as error:
         return [str(error)], None
     expected = modules[target]
-    found: list[Found | str] = list(compare(expected, swapped, target))
+    found: list[Found | str] = list(compare(expected, result, target))
     # Where the comparison vouches for every value, running the graphs could tell nothing more.
-    if not found and inputs is not None and seeds and (blind_spots(expected) or blind_spots(swapped)):
-        found += second_opinion(expected, swapped, inputs, seeds)
-    return found, swapped
+    if not found and inputs is not None and seeds and (blind_spots(expected) or blind_spots(result)):
+        found += second_opinion(expected, result, inputs, seeds)
+    return found, result

@@ -25,11 +25,11 @@ from modeswap.forms.program import Skeleton, lifted_state, refuse_lowered
 from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
 from modeswap.fx.weights import tensor_copier
-from modeswap.passes import stated_passes
+from modeswap.passes import full_swap
 from modeswap.records.modes import Change, Mode, ModeReport, Swap
 from modeswap.records.options import Options
 from modeswap.rewrite import warning_passes
-from modeswap.rewrite.base import Context, pipeline
+from modeswap.rewrite.base import Context
 from modeswap.rewrite.report import report
 
 Exported = TypeVar("Exported", GraphModule, ExportedProgram)
@@ -60,7 +60,7 @@ class Lifted:
 
     def edit(self, mode: Mode, stated: Options) -> tuple[Change, ...]:
         """Run the passes that swap every site to ``mode`` on :attr:`module`, in place; return the changes."""
-        return pipeline(*stated_passes(mode, stated)).edit(self.module, **self.state, modules=self.modules)
+        return full_swap(mode, stated).edit(self.module, **self.state, modules=self.modules)
 
 
 @functools.singledispatch

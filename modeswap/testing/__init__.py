@@ -1,7 +1,8 @@
 """Tools to verify modeswap, and code that uses it, against eager PyTorch.
 
 ``assert_mode_equivalent`` needs only torch; the hypothesis strategies
-(``cases``, ``layers``, ``build``, ``Case``, ``Layer``) need hypothesis installed.
+(``cases``, ``layers``, ``build``, ``Case``, ``Layer``, and ``BUILDERS``, the registry they draw
+layers from) need hypothesis installed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from modeswap.testing.oracle import (
     train_side_by_side,
 )
 
-_STRATEGIES = ("EXTRA_LAYERS", "LAYERS", "Case", "Layer", "ModeCall", "build", "cases", "layers", "mode_calls")
+_STRATEGIES = (
+    "BUILDERS",
+    "EXTRA_LAYERS",
+    "LAYERS",
+    "Builder",
+    "Case",
+    "Layer",
+    "ModeCall",
+    "build",
+    "cases",
+    "layers",
+    "mode_calls",
+)
 
 __all__ = [
     "Observed",

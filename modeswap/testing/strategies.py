@@ -18,6 +18,8 @@ them no swap can follow (``Case.differs``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -41,16 +43,19 @@ from modeswap.testing.models import (
 
 __all__ = [
     "BODIES",
+    "BUILDERS",
     "EXACT_LAYERS",
     "EXTRA_LAYERS",
     "LAYERS",
     "Attention",
     "Branch",
+    "Builder",
     "Case",
     "DropPath",
     "Fresh",
     "Layer",
     "ModeCall",
+    "Options",
     "Outputs",
     "PinnedMode",
     "Recurrent",
@@ -63,29 +68,8 @@ __all__ = [
     "mode_calls",
 ]
 
-#: Layer kinds a generated model may contain.
-LAYERS = (
-    "conv",
-    "linear",
-    "batch_norm",
-    "shared_batch_norm",
-    "dropout",
-    "rrelu",
-    "instance_norm",
-    "attention",
-    "drop_path",
-    "rnn",
-    "relu",
-)
-#: Layer kinds that :func:`cases` can draw but does not by default: a ``skip`` is a dropout beside
-#: the identity (``drop(x) + x``), which an eval export cannot tell apart from ``drop(x) + drop(x)``
-#: when the dropout returns its input (see ``Case.aliasing``); a ``branch`` is an ``if self.training:``
-#: branch (:class:`Branch`), which no swap can follow (see ``Case.differs``); an ``aux_head`` is a
-#: head that only training runs (:class:`TrainOnlyHead`), whose state an eval export holds unread.
-EXTRA_LAYERS = ("skip", "branch", "aux_head")
-#: Layer kinds whose swap is exact both ways, given ``Case.attention_dropout``: an eval export
-#: never ran a drop path, and a skip may be refused (``Case.aliasing``).
-EXACT_LAYERS = tuple(kind for kind in LAYERS if kind != "drop_path")
+#: A layer's options, sorted by name: ``(("p", 0.5), ("cls", "Dropout"))``.
+Options = tuple[tuple[str, Any], ...]
 #: What a ``branch`` layer (:class:`Branch`) does in the modes it runs in.
 BODIES = ("op", "noise", "literal", "output", "buffer", "dropout")
 
@@ -150,8 +134,8 @@ class Outputs(nn.Sequential):
 class Layer:
     """One layer of a generated model: its kind and the literals it is built with."""
 
-    kind: str
-    options: tuple[tuple[str, Any], ...] = ()
+    kind: str  # its name in :data:`BUILDERS`
+    options: Options = ()
     mode: str | None = None  # "train" / "eval" to pin this layer's mode; None follows the model
 
 
@@ -167,7 +151,7 @@ class Case:
     @property
     def attention_dropout(self) -> float | None:
         """The ``dropout_p`` its attention layers train with (they share one), or ``None``."""
-        ps = {dict(layer.options)["p"] for layer in self.layers if layer.kind == "attention"}
+        ps = {dict(layer.options)["p"] for layer in self.layers if _builder(layer).kind == "attention"}
         return ps.pop() if len(ps) == 1 else None
 
     @property
@@ -179,24 +163,26 @@ class Case:
         """
         pairs = zip(self.layers, self.layers[1:], strict=False)
         return (
-            any(layer.kind == "skip" and _returns_input(layer) for layer in self.layers)
-            or any(_returns_input(layer) and after.kind == "skip" for layer, after in pairs)
+            any(_builder(layer).beside and _returns_input(layer) for layer in self.layers)
+            or any(_returns_input(layer) and _builder(after).beside for layer, after in pairs)
             or _read_twice(self.layers)
         )
 
     @property
     def drop_path(self) -> bool:
         """Whether it has a drop path: an eval export erases it for good, so train it from a train export."""
-        return any(layer.kind == "drop_path" for layer in self.layers)
+        return any(_builder(layer).erased_in_eval for layer in self.layers)
 
     def differs(self, target: Mode | str) -> tuple[str, ...]:
         """The paths of the ``branch`` layers that make a swap to ``target`` differ from ``target``'s own export.
 
-        Derived from the specs, not from a swap: see :func:`_branch_differs`.
+        Derived from the specs, not from a swap: see :func:`_differs`.
         """
         mode = Mode.parse(target)
         return tuple(
-            str(i) for i, layer in enumerate(self.layers) if layer.kind == "branch" and mode in _branch_differs(layer)
+            str(i)
+            for i, layer in enumerate(self.layers)
+            if _builder(layer).differs is not None and mode in _differs(layer)
         )
 
     def __repr__(self) -> str:
@@ -217,17 +203,239 @@ _momentum = st.floats(0.01, 0.99).map(lambda m: round(m, 3))
 _eps = st.sampled_from((1e-5, 1e-3, 0.01))
 
 
-def _returns_input(layer: Layer) -> bool:
-    """Whether the dropout of ``layer`` returns its input tensor itself in an eval export."""
-    if layer.kind not in ("dropout", "skip"):
-        return False
-    options = dict(layer.options)
+def _options(**strategies: st.SearchStrategy[Any]) -> st.SearchStrategy[Options]:
+    return st.fixed_dictionaries(strategies).map(lambda d: tuple(sorted(d.items())))
+
+
+def _branch(body: str) -> st.SearchStrategy[Options]:
+    if body == "literal":
+        return _options(body=st.just(body), train=_literal, eval=_literal)
+    runs = st.sampled_from(("train", "eval", "both"))
+    if body == "dropout":
+        return _options(body=st.just(body), runs=runs, p=_probability)
+    return _options(body=st.just(body), runs=runs)
+
+
+def _norm_options(dims: int) -> st.SearchStrategy[Options]:
+    return _options(momentum=_momentum, eps=_eps, affine=st.booleans(), track=st.booleans())
+
+
+def _dropout_returns_input(o: dict[str, Any]) -> bool:
+    """Whether the dropout of a ``dropout`` or ``skip`` layer built from ``o`` returns its input in an eval export."""
     # nn.AlphaDropout and nn.FeatureAlphaDropout ignore inplace: their forward calls the functional op.
-    if options.get("inplace") and options["cls"] not in ("AlphaDropout", "FeatureAlphaDropout"):
+    if o.get("inplace") and o["cls"] not in ("AlphaDropout", "FeatureAlphaDropout"):
         return False  # in place: the same tensor in both modes, so no use can be told apart
-    if options["cls"] == "Dropout":
+    if o["cls"] == "Dropout":
         return exported_as_alias(torch.ops.aten.dropout.default)  # torch 2.15 does, 2.13 copies
     return True
+
+
+def _branch_eval_reads(o: dict[str, Any]) -> tuple[int, bool]:
+    runs = o["body"] == "literal" or o.get("runs") in ("eval", "both")
+    if o["body"] == "buffer":
+        return (2 if runs else 1), False  # x.mean() for the update, then x + running_mean
+    if not runs:
+        return 0, True
+    return {"noise": (2, False), "output": (1, True)}.get(o["body"], (1, False))
+
+
+def _branch_differs(o: dict[str, Any]) -> frozenset[Mode]:
+    """The modes a swap cannot reach for a :class:`Branch` built from ``o``: what it does only in one mode.
+
+    A swap can turn a dropout on or off, nothing else. A dropout the branch runs
+    in train mode only is what a swap to eval turns off (exact), but a swap to
+    train cannot add it; one it runs in eval mode only (Monte Carlo dropout) is
+    missing from a train export and stays on in a swap to train; one it runs in
+    both modes a swap to eval turns off, where eval keeps it on.
+    """
+    if o["body"] == "literal":
+        return frozenset(Mode) if o["train"] != o["eval"] else frozenset()
+    if o["body"] == "dropout":
+        return frozenset({"train": {Mode.TRAIN}, "eval": set(Mode), "both": {Mode.EVAL}}[o["runs"]])
+    return frozenset(Mode) if o["runs"] != "both" else frozenset()
+
+
+def _always(o: dict[str, Any]) -> bool:
+    return True
+
+
+def _never(o: dict[str, Any]) -> bool:
+    return False
+
+
+def _read_once(o: dict[str, Any]) -> tuple[int, bool]:
+    return 1, False
+
+
+@attrs.frozen
+class Builder:
+    """Everything about one layer of generated models: the site it exercises, how to draw it and build it.
+
+    Adding a layer is one entry of :data:`BUILDERS`; :data:`LAYERS`,
+    :func:`layers`, :func:`build` and the facts :class:`Case` derives
+    (``aliasing``, ``drop_path``, ``differs``, ``attention_dropout``) read it.
+    """
+
+    #: The kind (``modeswap.table.rules.KINDS``) of the sites a train export of it has; ``None``: it has none
+    #: by design (it exercises something else: shapes, ``if self.training:`` branches, unread state).
+    kind: str | None
+    #: The strategy for its options, on inputs of ``dims`` spatial dimensions.
+    options: Callable[[int], st.SearchStrategy[Options]]
+    #: The eager module it stands for, from its options, the spatial dimensions, the input's channels and last
+    #: size (width); and the channels of the module's output.
+    module: Callable[[dict[str, Any], int, int, int], tuple[nn.Module, int]]
+    #: Whether :func:`cases` draws it only when asked (:data:`EXTRA_LAYERS`), not by default (:data:`LAYERS`).
+    extra: bool = False
+    #: Whether a train export of it, built from these options, has a site of ``kind`` (a norm: with running stats).
+    has_site: Callable[[dict[str, Any]], bool] = _always
+    #: Whether its dropout returns its input tensor itself in an eval export (``modeswap.table.aliases``).
+    returns_input: Callable[[dict[str, Any]], bool] = _never
+    #: How many ops read its input in eval mode, and whether it returns that input itself.
+    eval_reads: Callable[[dict[str, Any]], tuple[int, bool]] = _read_once
+    #: Whether it adds its input to its dropout's output (``drop(x) + x``), reading the input twice.
+    beside: bool = False
+    #: Whether an eval export keeps no node of it, so that no swap to train brings it back (a drop path).
+    erased_in_eval: bool = False
+    #: Whether it may return extra outputs, which :class:`Outputs` passes on.
+    extra_outputs: bool = False
+    #: For a layer no swap can always follow (an ``if self.training:`` branch): the modes a swap cannot reach,
+    #: from its options. Such a layer is never pinned to one mode: it would branch on nothing.
+    differs: Callable[[dict[str, Any]], frozenset[Mode]] | None = None
+
+
+def _conv(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    return conv(channels, o["channels"], o["kernel"], padding=o["kernel"] // 2), o["channels"]
+
+
+def _batch_norm(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    return bn(channels, o["eps"], o["momentum"], o["affine"], o["track"]), channels
+
+
+def _shared_batch_norm(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    return SharedBatchNorm(bn, channels, o["momentum"], o["same_module"]), channels
+
+
+def _instance_norm(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
+    return norm(channels, o["eps"], o["momentum"], o["affine"], o["track"]), channels
+
+
+def _dropout(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    dropout = getattr(nn, o["cls"])(o["p"], inplace=o["inplace"])
+    return (nn.Sequential(Fresh(), dropout) if o["inplace"] else dropout), channels
+
+
+def _rnn(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    return Recurrent(o["cell"], width, o["layers"], o["p"], o["bidirectional"], o["batch_first"]), channels
+
+
+def _branch_module(o: dict[str, Any], dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
+    literals = (o["train"], o["eval"]) if o["body"] == "literal" else (2.0, 2.0)
+    return Branch(o["body"], o.get("runs", "both"), literals=literals, p=o.get("p", 0.5)), channels
+
+
+#: Every layer a generated model may contain, by name (``Layer.kind``), in the order :func:`layers` samples them.
+BUILDERS: Mapping[str, Builder] = MappingProxyType(
+    {
+        "conv": Builder(None, lambda dims: _options(channels=st.integers(1, 4), kernel=st.sampled_from((1, 3))), _conv),
+        "linear": Builder(None, lambda dims: _options(), lambda o, dims, c, width: (nn.Linear(width, width), c)),
+        "batch_norm": Builder("batch_norm", _norm_options, _batch_norm, has_site=lambda o: bool(o["track"])),
+        # One batch norm called twice, or two sharing their running stats.
+        "shared_batch_norm": Builder(
+            "batch_norm", lambda dims: _options(momentum=_momentum, same_module=st.booleans()), _shared_batch_norm
+        ),
+        "dropout": Builder(
+            "dropout",
+            lambda dims: _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability, inplace=st.booleans()),
+            _dropout,
+            returns_input=_dropout_returns_input,
+        ),
+        "rrelu": Builder(
+            "rrelu",
+            lambda dims: _options(lower=st.floats(0.0, 0.3), upper=st.floats(0.31, 0.9)),
+            lambda o, dims, c, width: (nn.RReLU(o["lower"], o["upper"]), c),
+        ),
+        "instance_norm": Builder("instance_norm", _norm_options, _instance_norm, has_site=lambda o: bool(o["track"])),
+        # Its p is the one all attention layers of a case share (``Case.attention_dropout``).
+        "attention": Builder(
+            "attention",
+            lambda dims: _options(p=_probability, causal=st.booleans()),
+            lambda o, dims, c, width: (Attention(o["p"], o["causal"]), c),
+        ),
+        # An eval export never ran it: see ``Case.drop_path``.
+        "drop_path": Builder(
+            "drop_path",
+            lambda dims: _options(p=_probability, idiom=st.sampled_from(DropPath.IDIOMS)),
+            lambda o, dims, c, width: (DropPath(o["p"], o["idiom"]), c),
+            erased_in_eval=True,
+        ),
+        "rnn": Builder(
+            "rnn",
+            lambda dims: _options(
+                cell=st.sampled_from(Recurrent.CELLS),
+                layers=st.integers(2, 3),
+                p=_probability,
+                bidirectional=st.booleans(),
+                batch_first=st.booleans(),
+            ),
+            _rnn,
+        ),
+        "relu": Builder(None, lambda dims: _options(), lambda o, dims, c, width: (nn.ReLU(), c)),
+        # A dropout beside the identity (``drop(x) + x``), which an eval export cannot tell apart from
+        # ``drop(x) + drop(x)`` when the dropout returns its input: see ``Case.aliasing``.
+        "skip": Builder(
+            "dropout",
+            lambda dims: _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability),
+            lambda o, dims, c, width: (Skip(getattr(nn, o["cls"])(o["p"])), c),
+            extra=True,
+            returns_input=_dropout_returns_input,
+            beside=True,
+        ),
+        # An ``if self.training:`` branch (:class:`Branch`), which no swap can follow: see ``Case.differs``.
+        "branch": Builder(
+            None,
+            lambda dims: st.sampled_from(BODIES).flatmap(_branch),
+            _branch_module,
+            extra=True,
+            eval_reads=_branch_eval_reads,
+            extra_outputs=True,
+            differs=_branch_differs,
+        ),
+        # A head that only training runs (:class:`TrainOnlyHead`), whose state an eval export holds unread.
+        "aux_head": Builder(
+            None,
+            lambda dims: _options(),
+            lambda o, dims, c, width: (TrainOnlyHead(width), c),
+            extra=True,
+            extra_outputs=True,
+        ),
+    }
+)
+
+#: Layer kinds a generated model may contain.
+LAYERS = tuple(name for name, builder in BUILDERS.items() if not builder.extra)
+#: Layer kinds that :func:`cases` can draw but does not by default (``skip``, ``branch``, ``aux_head``):
+#: their entries in :data:`BUILDERS` say why.
+EXTRA_LAYERS = tuple(name for name, builder in BUILDERS.items() if builder.extra)
+#: Layer kinds whose swap is exact both ways, given ``Case.attention_dropout``: an eval export
+#: never ran a drop path, and a skip may be refused (``Case.aliasing``).
+EXACT_LAYERS = tuple(name for name in LAYERS if not BUILDERS[name].erased_in_eval)
+
+
+def _builder(layer: Layer) -> Builder:
+    try:
+        return BUILDERS[layer.kind]
+    except KeyError:
+        msg = f"unknown layer kind {layer.kind!r}; expected one of {tuple(BUILDERS)}"
+        raise ValueError(msg) from None
+
+
+def _returns_input(layer: Layer) -> bool:
+    """Whether the dropout of ``layer`` returns its input tensor itself in an eval export."""
+    return _builder(layer).returns_input(dict(layer.options))
 
 
 def _read_twice(specs: tuple[Layer, ...]) -> bool:
@@ -252,78 +460,32 @@ def _read_twice(specs: tuple[Layer, ...]) -> bool:
 
 def _eval_reads(spec: Layer) -> tuple[int, bool]:
     """How many ops read the input of ``spec`` in eval mode, and whether it returns that input itself."""
-    if spec.kind != "branch":
-        return 1, False
-    o = dict(spec.options)
-    runs = o["body"] == "literal" or o.get("runs") in ("eval", "both")
-    if o["body"] == "buffer":
-        return (2 if runs else 1), False  # x.mean() for the update, then x + running_mean
-    if not runs:
-        return 0, True
-    return {"noise": (2, False), "output": (1, True)}.get(o["body"], (1, False))
+    return _builder(spec).eval_reads(dict(spec.options))
 
 
-def _branch_differs(layer: Layer) -> frozenset[Mode]:
-    """The modes a swap to cannot reach for ``layer``, a :class:`Branch`: what it does only in one mode.
-
-    A swap can turn a dropout on or off, nothing else. A dropout the branch runs
-    in train mode only is what a swap to eval turns off (exact), but a swap to
-    train cannot add it; one it runs in eval mode only (Monte Carlo dropout) is
-    missing from a train export and stays on in a swap to train; one it runs in
-    both modes a swap to eval turns off, where eval keeps it on.
-    """
-    o = dict(layer.options)
+def _differs(layer: Layer) -> frozenset[Mode]:
+    """The modes a swap cannot reach for ``layer`` (see ``Builder.differs``): what it does only in one mode."""
+    differs = _builder(layer).differs
+    if differs is None:
+        return frozenset()
     if layer.mode is not None:
-        msg = "a branch pinned to one mode runs as that mode in both exports; cases() never draws one"
+        msg = f"a {layer.kind} pinned to one mode runs as that mode in both exports; cases() never draws one"
         raise ValueError(msg)
-    if o["body"] == "literal":
-        return frozenset(Mode) if o["train"] != o["eval"] else frozenset()
-    if o["body"] == "dropout":
-        return frozenset({"train": {Mode.TRAIN}, "eval": set(Mode), "both": {Mode.EVAL}}[o["runs"]])
-    return frozenset(Mode) if o["runs"] != "both" else frozenset()
-
-
-def _branch(body: str) -> st.SearchStrategy[tuple[tuple[str, Any], ...]]:
-    if body == "literal":
-        return _options(body=st.just(body), train=_literal, eval=_literal)
-    runs = st.sampled_from(("train", "eval", "both"))
-    if body == "dropout":
-        return _options(body=st.just(body), runs=runs, p=_probability)
-    return _options(body=st.just(body), runs=runs)
-
-
-def _options(**strategies: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[tuple[str, Any], ...]]:
-    return st.fixed_dictionaries(strategies).map(lambda d: tuple(sorted(d.items())))
+    return differs(dict(layer.options))
 
 
 def layers(dims: int, *, kinds: tuple[str, ...] = LAYERS, mixed: bool = False) -> st.SearchStrategy[Layer]:
     """Strategy for one :class:`Layer` of a model on ``dims`` spatial dimensions."""
-    by_kind: dict[str, st.SearchStrategy[tuple[tuple[str, Any], ...]]] = {
-        "conv": _options(channels=st.integers(1, 4), kernel=st.sampled_from((1, 3))),
-        "linear": _options(),
-        "relu": _options(),
-        "batch_norm": _options(momentum=_momentum, eps=_eps, affine=st.booleans(), track=st.booleans()),
-        "dropout": _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability, inplace=st.booleans()),
-        "rrelu": _options(lower=st.floats(0.0, 0.3), upper=st.floats(0.31, 0.9)),
-        "instance_norm": _options(momentum=_momentum, eps=_eps, affine=st.booleans(), track=st.booleans()),
-        "attention": _options(p=_probability, causal=st.booleans()),
-        "drop_path": _options(p=_probability, idiom=st.sampled_from(DropPath.IDIOMS)),
-        "rnn": _options(
-            cell=st.sampled_from(Recurrent.CELLS),
-            layers=st.integers(2, 3),
-            p=_probability,
-            bidirectional=st.booleans(),
-            batch_first=st.booleans(),
-        ),
-        "shared_batch_norm": _options(momentum=_momentum, same_module=st.booleans()),
-        "skip": _options(cls=st.sampled_from(_DROPOUTS[dims]), p=_probability),
-        "branch": st.sampled_from(BODIES).flatmap(_branch),
-        "aux_head": _options(),
-    }
+    by_kind = {kind: BUILDERS[kind].options(dims) for kind in kinds}
     pinned = st.sampled_from((None, "train", "eval")) if mixed else st.just(None)
     return st.sampled_from(kinds).flatmap(
-        # A pinned branch runs as one mode in both exports: it would branch on nothing.
-        lambda kind: st.builds(Layer, st.just(kind), by_kind[kind], st.just(None) if kind == "branch" else pinned),
+        lambda kind: st.builds(
+            Layer,
+            st.just(kind),
+            by_kind[kind],
+            # A pinned branch runs as one mode in both exports: it would branch on nothing.
+            st.just(None) if BUILDERS[kind].differs is not None else pinned,
+        ),
     )
 
 
@@ -347,7 +509,7 @@ def cases(
     attention_p = draw(_probability)
     specs = tuple(
         attrs.evolve(s, options=tuple((k, attention_p if k == "p" else v) for k, v in s.options))
-        if s.kind == "attention"
+        if _builder(s).kind == "attention"
         else s
         for s in specs
     )
@@ -444,46 +606,9 @@ def build(specs: tuple[Layer, ...], *, dims: int, channels: int, width: int) -> 
         for spec in specs:
             module, channels = _module(spec, dims, channels, width)
             modules.append(module if spec.mode is None else PinnedMode(module, spec.mode == "train"))
-    tuples = any(spec.kind in ("branch", "aux_head") for spec in specs)  # layers that may return extra outputs
+    tuples = any(_builder(spec).extra_outputs for spec in specs)
     return (Outputs if tuples else nn.Sequential)(*modules)
 
 
 def _module(spec: Layer, dims: int, channels: int, width: int) -> tuple[nn.Module, int]:
-    o = dict(spec.options)
-    match spec.kind:
-        case "conv":
-            conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-            return conv(channels, o["channels"], o["kernel"], padding=o["kernel"] // 2), o["channels"]
-        case "linear":
-            return nn.Linear(width, width), channels
-        case "relu":
-            return nn.ReLU(), channels
-        case "batch_norm":
-            bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
-            return bn(channels, o["eps"], o["momentum"], o["affine"], o["track"]), channels
-        case "instance_norm":
-            norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
-            return norm(channels, o["eps"], o["momentum"], o["affine"], o["track"]), channels
-        case "dropout":
-            dropout = getattr(nn, o["cls"])(o["p"], inplace=o["inplace"])
-            return (nn.Sequential(Fresh(), dropout) if o["inplace"] else dropout), channels
-        case "rrelu":
-            return nn.RReLU(o["lower"], o["upper"]), channels
-        case "attention":
-            return Attention(o["p"], o["causal"]), channels
-        case "drop_path":
-            return DropPath(o["p"], o["idiom"]), channels
-        case "rnn":
-            return Recurrent(o["cell"], width, o["layers"], o["p"], o["bidirectional"], o["batch_first"]), channels
-        case "shared_batch_norm":
-            bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
-            return SharedBatchNorm(bn, channels, o["momentum"], o["same_module"]), channels
-        case "skip":
-            return Skip(getattr(nn, o["cls"])(o["p"])), channels
-        case "aux_head":
-            return TrainOnlyHead(width), channels
-        case "branch":
-            literals = (o["train"], o["eval"]) if o["body"] == "literal" else (2.0, 2.0)
-            return Branch(o["body"], o.get("runs", "both"), literals=literals, p=o.get("p", 0.5)), channels
-    msg = f"unknown layer kind {spec.kind!r}; expected one of {LAYERS + EXTRA_LAYERS}"
-    raise ValueError(msg)
+    return _builder(spec).module(dict(spec.options), dims, channels, width)

@@ -40,6 +40,7 @@ from torch.fx import GraphModule
 
 import modeswap
 from modeswap.fx.graphs import graph_modules
+from modeswap.table.rules import KINDS
 from modeswap.testing.oracle import run_forward_backward
 
 from .models import CASES, Case
@@ -50,8 +51,6 @@ DEFAULT_OUT = ROOT / "docs" / "coverage.md"
 COMMAND = "python -m tests.integration.coverage"
 SEED = 0
 SWAP_REPEATS = 5
-#: The order site kinds are listed in.
-KINDS = ("batch_norm", "instance_norm", "dropout", "attention", "drop_path", "rrelu")
 #: The marks of the rows that show a documented limit: ¹ drop path, ² attention dropout.
 FOOTNOTES = ("¹", "²")
 
@@ -113,7 +112,7 @@ def node_count(gm: GraphModule) -> int:
 
 
 def sites_by_kind(gm: GraphModule) -> str:
-    """``mode_of``'s sites of ``gm`` counted by kind, e.g. ``"batch_norm 6, dropout 2"``."""
+    """``mode_of``'s sites of ``gm`` counted by kind in the rule table's order, e.g. ``"dropout 2, batch_norm 6"``."""
     counts: Counter[str] = Counter(site.kind for site in modeswap.mode_of(gm).sites)
     order = [kind for kind in KINDS if kind in counts] + sorted(set(counts) - set(KINDS))
     return ", ".join(f"{kind} {counts[kind]}" for kind in order) or "none"

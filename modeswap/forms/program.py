@@ -44,7 +44,7 @@ def lifted_state(ep: ExportedProgram) -> dict[str, dict[str, str]]:
 def refuse_lowered(ep: ExportedProgram) -> None:
     """Refuse a program that ``run_decompositions()`` lowered from the training IR (its dialect says so)."""
     if ep.dialect != "TRAINING":
-        raise lowered(f"the program is in the {ep.dialect} dialect, not the TRAINING IR torch.export.export returns")
+        raise lowered(f"the program is in the {ep.dialect} dialect")
 
 
 #: The records of each skeleton's program, once serialized or read: the graph and the rest never change.

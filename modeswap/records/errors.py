@@ -99,7 +99,7 @@ class MixedModeWarning(ModeswapWarning):
 def lowered(found: str) -> UnsupportedGraphError:
     """The one refusal of a graph or program that ``run_decompositions()`` lowered; ``found`` says what shows it."""
     return UnsupportedGraphError(
-        f"{found}. ExportedProgram.run_decompositions() lowers to it. Lowering erases an eval dropout and fuses "
-        "batch norm, so no swap can tell what the model did. Swap the program torch.export.export returns, then "
-        "call run_decompositions() on the result."
+        "the graph was lowered by ExportedProgram.run_decompositions(), not the TRAINING IR torch.export.export "
+        f"returns: {found}. Lowering erases an eval dropout and fuses batch norm, so no swap can tell what "
+        "the model did. Swap the program torch.export.export returns, then call run_decompositions() on the result."
     )

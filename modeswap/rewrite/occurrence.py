@@ -219,10 +219,7 @@ def recorded_probability(rule: Rule, node: Node, captured: Mode | None) -> tuple
 
 
 def _refuse_decomposed(name: str, node: Node) -> None:
-    raise lowered(
-        f"the graph is not the TRAINING IR torch.export.export returns: {describe(name, node)} is what "
-        "lowering makes of a train/eval-sensitive op, whose mode cannot be swapped there"
-    )
+    raise lowered(f"{describe(name, node)} is what lowering makes of a train/eval-sensitive op")
 
 
 def _refuse_eval_only(name: str, node: Node) -> None:

@@ -317,10 +317,7 @@ def refuse_decomposed(gm: GraphModule) -> None:
     for path, node, source in descendants:
         if _key(source) not in survivors:
             found = describe(qualified_name(path, node), node)
-            raise lowered(
-                f"the graph is not the TRAINING IR torch.export.export returns: {found} comes from "
-                f"{source.target} node {source.name!r}, which the graph no longer has"
-            )
+            raise lowered(f"{found} comes from {source.target} node {source.name!r}, which the graph no longer has")
 
 
 #: The ops of every site, as a node's provenance writes them ("aten.dropout.default").

@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from modeswap.fx.graphs import get_argument, innermost_module
+from modeswap.fx.torch_private import OpOverload
 from modeswap.records.modes import Kind, Mode, Scalar, memo_of
 
 aten = torch.ops.aten
@@ -57,7 +58,7 @@ class Rule:
     """How one op encodes ``module.training`` in a graph."""
 
     kind: Kind
-    ops: tuple[torch._ops.OpOverload, ...]  # every overload export may emit
+    ops: tuple[OpOverload, ...]  # every overload export may emit
     flag: str  # the schema argument that carries the mode
     train: Scalar | Sentinel  # its value in train mode
     eval: Scalar  # its value in eval mode
@@ -72,7 +73,7 @@ class Rule:
     # Overloads that may return their very input in eval mode (see modeswap.table.aliases): export then
     # routes every later use of the input through the node, and an eval graph cannot tell those
     # uses from the op's own.
-    eval_aliases: tuple[torch._ops.OpOverload, ...] = ()
+    eval_aliases: tuple[OpOverload, ...] = ()
     # In eval mode the op returns its input's values (a dropout): what compares two graphs reads through it.
     identity_in_eval: bool = False
 
@@ -213,7 +214,7 @@ class Op:
     Keyword arguments (dtype, device) are not matched; they are kept as found.
     """
 
-    targets: tuple[torch._ops.OpOverload, ...]
+    targets: tuple[OpOverload, ...]
     args: tuple[Op | Capture, ...]
     commutative: bool = False
 
@@ -273,7 +274,7 @@ IDIOMS: tuple[Idiom, ...] = (
     Idiom("drop_path", "empty-bernoulli", _bernoulli_mask(Op((aten.empty.memory_format,), (_SHAPE,)), scaled=True)),
 )
 
-RULES_BY_OP: dict[torch._ops.OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
+RULES_BY_OP: dict[OpOverload, Rule] = {op: rule for rule in RULES for op in rule.ops}
 
 
 @attrs.frozen
@@ -344,13 +345,13 @@ EVAL_ONLY: dict[str, str] = {
 }
 
 
-def resolve(names: Iterable[str]) -> list[torch._ops.OpOverload]:
+def resolve(names: Iterable[str]) -> list[OpOverload]:
     """The ops ``names`` ("aten.dropout.default") name, leaving out those this torch does not have."""
     ops = []
     for name in names:
         namespace, packet, overload = name.split(".")
         op = getattr(getattr(getattr(torch.ops, namespace), packet, None), overload, None)
-        if isinstance(op, torch._ops.OpOverload):
+        if isinstance(op, OpOverload):
             ops.append(op)
     return ops
 
@@ -363,4 +364,4 @@ def rule_for(node: Node) -> Rule | None:
     """The rule that owns ``node``, if any (``None`` for placeholders, outputs, other ops)."""
     if node.op != "call_function":
         return None
-    return RULES_BY_OP.get(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+    return RULES_BY_OP.get(node.target) if isinstance(node.target, OpOverload) else None

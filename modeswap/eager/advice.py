@@ -15,12 +15,12 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
-import torch
 from torch.fx import GraphModule
 
 from modeswap.eager.compare import Found, source
 from modeswap.eager.fidelity import Cause, Difference
 from modeswap.fx.graphs import get_argument, module_path
+from modeswap.fx.torch_private import pytree
 from modeswap.records.errors import InvalidOptionError
 from modeswap.records.modes import Mode
 from modeswap.records.options import Options, decide, matches
@@ -272,7 +272,7 @@ def _ops(ops: tuple[str, ...], shown: int = 4) -> str:
 
 
 def _outputs(value: object) -> str:
-    leaves = torch.utils._pytree.tree_leaves(value)
+    leaves = pytree.tree_leaves(value)
     name = type(value).__name__
     kind = "" if isinstance(value, str) else f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name} of "
     count = f"{len(leaves)} output{'s' * (len(leaves) != 1)}"

@@ -23,6 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from modeswap.fx.graphs import attribute, get_argument, graph_modules, module_path
+from modeswap.fx.torch_private import GUARDS_MODULE, OpOverload, op_schema, out_spec, overload_name, pytree
 from modeswap.records.modes import Mode, memo_of
 from modeswap.table.idiom_matching import matches
 from modeswap.table.rules import Sentinel, rule_for
@@ -153,10 +154,10 @@ class _Graph:
         mapped = torch.fx.node.map_arg((node.args, node.kwargs), refer)
         args, kwargs = mapped
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
+        if not isinstance(target, OpOverload):
             return {str(i): a for i, a in enumerate(args)} | dict(kwargs)
         named: dict[str, Any] = {}
-        for i, argument in enumerate(target._schema.arguments):
+        for i, argument in enumerate(op_schema(target).arguments):
             if i < len(args):
                 named[argument.name] = args[i]
             elif argument.name in kwargs:
@@ -173,11 +174,11 @@ class _Graph:
     def outputs(self, call: Callable[[int], Any] | None) -> tuple[Any, Any]:
         """The output structure and what each output is, written as :meth:`arguments` writes arguments."""
         (output,) = self.gm.graph.find_nodes(op="output")
-        spec = getattr(self.gm, "_out_spec", None)
+        spec = out_spec(self.gm)
         refer = self._output if call is None else lambda n: self.refer(n, call)
         values = torch.fx.node.map_arg(output.args[0], refer)
         if spec is not None and call is None:  # as the module returns them: a tuple, a dict, one tensor
-            values = torch.utils._pytree.tree_unflatten(list(values), spec)
+            values = pytree.tree_unflatten(list(values), spec)
         return spec, values
 
 
@@ -188,16 +189,16 @@ def _computes(node: Node) -> bool:
     same inputs, and the guards take the module path of whichever op comes first.
     """
     if node.op == "call_module":
-        return not str(node.target).startswith("_guards_fn")
+        return not str(node.target).startswith(GUARDS_MODULE)
     return node.op == "call_function" and not _identity(node)
 
 
 def _returns_written(node: Node) -> bool:
     """Whether ``node`` is an in-place op that returns the tensor it writes (``add_``, ``copy_``)."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+    if node.op != "call_function" or not isinstance(target, OpOverload) or not node.args:
         return False
-    schema = target._schema
+    schema = op_schema(target)
     first, returns = schema.arguments[0].alias_info, schema.returns
     return (
         isinstance(node.args[0], Node)
@@ -219,8 +220,8 @@ def _written(gm: GraphModule, node: Node, *, undeclared: bool = False) -> Iterat
         flag, state = _UNDECLARED_WRITES[target]
         if get_argument(node, flag) is not False:
             yield from (v for v in (get_argument(node, name) for name in state) if isinstance(v, Node))
-    if isinstance(target, torch._ops.OpOverload):
-        for i, argument in enumerate(target._schema.arguments):
+    if isinstance(target, OpOverload):
+        for i, argument in enumerate(op_schema(target).arguments):
             if argument.alias_info is None or not argument.alias_info.is_write:
                 continue
             value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
@@ -231,7 +232,7 @@ def _written(gm: GraphModule, node: Node, *, undeclared: bool = False) -> Iterat
     if not bodies:
         return
     # The body's inputs are the operands after the last body, in order (``cond`` passes them as one tuple).
-    operands = torch.utils._pytree.tree_leaves(list(node.args[node.args.index(bodies[-1]) + 1 :]))
+    operands = pytree.tree_leaves(list(node.args[node.args.index(bodies[-1]) + 1 :]))
     for body in bodies:
         module = attribute(gm, str(body.target))
         inputs = list(module.graph.find_nodes(op="placeholder"))
@@ -293,10 +294,10 @@ def _aliased(node: Node) -> Node | None:
     if _identity(node):
         first = node.args[0]
         return first if isinstance(first, Node) else None
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, OpOverload):
         return None
-    returned = {a for r in target._schema.returns if r.alias_info is not None for a in r.alias_info.before_set}
-    for argument, value in zip(target._schema.arguments, node.args, strict=False):
+    returned = {a for r in op_schema(target).returns if r.alias_info is not None for a in r.alias_info.before_set}
+    for argument, value in zip(op_schema(target).arguments, node.args, strict=False):
         info = argument.alias_info
         if info is not None and returned & set(info.before_set) and isinstance(value, Node):
             return value
@@ -458,8 +459,8 @@ def _outputs(want: _Graph, have: _Graph, theirs: Callable[[int], Any], *, conseq
 
 def _op_name(node: Node) -> str:
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.removeprefix("aten::") + (
-            f".{target._overloadname}" if target._overloadname != "default" else ""
+    if isinstance(target, OpOverload):
+        return op_schema(target).name.removeprefix("aten::") + (
+            f".{overload_name(target)}" if overload_name(target) != "default" else ""
         )
     return getattr(target, "__name__", str(target))

@@ -26,12 +26,19 @@ from typing import Any
 import attrs
 import torch
 import torch.utils.checkpoint
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeswap.fx.graphs import get_argument, graph_modules
+from modeswap.fx.torch_private import (
+    FakeTensorMode,
+    OpOverload,
+    TorchDispatchMode,
+    backward_hooks,
+    op_schema,
+    pytree,
+    set_backward_hooks,
+    storage_id,
+)
 from modeswap.records.errors import RecomputedUpdateWarning
 
 #: Ops that update ``running_mean`` and ``running_var`` in place, though their schema does not mark
@@ -296,9 +303,9 @@ def _updates_in_place(program: ExportedProgram) -> bool:
 
 
 def _may_write(node: torch.fx.Node) -> bool:
-    if not isinstance(node.target, torch._ops.OpOverload):
+    if not isinstance(node.target, OpOverload):
         return False
-    schema = node.target._schema
+    schema = op_schema(node.target)
     if schema.name in UNMARKED_WRITES:
         flag = UNMARKED_WRITES[schema.name]
         return flag is None or get_argument(node, flag) is not False  # an eval batch norm writes nothing
@@ -317,7 +324,7 @@ def _fake_step(
             real = t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.nn.Parameter) else t
             made[id(t)] = fake.from_tensor(real)
     state = {f"model.{name}": made[id(t)] for name, t in _named_tensors(model)}
-    storages = {state[f"model.{name}"].untyped_storage()._cdata: name for name in buffers}
+    storages = {storage_id(state[f"model.{name}"].untyped_storage()): name for name in buffers}
     fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake.from_tensor, (args, kwargs))
     # Fake ops draw nothing, but checkpoint reads and sets the random state around its recompute.
     with (
@@ -341,14 +348,14 @@ def _without_backward_hooks(model: torch.nn.Module) -> Iterator[None]:
 
     They are nn.Module's private tables; the hooks are put back as they were.
     """
-    held = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
+    held = [(m, *backward_hooks(m)) for m in model.modules()]
     for module, _, _ in held:
-        module._backward_hooks, module._backward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+        set_backward_hooks(module, collections.OrderedDict(), collections.OrderedDict())
     try:
         yield
     finally:
         for module, hooks, pre_hooks in held:
-            module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
+            set_backward_hooks(module, hooks, pre_hooks)
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -383,7 +390,7 @@ class _Step(torch.nn.Module):
 
 
 class _Updates(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
-    """Counts the ops that write each of ``storages`` (by ``_cdata``), under the name of its buffer.
+    """Counts the ops that write each of ``storages`` (by ``storage_id``), under the name of its buffer.
 
     A version counter would not do: ``native_batch_norm`` updates the running
     stats without bumping theirs. The op's schema says which arguments it writes,
@@ -399,7 +406,7 @@ class _Updates(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch lea
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        schema = func._schema
+        schema = op_schema(func)
         values = {a.name: args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)}
         written = [values[a.name] for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         if schema.name in UNMARKED_WRITES:
@@ -407,7 +414,7 @@ class _Updates(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch lea
             if flag is None or values.get(flag):
                 written += [values.get("running_mean"), values.get("running_var")]
         names = {
-            self.storages.get(t.untyped_storage()._cdata)
+            self.storages.get(storage_id(t.untyped_storage()))
             for t in pytree.tree_leaves(written)
             if isinstance(t, torch.Tensor) and t.layout is torch.strided
         }

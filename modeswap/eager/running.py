@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 from modeswap.eager.compare import Found, written_state
 from modeswap.fx.graphs import attribute, graph_modules
+from modeswap.fx.torch_private import OpOverload, buffer_table, parameter_table, pytree, version_counter
 
 
 def run_forward_backward(
@@ -205,19 +205,20 @@ def _own_state(gm: GraphModule, written: set[int]) -> Iterator[None]:
                 data = tensor.detach().clone()
             else:
                 data = tensor.detach()
-                shared[id(tensor)] = (tensor, tensor._version)
+                shared[id(tensor)] = (tensor, version_counter(tensor))
             lent[id(tensor)] = torch.nn.Parameter(data, tensor.requires_grad) if parameter else data
         held.append((where, name, tensor))
         where[name] = lent[id(tensor)]
 
     try:
         for module in gm.modules():
-            for name, param in list(module._parameters.items()):
+            parameters, buffers = parameter_table(module), buffer_table(module)
+            for name, param in list(parameters.items()):
                 if param is not None:
-                    lend(module._parameters, name, param, parameter=True, copied=id(param) in written)
-            for name, buffer in list(module._buffers.items()):
+                    lend(parameters, name, param, parameter=True, copied=id(param) in written)
+            for name, buffer in list(buffers.items()):
                 if buffer is not None:
-                    lend(module._buffers, name, buffer, parameter=False, copied=True)
+                    lend(buffers, name, buffer, parameter=False, copied=True)
             for name, value in list(vars(module).items()):
                 if isinstance(value, torch.Tensor) and id(value) in written:
                     lend(module.__dict__, name, value, parameter=False, copied=True)
@@ -234,7 +235,7 @@ def _require_untouched(shared: dict[int, tuple[torch.Tensor, int]]) -> None:
     Only writes that bump the version counter show (an op whose schema
     declares them): not the running statistics a batch norm kernel updates.
     """
-    written = [t for t, version in shared.values() if t._version != version]
+    written = [t for t, version in shared.values() if version_counter(t) != version]
     if written:
         shapes = ", ".join(str(tuple(t.shape)) for t in written[:3])
         msg = (
@@ -247,7 +248,7 @@ def _require_untouched(shared: dict[int, tuple[torch.Tensor, int]]) -> None:
 def _draws(gm: GraphModule) -> bool:
     seeded = torch.Tag.nondeterministic_seeded
     return any(
-        isinstance(node.target, torch._ops.OpOverload) and seeded in node.target.tags
+        isinstance(node.target, OpOverload) and seeded in node.target.tags
         for _, module in graph_modules(gm)
         for node in module.graph.nodes
     )

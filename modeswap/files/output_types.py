@@ -12,7 +12,7 @@ namedtuple that importing left unregistered.
 
 torch keeps the registry in ``torch.utils._pytree``, with no public way to name
 a type already registered, nor to ask which name a type has: this module is the
-one place that reads and writes it.
+one that reads and writes it, through ``modeswap.fx.torch_private``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import torch.utils._pytree as pytree
-
+from modeswap.fx.torch_private import (
+    has_pytree_node,
+    is_serialized_name,
+    name_pytree_type,
+    pytree,
+    serialized_type_name,
+)
 from modeswap.records.errors import ProgramFileError
 
 #: torch's name for every namedtuple in a spec; the namedtuple's own name is the node's context.
@@ -48,10 +53,10 @@ def name_for_saving(specs: Iterable[pytree.TreeSpec]) -> dict[str, str]:
     """
     found: dict[str, str] = {}
     for cls in _types(specs):
-        name = _serialized_name(cls)
+        name = serialized_type_name(cls)
         if name is None:
             name = stable_name(cls)
-            _name(cls, name)
+            name_pytree_type(cls, name)
         if cls.__module__ not in ("builtins", "collections") and not cls.__module__.startswith("torch."):
             found[name] = cls.__module__
     return found
@@ -66,25 +71,6 @@ def _types(specs: Iterable[pytree.TreeSpec]) -> Iterator[type]:
         else:
             yield spec.type
         yield from _types(spec.children())
-
-
-def _serialized_name(cls: type) -> str | None:
-    node = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
-    if node is None or node.serialized_type_name == pytree.NO_SERIALIZED_TYPE_NAME_FOUND:
-        return None
-    return str(node.serialized_type_name)
-
-
-def _name(cls: type, name: str) -> None:
-    """Register ``cls`` with torch's pytree under ``name``: a namedtuple as torch asks, another type renamed."""
-    if pytree.is_namedtuple_class(cls) and cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
-        pytree._register_namedtuple(cls, serialized_type_name=name)
-        return
-    # Registered already, with no name: registering again would replace its flatten functions (and warn).
-    # torch keeps the name apart from them, in this record.
-    node = pytree.SUPPORTED_SERIALIZED_TYPES[cls]
-    pytree.SUPPORTED_SERIALIZED_TYPES[cls] = node._replace(serialized_type_name=name)
-    pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name] = cls
 
 
 def spec_type_names(spec: str) -> list[str]:
@@ -122,19 +108,19 @@ def require(names: Iterable[str], where: str, modules: Mapping[str, str] | None 
     to import.
     """
     for name in names:
-        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+        if is_serialized_name(name):
             continue
         cls, failure = _find(name, (modules or {}).get(name))
-        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+        if is_serialized_name(name):
             continue  # importing the module registered it (a transformers ModelOutput)
-        if cls is not None and _serialized_name(cls) is None and _registrable(cls):
-            _name(cls, name)
+        if cls is not None and serialized_type_name(cls) is None and _registrable(cls):
+            name_pytree_type(cls, name)
             continue
         module = (modules or {}).get(name) or name.rpartition(".")[0]
         if cls is None:
             why = f"importing it failed ({failure})" if failure else f"{module} has no {name.rpartition('.')[2]}"
-        elif _serialized_name(cls) is not None:
-            why = f"this process registers the class under another name, {_serialized_name(cls)!r}"
+        elif serialized_type_name(cls) is not None:
+            why = f"this process registers the class under another name, {serialized_type_name(cls)!r}"
         elif dataclasses.is_dataclass(cls):
             why = "importing its module did not register it with torch (torch.export.register_dataclass)"
         else:
@@ -148,8 +134,8 @@ def require(names: Iterable[str], where: str, modules: Mapping[str, str] | None 
 
 
 def _registrable(cls: type) -> bool:
-    """Whether :func:`_name` can name ``cls``: a namedtuple, or a type registered with torch's pytree."""
-    return pytree.is_namedtuple_class(cls) or cls in pytree.SUPPORTED_SERIALIZED_TYPES
+    """Whether ``name_pytree_type`` can name ``cls``: a namedtuple, or a type registered with torch's pytree."""
+    return pytree.is_namedtuple_class(cls) or has_pytree_node(cls)
 
 
 def _find(name: str, module: str | None) -> tuple[type | None, str | None]:

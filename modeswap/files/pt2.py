@@ -1,4 +1,4 @@
-"""torch's PT2 archive, as modeswap reads and writes it: every private torch name the files need, with its reason.
+"""torch's PT2 archive, as modeswap reads and writes it, with torch's private serializer (``fx.torch_private``).
 
 A PT2 archive (``torch.export.pt2_archive``) is a zip file of records:
 ``models/NAME.json`` (a program's graph, in the JSON of
@@ -8,7 +8,8 @@ record, ``data/weights/NAME_weights_config.json``), ``data/sample_inputs/``, and
 ``extra/``. torch has no public API for its parts, only ``torch.export.save`` and
 ``load`` of one program whole. modeswap writes and reads them itself, to store a
 tensor once for several programs and to load quickly, and that takes torch's
-private serializer: this module is the one place that reaches it.
+private serializer: this module is the one that uses it, through
+``modeswap.fx.torch_private``, which says why each name is needed.
 """
 
 from __future__ import annotations
@@ -27,26 +28,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-
-# torch's program (de)serializer and its schema: private, and what torch.export.save/load run.
-from torch._export.serde import schema
-from torch._export.serde.schema import SCHEMA_VERSION
-from torch._export.serde.serialize import (
-    DEFAULT_PICKLE_PROTOCOL,
-    ExportedProgramDeserializer,
-    GraphModuleSerializer,
-    _dataclass_to_dict,
-    _to_json_bytes,
-    deserialize_device,
-    deserialize_scalar_type,
-    deserialize_size,
-    deserialize_storage_offset,
-    deserialize_stride,
-    serialize_range_constraints,
-    serialize_tensor_meta,
-    serialize_torch_artifact,
-)
-from torch._export.serde.union import _Union
 from torch.export import ExportedProgram
 from torch.export.pt2_archive import PT2ArchiveReader, PT2ArchiveWriter
 from torch.export.pt2_archive.constants import (
@@ -64,11 +45,31 @@ from torch.export.pt2_archive.constants import (
 )
 from torch.fx import GraphModule
 
-# What torch's writer asks of a tensor before storing its bytes: a fake tensor has none.
-from torch._subclasses.fake_tensor import FakeTensor  # isort: skip
-
-# The context manager torch's serializer enters around a program whose inputs include modules.
-from torch._export.non_strict_utils import _enable_graph_inputs_of_type_nn_module  # isort: skip
+# torch's program (de)serializer and its schema, private (modeswap.fx.torch_private says why each name).
+from modeswap.fx.torch_private import (
+    DEFAULT_PICKLE_PROTOCOL,
+    SCHEMA_VERSION,
+    ExportedProgramDeserializer,
+    FakeTensor,
+    GraphModuleSerializer,
+    SchemaUnion,
+    dataclass_to_dict,
+    deserialize_device,
+    deserialize_scalar_type,
+    deserialize_size,
+    deserialize_storage_offset,
+    deserialize_stride,
+    enable_graph_inputs_of_type_nn_module,
+    guards_code_of,
+    max_operator_version,
+    pickle_script_object,
+    schema,
+    serialize_range_constraints,
+    serialize_tensor_meta,
+    serialize_torch_artifact,
+    to_json_bytes,
+    unpickle_script_object,
+)
 
 __all__ = [
     "CONSTANTS_CONFIG_FILENAME_FORMAT",
@@ -149,7 +150,7 @@ def _new_converter(cls: Any) -> Callable[[Any], Any]:
         return _converter(cls.__origin__)
     if typing.get_origin(cls) in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):
         return _optional(typing.get_args(cls))
-    if isinstance(cls, type) and issubclass(cls, _Union):
+    if isinstance(cls, type) and issubclass(cls, SchemaUnion):
         return _union(cls, _hints(cls))
     if dataclasses.is_dataclass(cls) and isinstance(cls, type):
         return _record(cls, _hints(cls), tuple(f.name for f in dataclasses.fields(cls)))
@@ -222,11 +223,11 @@ def serialized_program(
     (the program was validated when made) and ``canonicalize`` of a deep copy,
     whose result it drops (60% of its time).
     """
-    with _enable_graph_inputs_of_type_nn_module(example_inputs):
+    with enable_graph_inputs_of_type_nn_module(example_inputs):
         serializer = GraphModuleSerializer(signature, module_call_graph)
         program = schema.ExportedProgram(
             graph_module=serializer.serialize(graph_module),
-            opset_version={"aten": torch._C._get_max_operator_version()},
+            opset_version={"aten": max_operator_version()},
             range_constraints=serialize_range_constraints(dict(range_constraints)),
             schema_version=schema.SchemaVersion(major=SCHEMA_VERSION[0], minor=SCHEMA_VERSION[1]),
             verifiers=[v.dialect for v in verifiers],
@@ -234,7 +235,7 @@ def serialized_program(
             guards_code=guards_code,
         )
     inputs = serialize_torch_artifact(example_inputs, DEFAULT_PICKLE_PROTOCOL)
-    return _to_json_bytes(program), inputs
+    return to_json_bytes(program), inputs
 
 
 def program_parts(program: ExportedProgram) -> dict[str, Any]:
@@ -245,8 +246,7 @@ def program_parts(program: ExportedProgram) -> dict[str, Any]:
         "module_call_graph": list(program.module_call_graph),
         "range_constraints": dict(program.range_constraints),
         "verifiers": list(program.verifiers),
-        # torch keeps the guards of a program as code; ExportedProgram has no public name for them.
-        "guards_code": list(program._guards_code),
+        "guards_code": list(guards_code_of(program)),
         "example_inputs": program.example_inputs,
     }
 
@@ -271,7 +271,7 @@ def payload_meta(path_name: str, value: object, *, pickled: bool) -> dict[str, A
         use_pickle=pickled,
         tensor_meta=meta,
     )
-    found: dict[str, Any] = _dataclass_to_dict(row)  # type: ignore[no-untyped-call]
+    found: dict[str, Any] = dataclass_to_dict(row)  # type: ignore[no-untyped-call]
     return found
 
 
@@ -297,16 +297,16 @@ def object_bytes(value: object) -> tuple[str, bytes]:
         buffer = io.BytesIO()
         torch.save(value, buffer, pickle_protocol=DEFAULT_PICKLE_PROTOCOL)
         return "", buffer.getvalue()
-    if isinstance(value, torch._C.ScriptObject):
+    if isinstance(value, torch.ScriptObject):
         # torch stores a TorchScript object with its own pickler, which C++ reads too.
-        return CUSTOM_OBJ_FILENAME_PREFIX, torch._C._pickle_save(value)
+        return CUSTOM_OBJ_FILENAME_PREFIX, pickle_script_object(value)
     return OPAQUE_OBJ_FILENAME_PREFIX, pickle.dumps(value, protocol=DEFAULT_PICKLE_PROTOCOL)
 
 
 def object_from_bytes(path_name: str, data: bytes) -> object:
     """Return the object :func:`object_bytes` stored in the record ``path_name``, as torch's reader does."""
     if path_name.startswith(CUSTOM_OBJ_FILENAME_PREFIX):
-        return torch._C._pickle_load_obj(data)
+        return unpickle_script_object(data)
     if path_name.startswith(OPAQUE_OBJ_FILENAME_PREFIX):
         return pickle.loads(data)
     return torch.load(io.BytesIO(data), weights_only=False)

@@ -27,7 +27,6 @@ from typing import Any, NoReturn, SupportsIndex
 
 import attrs
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule
 
@@ -38,6 +37,19 @@ from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
 from modeswap.fx.graphs import attribute, enclosing, graph_modules, module_path, module_paths
 from modeswap.fx.sharing import alias_groups, tie
+from modeswap.fx.torch_private import (
+    GRAPH,
+    GUARDS_MODULE,
+    IN_SPEC,
+    MODULES,
+    OUT_SPEC,
+    FakeTensor,
+    buffer_table,
+    in_spec,
+    module_table,
+    out_spec,
+    parameter_table,
+)
 from modeswap.fx.weights import copy_tensor
 from modeswap.records.errors import (
     ModeswapError,
@@ -220,12 +232,12 @@ class ModalModule(torch.nn.Module):
     ) -> None:
         super().__init__()
         for key, value in vars(state).items():
-            if key not in _GRAPH_MODULE_ONLY and key not in ("train", "eval", "_in_spec", "_out_spec"):
+            if key not in _GRAPH_MODULE_ONLY and key not in ("train", "eval", IN_SPEC, OUT_SPEC):
                 vars(self)[key] = value
         # The captured graph's subgraph bodies give way to each mode's own.
         captured = {node.target for node in state.graph.find_nodes(op="get_attr")}
-        modules = {k: v for k, v in state._modules.items() if not (k in captured and isinstance(v, GraphModule))}
-        vars(self)["_modules"] = modules | dict(subgraphs)
+        modules = {k: v for k, v in module_table(state).items() if not (k in captured and isinstance(v, GraphModule))}
+        vars(self)[MODULES] = modules | dict(subgraphs)
         self._variants = dict(variants)
         #: The modes whose graph is built on first use, from their program (``modeswap.load``).
         self._pending = dict(pending or {})
@@ -267,6 +279,7 @@ class ModalModule(torch.nn.Module):
         """The :class:`Variant` of each mode, every module in it (read only)."""
         return types.MappingProxyType({mode: self._variant(mode) for mode in Mode})
 
+    # The names torch's generated code reads the specs under (torch_private.IN_SPEC and OUT_SPEC).
     @property
     def _in_spec(self) -> Any:
         return self.variant.in_spec
@@ -457,7 +470,7 @@ class ModalModule(torch.nn.Module):
         variant = self._variant(mode)
         shell = GraphModule.__new__(GraphModule)
         vars(shell).update({k: v for k, v in vars(self).items() if k not in self._BOOKKEEPING})
-        vars(shell).update(_graph=variant.graph, _in_spec=variant.in_spec, _out_spec=variant.out_spec)
+        vars(shell).update({GRAPH: variant.graph, IN_SPEC: variant.in_spec, OUT_SPEC: variant.out_spec})
         return lift(shell, Weights(share_weights=True))
 
     def _compared(self) -> dict[Mode, tuple[Found | str, ...]]:
@@ -562,7 +575,7 @@ def _zeroed(f: Found) -> bool:
 
 def _has_flag(path: str, module: torch.nn.Module) -> bool:
     """Whether the ``.training`` of ``module`` can decide a site: a module of the model, not generated code."""
-    return not isinstance(module, GraphModule) and not path.rpartition(".")[2].startswith("_guards_fn")
+    return not isinstance(module, GraphModule) and not path.rpartition(".")[2].startswith(GUARDS_MODULE)
 
 
 def _ran(graph: Graph) -> Iterator[str]:
@@ -581,7 +594,7 @@ def _add_placeholders(root: torch.nn.Module, paths: Iterable[str]) -> None:
             continue  # the root, or a module_call_graph entry of a repeated call ("block@1")
         parent_path, _, name = path.rpartition(".")
         parent = attribute(root, parent_path) if parent_path else root
-        if not isinstance(parent, torch.nn.Module) or name in parent._modules or hasattr(parent, name):
+        if not isinstance(parent, torch.nn.Module) or name in module_table(parent) or hasattr(parent, name):
             continue
         parent.add_module(name, torch.nn.Module())
 
@@ -600,7 +613,7 @@ def _share(root: torch.nn.Module, groups: Sequence[Sequence[str]]) -> None:
             parent_path, _, name = path.rpartition(".")
             parent = attribute(root, parent_path) if parent_path else root
             if isinstance(parent, torch.nn.Module) and (held is not None or not hasattr(parent, name)):
-                parent._modules[name] = module
+                module_table(parent)[name] = module
 
 
 def shared_by_state(root: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
@@ -632,7 +645,8 @@ def _tie(root: torch.nn.Module, groups: Iterable[Sequence[str]]) -> None:
         for name in group[1:]:
             owner_path, _, leaf = name.rpartition(".")
             owner = root.get_submodule(owner_path)
-            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            parameters = parameter_table(owner)
+            table = parameters if leaf in parameters else buffer_table(owner)
             table[leaf] = named[group[0]]  # type: ignore[assignment]
 
 
@@ -755,8 +769,8 @@ def variant_of(
         gm.code,
         type(gm).forward,
         found,
-        getattr(gm, "_in_spec", None),
-        getattr(gm, "_out_spec", None),
+        in_spec(gm),
+        out_spec(gm),
         skeleton,
         owners | {site.module_path for site in found.sites},
     )

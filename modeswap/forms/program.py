@@ -30,6 +30,7 @@ from torch.fx import GraphModule
 from modeswap.files import pt2
 from modeswap.files.output_types import name_for_saving
 from modeswap.fx.copying import copy_module
+from modeswap.fx.torch_private import guards_code_of, set_guards_code
 from modeswap.records.errors import lowered
 
 
@@ -92,7 +93,7 @@ class Skeleton:
             module_call_graph=tuple(program.module_call_graph),
             example_inputs=program.example_inputs,
             verifiers=tuple(program.verifiers),
-            guards_code=tuple(program._guards_code),
+            guards_code=tuple(guards_code_of(program)),
             state_names=tuple(program.state_dict),
             constant_names=tuple(program.constants),
             names=dict(names or {}),
@@ -131,7 +132,7 @@ class Skeleton:
         )
         # The guards export derived from the user's code; the constructor can only
         # rebuild those the graph shows (ExportedProgram.module() installs both).
-        program._guards_code = list(self.guards_code)
+        set_guards_code(program, list(self.guards_code))
         return program
 
     def tensors(self, module: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,12 +10,24 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from modeswap.fx.graphs import graph_modules
+from modeswap.fx.torch_private import (
+    BUFFERS,
+    GRAPH,
+    MODES_REFUSED,
+    MODULES,
+    PARAMETERS,
+    buffer_table,
+    codegen,
+    empty_graph_like,
+    module_table,
+    parameter_table,
+)
 from modeswap.fx.weights import Tensors, tensor_copier
 
 
 def copy_graph(graph: Graph) -> Graph:
     """Return a copy of ``graph``: the same node names, node meta copied shallowly."""
-    new = Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    new = empty_graph_like(graph)
     copies: dict[Node, Node] = {}
     output: Any = new.graph_copy(graph, copies, return_output_node=True)
     for old, copied in copies.items():
@@ -25,7 +37,7 @@ def copy_graph(graph: Graph) -> Graph:
             copied.name = old.name
     # The codegen holds the immutable pytree specs; deep-copying them only costs
     # time (and a torch FutureWarning about LeafSpec).
-    new._codegen = copy.copy(graph._codegen)
+    new.set_codegen(copy.copy(codegen(graph)))
     if output is not None:
         value, old_output = output
         new_output = new.output(value, type_expr=old_output.type)
@@ -66,12 +78,12 @@ def _copy_tree(module: torch.nn.Module, tensor: Tensors) -> torch.nn.Module:
     # recompile installs on the copy's class never reaches the original's.
     new = GraphModule.__new__(type(module)) if isinstance(module, GraphModule) else object.__new__(type(module))
     state = {key: _copy_attribute(value, module, new, tensor) for key, value in vars(module).items()}
-    state["_parameters"] = {k: None if v is None else tensor(v) for k, v in module._parameters.items()}
-    state["_buffers"] = {k: None if v is None else tensor(v) for k, v in module._buffers.items()}
-    state["_modules"] = {k: None if v is None else _copy_tree(v, tensor) for k, v in module._modules.items()}
+    state[PARAMETERS] = {k: None if v is None else tensor(v) for k, v in parameter_table(module).items()}
+    state[BUFFERS] = {k: None if v is None else tensor(v) for k, v in buffer_table(module).items()}
+    state[MODULES] = {k: None if v is None else _copy_tree(v, tensor) for k, v in module_table(module).items()}
     if isinstance(module, GraphModule):
-        state["_graph"] = copy_graph(module.graph)
-        state["_graph"].owning_module = new
+        state[GRAPH] = copy_graph(module.graph)
+        state[GRAPH].owning_module = new
     vars(new).update(state)
     return new
 
@@ -82,7 +94,7 @@ def _copy_attribute(value: Any, old: torch.nn.Module, new: torch.nn.Module, tens
     if isinstance(value, types.MethodType) and value.__self__ is old:
         # ExportedProgram.module() patches train/eval onto the instance to raise;
         # the copy gets modeswap's own refusal, and no reference back to the original.
-        func = _refuse_train_eval if value.__name__ in ("_train", "_eval") else value.__func__
+        func = _refuse_train_eval if value.__name__ in MODES_REFUSED else value.__func__
         return types.MethodType(func, new)
     if isinstance(value, dict | list | set):
         return copy.copy(value)

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from modeswap.fx.torch_private import OpOverload, module_table, op_schema
+
 
 @functools.cache
-def _argument(op: torch._ops.OpOverload, name: str) -> tuple[int, Any]:
-    for index, argument in enumerate(op._schema.arguments):
+def _argument(op: OpOverload, name: str) -> tuple[int, Any]:
+    for index, argument in enumerate(op_schema(op).arguments):
         if argument.name == name:
             return index, argument
     msg = f"{op} has no argument named {name!r}"
@@ -36,12 +38,12 @@ def set_argument(node: Node, name: str, value: Any) -> None:
     defaults (an eval ``rrelu`` is ``rrelu(x)``); writing calls the same way is
     what makes ``to_train(to_eval(g))`` give back ``g`` argument for argument.
     """
-    op: torch._ops.OpOverload = node.target  # type: ignore[assignment]
+    op: OpOverload = node.target  # type: ignore[assignment]
     index, argument = _argument(op, name)
     if argument.kwarg_only or name in node.kwargs:
         node.kwargs = {**node.kwargs, name: value}
         return
-    schema = op._schema.arguments
+    schema = op_schema(op).arguments
     args = list(node.args)
     args.extend(schema[i].default_value for i in range(len(args), index + 1))
     args[index] = value
@@ -72,7 +74,7 @@ def graph_modules(gm: GraphModule, path: str = "") -> Iterator[tuple[str, GraphM
     only ``GraphModule`` children are searched, not the whole module tree.
     """
     yield path, gm
-    for name, child in gm._modules.items():  # not named_children(): a lifted graph has a child per weight's parent
+    for name, child in module_table(gm).items():  # not named_children(): a lifted graph has a child per weight's parent
         if isinstance(child, GraphModule):
             yield from graph_modules(child, f"{path}.{name}" if path else name)
 

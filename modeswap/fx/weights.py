@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
+from modeswap.fx.torch_private import FakeTensor, lazy_clone, storage_id
 from modeswap.records.errors import InvalidOptionError
 
 Tensors = Callable[[torch.Tensor], torch.Tensor]
@@ -118,14 +118,14 @@ class _CopyOnWrite:
         if not can_copy_on_write(t):
             return copy_tensor(t, self.memo)
         storage = t.untyped_storage()
-        if storage._cdata in self.storages:
-            _, clone = self.storages[storage._cdata]
+        if storage_id(storage) in self.storages:
+            _, clone = self.storages[storage_id(storage)]
             with torch.no_grad():
                 new = torch.empty(0, dtype=t.dtype, device=t.device)
                 new.set_(clone, t.storage_offset(), t.size(), t.stride())
         else:
-            new = torch._lazy_clone(t.detach())  # the same view of a lazy clone of the whole storage
-            self.storages[storage._cdata] = (storage, new.untyped_storage())
+            new = lazy_clone(t.detach())  # the same view of a lazy clone of the whole storage
+            self.storages[storage_id(storage)] = (storage, new.untyped_storage())
         if type(t) is torch.nn.Parameter:
             new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
         else:

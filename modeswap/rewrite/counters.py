@@ -13,6 +13,7 @@ import torch
 from torch.fx import Graph, Node
 
 from modeswap.fx.graphs import describe, get_argument, innermost_module, module_path
+from modeswap.fx.torch_private import buffer_table, detect_fake_mode
 from modeswap.records.errors import UnsupportedGraphError
 from modeswap.records.modes import Memo
 from modeswap.table.rules import Counter, rule_for
@@ -198,13 +199,13 @@ def _counter_node(t: Occurrence, counter: str) -> Node:
 def _buffer(module: torch.nn.Module, path: str) -> torch.Tensor | None:
     owner, _, name = path.rpartition(".")
     try:
-        return module.get_submodule(owner)._buffers.get(name)
+        return buffer_table(module.get_submodule(owner)).get(name)
     except AttributeError:
         return None
 
 
 def _fake_like(graph: Graph, tensor: torch.Tensor) -> Any:
-    fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
     return None if fake_mode is None else fake_mode.from_tensor(tensor, static_shapes=True)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from modeswap.fx.graphs import graph_modules, qualified_name
+from modeswap.fx.torch_private import OpOverload, detect_fake_mode
 from modeswap.records.errors import UnsupportedGraphError
 from modeswap.records.modes import Change, Memo, Mode, set_memo
 from modeswap.records.options import Options
@@ -72,7 +73,7 @@ def restore(marker: Node, memo: Memo) -> Node:
     graph = marker.graph
     source: Node = marker.args[0]  # type: ignore[assignment]
     built: list[Node] = []
-    fake_mode = torch._guards.detect_fake_mode([source.meta.get("val")])
+    fake_mode = detect_fake_mode([source.meta.get("val")])
     with graph.inserting_before(marker):
         for op in json.loads(memo.removed)["ops"]:
             target = _op(op["target"])
@@ -168,13 +169,13 @@ def _named(graph: Graph, name: str) -> Node:
     raise UnsupportedGraphError(msg)
 
 
-def _op(target: str) -> torch._ops.OpOverload:
+def _op(target: str) -> OpOverload:
     namespace, name, overload = target.split(".")
-    op: torch._ops.OpOverload = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    op: OpOverload = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     return op
 
 
-def _fake_run(mode: Any, target: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _fake_run(mode: Any, target: OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """The ``meta["val"]`` export would record: ``target`` run on the fake values of its inputs."""
     if mode is None:
         return None

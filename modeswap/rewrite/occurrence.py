@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 from torch.fx import GraphModule, Node
 
 from modeswap.fx.graphs import calls, describe, get_argument, graph_modules, module_path, qualified_name
+from modeswap.fx.torch_private import OpOverload
 from modeswap.records.errors import UnsupportedGraphError, lowered
 from modeswap.records.modes import Memo, Mode, memo_of, set_memo
 from modeswap.records.options import Options
@@ -60,10 +60,10 @@ def stays(node: Node, stated: Options) -> bool:
 
 
 @functools.cache
-def _refused(kind: str) -> tuple[tuple[torch._ops.OpOverload, ...], tuple[torch._ops.OpOverload, ...]]:
+def _refused(kind: str) -> tuple[tuple[OpOverload, ...], tuple[OpOverload, ...]]:
     """The ops of ``kind`` that no swap can handle: decomposed ones, and fused eval-only kernels."""
 
-    def of_kind(table: Mapping[str, str]) -> tuple[torch._ops.OpOverload, ...]:
+    def of_kind(table: Mapping[str, str]) -> tuple[OpOverload, ...]:
         return tuple(resolve(name for name, of_kind in table.items() if of_kind == kind))
 
     return of_kind(DECOMPOSED), of_kind(EVAL_ONLY)

@@ -8,6 +8,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from modeswap.fx.graphs import get_argument, graph_modules, module_path, qualified_name
+from modeswap.fx.torch_private import OpOverload
 from modeswap.records.modes import Mode, ModeReport, Params, Scalar, Site, memo_of
 from modeswap.rewrite.base import Context
 from modeswap.rewrite.occurrence import recorded_probability
@@ -107,7 +108,7 @@ def random_nodes(gm: GraphModule) -> Iterator[tuple[str, Node]]:
             target = node.target
             if (
                 node.op == "call_function"
-                and isinstance(target, torch._ops.OpOverload)
+                and isinstance(target, OpOverload)
                 and seeded in target.tags
                 and rule_for(node) is None
                 and node not in owned

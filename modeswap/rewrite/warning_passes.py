@@ -30,6 +30,7 @@ from modeswap.fx.graphs import (
     module_paths,
     qualified_name,
 )
+from modeswap.fx.torch_private import OpOverload
 from modeswap.records import options
 from modeswap.records.errors import (
     InvalidOptionError,
@@ -312,7 +313,7 @@ def refuse_decomposed(gm: GraphModule) -> None:
         for node in module.graph.nodes:
             if rule_for(node) is not None:
                 survivors.update(_key(source) for source in _ancestors(node))
-            elif isinstance(node.target, torch._ops.OpOverload):  # a HOP descends from every node it holds
+            elif isinstance(node.target, OpOverload):  # a HOP descends from every node it holds
                 descendants += [(path, node, src) for src in _ancestors(node) if src.target in _SITE_TARGETS]
     for path, node, source in descendants:
         if _key(source) not in survivors:

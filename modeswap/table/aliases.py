@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, Node
 
+from modeswap.fx.torch_private import OpOverload, op_schema, storage_id
+
 
 def returns_input(node: Node) -> bool:
     """Whether eval-mode ``node`` (a dropout with ``train=False``) returns the tensor it was given."""
@@ -32,16 +34,16 @@ def returns_input(node: Node) -> bool:
 def _shares_storage(a: Any, b: Any) -> bool:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
-    return bool(a.untyped_storage()._cdata == b.untyped_storage()._cdata)
+    return storage_id(a.untyped_storage()) == storage_id(b.untyped_storage())
 
 
 def _tracks_aliasing(graph: Graph) -> bool:
     """Whether the fake values of ``graph`` record aliasing: some view's value shares its base's storage."""
     for node in graph.nodes:
         op = node.target
-        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        if node.op != "call_function" or not isinstance(op, OpOverload):
             continue
-        returns = op._schema.returns
+        returns = op_schema(op).returns
         aliased = returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write
         if aliased and node.args and isinstance(node.args[0], Node):
             return _shares_storage(node.meta.get("val"), node.args[0].meta.get("val"))
@@ -49,7 +51,7 @@ def _tracks_aliasing(graph: Graph) -> bool:
 
 
 @functools.cache
-def exported_as_alias(op: torch._ops.OpOverload) -> bool:
+def exported_as_alias(op: OpOverload) -> bool:
     """Whether this torch's export writes ``op(x, p, train=False)`` as a node that returns ``x`` itself."""
 
     class Probe(torch.nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from modeswap.fx.graphs import calls, get_argument
+from modeswap.fx.torch_private import op_schema
 from modeswap.records.errors import UnsupportedGraphError
 from modeswap.records.modes import Memo, memo_of
 from modeswap.table.rules import IDIOMS, Capture, Idiom, Op
@@ -92,7 +93,7 @@ def _match(pattern: Op | Capture, value: Any, captures: dict[Capture, Any], owne
         return False  # used elsewhere too: removing it would change more than the idiom
     # By schema, with defaults: export drops trailing arguments equal to their default (bernoulli_'s p=0.5).
     n = len(pattern.args)
-    leading = tuple(get_argument(value, a.name) for a in value.target._schema.arguments[:n])
+    leading = tuple(get_argument(value, a.name) for a in op_schema(value.target).arguments[:n])
     orders = [leading, leading[::-1]] if pattern.commutative else [leading]
     for args in orders:
         trial, trial_owned = dict(captures), list(owned)

@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from modeswap.fx.graphs import get_argument, innermost_module
+from modeswap.fx.torch_private import OpOverload
 from modeswap.records.modes import Kind, Mode, Scalar, memo_of
 
 aten = torch.ops.aten
@@ -57,7 +58,7 @@ class Rule:
     """How one op encodes ``module.training`` in a graph."""
 
     kind: Kind
-    ops: tuple[torch._ops.OpOverload, ...]  # every overload export may emit
+    ops: tuple[OpOverload, ...]  # every overload export may emit
     flag: str  # the schema argument that carries the mode
     train: Scalar | Sentinel  # its value in train mode
     eval: Scalar  # its value in eval mode
@@ -72,7 +73,7 @@ class Rule:
     # Overloads that may return their very input in eval mode (see modeswap.table.aliases): export then
     # routes every later use of the input through the node, and an eval graph cannot tell those
     # uses from the op's own.
-    eval_aliases: tuple[torch._ops.OpOverload, ...] = ()
+    eval_aliases: tuple[OpOverload, ...] = ()
     # In eval mode the op returns its input's values (a dropout): what compares two graphs reads through it.
     identity_in_eval: bool = False
 
@@ -213,7 +214,7 @@ class Op:
     Keyword arguments (dtype, device) are not matched; they are kept as found.
     """
 
-    targets: tuple[torch._ops.OpOverload, ...]
+    targets: tuple[OpOverload, ...]
     args: tuple[Op | Capture, ...]
     commutative: bool = False
 
@@ -342,13 +343,13 @@ EVAL_ONLY: dict[str, str] = {
 }
 
 
-def resolve(names: Iterable[str]) -> list[torch._ops.OpOverload]:
+def resolve(names: Iterable[str]) -> list[OpOverload]:
     """The ops ``names`` ("aten.dropout.default") name, leaving out those this torch does not have."""
     ops = []
     for name in names:
         namespace, packet, overload = name.split(".")
         op = getattr(getattr(getattr(torch.ops, namespace), packet, None), overload, None)
-        if isinstance(op, torch._ops.OpOverload):
+        if isinstance(op, OpOverload):
             ops.append(op)
     return ops
 
@@ -361,14 +362,14 @@ def rule_for(node: Node) -> Rule | None:
     """The rule that owns ``node``, if any (``None`` for placeholders, outputs, other ops)."""
     if node.op != "call_function":
         return None
-    return _by_op().get(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+    return _by_op().get(node.target) if isinstance(node.target, OpOverload) else None
 
 
 #: :data:`RULES` by op, and the table it was made of: a table extended at run time is indexed again.
-_INDEX: tuple[tuple[Rule, ...], dict[torch._ops.OpOverload, Rule]] = ((), {})
+_INDEX: tuple[tuple[Rule, ...], dict[OpOverload, Rule]] = ((), {})
 
 
-def _by_op() -> dict[torch._ops.OpOverload, Rule]:
+def _by_op() -> dict[OpOverload, Rule]:
     global _INDEX
     if _INDEX[0] is not RULES:
         _INDEX = (RULES, {op: rule for rule in RULES for op in rule.ops})

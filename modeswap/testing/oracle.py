@@ -12,11 +12,11 @@ from typing import Any
 import attrs
 import torch
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 from modeswap.eager.running import run_forward_backward
 from modeswap.forms.swap import swap
 from modeswap.fx.graphs import graph_modules
+from modeswap.fx.torch_private import global_hook_tables, hook_tables, pytree
 from modeswap.records.errors import ModeswapWarning
 from modeswap.records.modes import Mode, Swap
 
@@ -80,13 +80,10 @@ class Observed:
             items.append((f"grad {name}", grad))
         for path, module in model.named_modules(remove_duplicate=False):
             items.append((f"training {path!r}", module.training))
-            for attribute, hooks in sorted(vars(module).items()):
-                if attribute.endswith("hooks") and isinstance(hooks, dict):
-                    items.append((f"{attribute} of {path!r}", tuple(hooks)))
-        modules = torch.nn.modules.module
-        for attribute in sorted(vars(modules)):
-            if attribute.startswith("_global_") and isinstance(getattr(modules, attribute), dict):
-                items.append((f"torch.nn.modules.module.{attribute}", tuple(getattr(modules, attribute))))
+            for attribute, hooks in hook_tables(module):
+                items.append((f"{attribute} of {path!r}", tuple(hooks)))
+        for attribute, hooks in global_hook_tables():
+            items.append((f"torch.nn.modules.module.{attribute}", tuple(hooks)))
         items.append(("torch.get_rng_state()", torch.get_rng_state()))
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             items.append(("torch.cuda.get_rng_state_all()", tuple(torch.cuda.get_rng_state_all())))

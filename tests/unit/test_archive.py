@@ -12,41 +12,21 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing.models import AuxiliaryHeads
-from modeswap.testing.oracle import assert_same_run, assert_trains_like, run_forward_backward
-
-
-class Net(nn.Module):
-    """Batch norm, dropout, a non-persistent buffer, and an auxiliary head that only training returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4, momentum=0.2)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(4, 2)
-        self.aux = nn.Linear(4, 3)
-        self.register_buffer("scale", torch.tensor(0.5), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> Any:
-        h = self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)) * self.scale
-        if self.training:
-            return self.head(h), self.aux(h)
-        return self.head(h)
-
+from modeswap.testing.models import AuxiliaryHeads, Net
+from modeswap.testing.oracle import assert_same_run, assert_same_state, assert_trains_like, run_forward_backward
 
 X = torch.randn(4, 3, 6, 6)
 
 
 def net() -> nn.Module:
+    """Batch norm, dropout, a non-persistent buffer, and an auxiliary head that only training returns."""
     torch.manual_seed(0)
-    return Net()
+    return Net(padding=0, momentum=0.2, p=0.3, aux=3, scale=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +45,6 @@ def same_run(expected: nn.Module, actual: nn.Module, training: bool, seed: int =
     want = run_forward_backward(copy.deepcopy(expected).train(training), (X,), seed=seed)
     got = run_forward_backward(copy.deepcopy(actual).train(training), (X,), seed=seed)
     assert_same_run(want, got, atol=1e-6, rtol=1e-5)
-
-
-def assert_same_state(expected: nn.Module, actual: nn.Module) -> None:
-    want, got = expected.state_dict(), actual.state_dict()
-    assert list(got) == list(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -15,19 +15,7 @@ import modeswap
 from modeswap import Mode, passes
 from modeswap.rewrite import base
 from modeswap.testing import Snapshot, assert_same_run, call_signature, run_forward_backward
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4, momentum=0.3, eps=1e-3)
-        self.drop = nn.Dropout(0.25)
-        self.register_buffer("scale", torch.full((4, 1, 1), 2.0), persistent=False)
-        self.offset = torch.ones(4, 1, 1)  # a tensor constant, neither parameter nor buffer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.bn(self.conv(x))) * self.scale + self.offset
+from modeswap.testing.models import Net
 
 
 @pytest.fixture
@@ -38,7 +26,19 @@ def x() -> torch.Tensor:
 @pytest.fixture
 def train_gm(x: torch.Tensor) -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    return torch.export.export(Net().train(), (x,)).module()
+    # Conv, batch norm and dropout, then a non-persistent buffer and a tensor constant (neither parameter nor buffer).
+    net = Net(
+        padding=0,
+        momentum=0.3,
+        eps=1e-3,
+        p=0.25,
+        relu=False,
+        pool=False,
+        head=None,
+        scale=torch.full((4, 1, 1), 2.0),
+        offset=torch.ones(4, 1, 1),
+    )
+    return torch.export.export(net.train(), (x,)).module()
 
 
 def calls(gm: torch.fx.GraphModule) -> list[tuple[str, object, object]]:

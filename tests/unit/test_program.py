@@ -13,7 +13,7 @@ from torch.export import ExportedProgram
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import assert_same_run, call_signature, other, run_forward_backward
+from modeswap.testing import assert_same_run, call_signature, export_program, other, run_forward_backward
 
 
 class Net(nn.Module):
@@ -39,10 +39,6 @@ def model() -> Net:
     return Net()
 
 
-def export(model: nn.Module, mode: Mode, **kwargs: object) -> ExportedProgram:
-    return torch.export.export(copy.deepcopy(model).train(mode is Mode.TRAIN), (x,), **kwargs)  # type: ignore[arg-type]
-
-
 def dropout_for(mode: Mode) -> float | None:
     return 0.2 if mode is Mode.TRAIN else None
 
@@ -56,7 +52,7 @@ def saved_and_loaded(ep: ExportedProgram) -> ExportedProgram:
 
 @pytest.mark.parametrize("target", list(Mode))
 def test_a_swapped_program_behaves_as_eager(model, target):
-    swapped = modeswap.swap(export(model, other(target)), target, attention_dropout=dropout_for(target))
+    swapped = modeswap.swap(export_program(model, (x,), other(target)), target, attention_dropout=dropout_for(target))
     assert isinstance(swapped.module, ExportedProgram)
     swapped.module.validate()  # torch's verifier
     eager = copy.deepcopy(model).train(target is Mode.TRAIN)
@@ -71,7 +67,7 @@ def test_a_swapped_program_behaves_as_eager(model, target):
 
 @pytest.mark.parametrize("source", list(Mode))
 def test_the_input_program_is_untouched(model, source):
-    ep = export(model, source)
+    ep = export_program(model, (x,), source)
     code, signature = ep.graph_module.code, str(ep.graph_signature)
     state = {k: (v.data_ptr(), v.clone()) for k, v in ep.state_dict.items()}
     swapped = modeswap.swap(ep, other(source), attention_dropout=dropout_for(other(source))).module
@@ -85,13 +81,13 @@ def test_the_input_program_is_untouched(model, source):
 
 
 def test_share_weights_aliases_the_state_dict(model):
-    ep = export(model, Mode.TRAIN)
+    ep = export_program(model, (x,), Mode.TRAIN)
     swapped = modeswap.swap(ep, "eval", share_weights=True).module
     assert all(swapped.state_dict[k] is v for k, v in ep.state_dict.items())
 
 
 def test_placeholder_names_and_the_signature_agree(model):
-    swapped = modeswap.to_eval(export(model, Mode.TRAIN))
+    swapped = modeswap.to_eval(export_program(model, (x,), Mode.TRAIN))
     placeholders = [n.name for n in swapped.graph.nodes if n.op == "placeholder"]
     assert placeholders == [spec.arg.name for spec in swapped.graph_signature.input_specs]
     assert "input" in placeholders
@@ -99,14 +95,14 @@ def test_placeholder_names_and_the_signature_agree(model):
 
 @pytest.mark.parametrize("source", list(Mode))
 def test_round_trip_is_exact(model, source):
-    ep = export(model, source)
+    ep = export_program(model, (x,), source)
     away = modeswap.swap(ep, other(source), attention_dropout=dropout_for(other(source))).module
     back = modeswap.swap(away, source, attention_dropout=dropout_for(source)).module
     assert call_signature(back.graph_module) == call_signature(ep.graph_module)
 
 
 def test_save_and_load_keep_numerics_report_and_memo(model):
-    ep = export(model, Mode.TRAIN)
+    ep = export_program(model, (x,), Mode.TRAIN)
     evaluated = modeswap.to_eval(ep)
     loaded = saved_and_loaded(evaluated)
     assert modeswap.mode_of(loaded) == modeswap.mode_of(evaluated)
@@ -116,14 +112,14 @@ def test_save_and_load_keep_numerics_report_and_memo(model):
 
 
 def test_a_memo_from_a_program_works_on_its_module(model):
-    evaluated = modeswap.to_eval(export(model, Mode.TRAIN))
+    evaluated = modeswap.to_eval(export_program(model, (x,), Mode.TRAIN))
     trained = modeswap.to_train(evaluated.module())
     expected = run_forward_backward(copy.deepcopy(model).train(), (x,), seed=5)
     assert_same_run(expected, run_forward_backward(trained, (x,), seed=5), atol=1e-6, rtol=1e-5)
 
 
 def test_run_decompositions_after_a_swap_to_eval_keeps_eager_numerics(model):
-    decomposed = modeswap.to_eval(export(model, Mode.TRAIN)).run_decompositions()
+    decomposed = modeswap.to_eval(export_program(model, (x,), Mode.TRAIN)).run_decompositions()
     expected = run_forward_backward(copy.deepcopy(model).eval(), (x,), seed=2)
     assert_same_run(expected, run_forward_backward(decomposed.module(), (x,), seed=2), atol=1e-5, rtol=1e-4)
 
@@ -132,7 +128,9 @@ def test_run_decompositions_after_a_swap_to_train_keeps_the_buffer_updates(model
     # Decomposed dropout draws its random numbers differently, and torch's decomposed train
     # programs cannot run backward (their batch norm writes buffers back in place): compare
     # what the forward does to the buffers.
-    decomposed = modeswap.to_train(export(model, Mode.EVAL), attention_dropout=0.2).run_decompositions().module()
+    decomposed = (
+        modeswap.to_train(export_program(model, (x,), Mode.EVAL), attention_dropout=0.2).run_decompositions().module()
+    )
     eager = copy.deepcopy(model).train()
     with torch.no_grad():
         for _ in range(2):
@@ -145,7 +143,7 @@ def test_run_decompositions_after_a_swap_to_train_keeps_the_buffer_updates(model
 
 
 def test_a_decomposed_program_is_refused(model):
-    decomposed = export(model, Mode.TRAIN).run_decompositions()
+    decomposed = export_program(model, (x,), Mode.TRAIN).run_decompositions()
     with pytest.raises(
         modeswap.UnsupportedGraphError, match=r"ATEN dialect.*Swap the program torch\.export\.export returns"
     ):

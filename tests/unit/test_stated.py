@@ -21,16 +21,10 @@ import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
 from modeswap.records.options import Stated, decide, matches
 from modeswap.table.aliases import exported_as_alias
-from modeswap.testing import assert_mode_equivalent, export
+from modeswap.testing import assert_mode_equivalent, assert_runs_as, call_signature, export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
-from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
 
 aten = torch.ops.aten
-
-
-def assert_runs_as(eager: nn.Module, module: nn.Module, args: tuple[Any, ...], seed: int = 0) -> None:
-    expected = run_forward_backward(eager, args, seed=seed)
-    assert_same_run(expected, run_forward_backward(module, args, seed=seed), atol=0.0, rtol=0.0)
 
 
 @contextlib.contextmanager

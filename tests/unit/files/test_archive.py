@@ -327,7 +327,7 @@ def test_bad_files_get_an_error_that_says_what_they_are(make: Any, phrases: list
 
 
 #: A modal archive written at format version 1 (tests/unit/data/make_format1.py made it): later modeswaps read it.
-FORMAT_1 = Path(__file__).with_name("data") / "format1.pt2"
+FORMAT_1 = Path(__file__).parents[1] / "data" / "format1.pt2"
 
 
 def format1_model() -> nn.Module:

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-from modeswap import Mode
+from modeswap import Mode, UnsupportedGraphError
 from modeswap.testing import assert_same_run, run_forward_backward
 from modeswap.testing.models import NormEval
+
+from ..sites import MODES, randn
 
 X = torch.randn(4, 3, 6, 6)
 
@@ -224,3 +226,14 @@ def test_the_command_line_says_both_traces_in_its_own_words(tmp_path: Any, capsy
         == 0
     )
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exported_in", MODES)
+@pytest.mark.parametrize("target", MODES)
+def test_decomposed_graphs_are_refused(exported_in: str, target: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.2))
+    ep = torch.export.export(copy.deepcopy(model).train(exported_in == "train"), (randn(4, 3),))
+    with pytest.raises(
+        UnsupportedGraphError, match=r"run_decompositions\(\).*Swap the program torch\.export\.export returns"
+    ):
+        modeswap.swap(ep.run_decompositions().module(), target)

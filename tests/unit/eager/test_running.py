@@ -10,6 +10,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 import modeswap
+import modeswap.eager.check
 import modeswap.eager.running
 from modeswap.eager.compare import written_state
 from modeswap.eager.running import second_opinion

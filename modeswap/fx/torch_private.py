@@ -5,7 +5,7 @@ programs, modules and their files: an op's schema, a storage's identity, a
 program's guards, the tables an ``nn.Module`` keeps, the serializer of PT2
 files. Every other module of modeswap reaches these through the names below,
 each a re-export or a small function that says why modeswap needs it.
-tests/unit/test_torch_private.py fails on a private torch name used anywhere
+tests/unit/fx/test_torch_private.py fails on a private torch name used anywhere
 else in the package, and checks that each name here still does on this torch
 what modeswap takes it to do.
 

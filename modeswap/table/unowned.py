@@ -1,6 +1,6 @@
 """ATen ops that draw random numbers or take a mode argument, and that no rule owns: each with its reason.
 
-The completeness test (``tests/unit/test_completeness.py``) enumerates every
+The completeness test (``tests/unit/table/test_completeness.py``) enumerates every
 ATen overload whose schema has an argument named ``train``, ``training``,
 ``use_input_stats`` or ``dropout_p``, or that carries
 ``torch.Tag.nondeterministic_seeded``. Each must be owned by a rule

@@ -11,14 +11,18 @@ import importlib
 from typing import Any
 
 from modeswap.eager.running import run_forward_backward
+from modeswap.testing.models import Net
 from modeswap.testing.oracle import (
     Observed,
     Snapshot,
     assert_mode_equivalent,
+    assert_runs_as,
     assert_same_run,
+    assert_same_state,
     assert_trains_like,
     call_signature,
     export,
+    export_program,
     other,
     quiet,
     train_side_by_side,
@@ -39,13 +43,17 @@ _STRATEGIES = (
 )
 
 __all__ = [
+    "Net",
     "Observed",
     "Snapshot",
     "assert_mode_equivalent",
-    "assert_trains_like",
+    "assert_runs_as",
     "assert_same_run",
+    "assert_same_state",
+    "assert_trains_like",
     "call_signature",
     "export",
+    "export_program",
     "other",
     "quiet",
     "run_forward_backward",

@@ -6,9 +6,77 @@ these; they need only torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Net(nn.Module):
+    """A small CNN: conv, batch norm, ReLU and dropout, a mean over positions, then a linear head.
+
+    The sites most vision models have (batch norm and dropout) around a conv, with
+    what each test needs changed by one argument: ``channels`` and ``classes``
+    are the widths, ``padding`` the conv's, ``momentum`` and ``eps`` the batch
+    norm's, ``p`` the dropout's. ``relu=False`` and ``pool=False`` leave out the
+    ReLU and the mean (the output keeps its positions). ``head`` builds the
+    layers after the mean from ``(channels, classes)``, or is ``None`` for none;
+    ``aux`` adds a linear head of that many classes whose logits only training
+    returns, after the main ones (GoogLeNet). ``scale`` multiplies the features
+    by a non-persistent buffer, ``offset`` then adds a tensor constant (a plain
+    tensor attribute, neither parameter nor buffer). The modules are made in
+    the order written, so a seed gives every test the weights it always had.
+
+    >>> torch.manual_seed(0)
+    >>> model = Net(channels=8, classes=4, momentum=0.3, p=0.25)
+    """
+
+    scale: torch.Tensor | None
+    offset: torch.Tensor | None
+
+    def __init__(
+        self,
+        channels: int = 4,
+        classes: int = 2,
+        *,
+        padding: int = 1,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        p: float = 0.5,
+        relu: bool = True,
+        pool: bool = True,
+        head: Callable[[int, int], nn.Module] | None = nn.Linear,
+        aux: int | None = None,
+        scale: float | torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=padding)
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+        self.drop = nn.Dropout(p)
+        self.relu, self.pool = relu, pool
+        self.head = None if head is None else head(channels, classes)
+        self.aux = None if aux is None else nn.Linear(channels, aux)
+        if scale is None:
+            self.scale = None
+        else:
+            self.register_buffer("scale", torch.as_tensor(scale), persistent=False)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.bn(self.conv(x))
+        h = self.drop(F.relu(h) if self.relu else h)
+        if self.pool:
+            h = h.mean((2, 3))
+        if self.scale is not None:
+            h = h * self.scale
+        if self.offset is not None:
+            h = h + self.offset
+        out: torch.Tensor = h if self.head is None else self.head(h)
+        if self.aux is not None and self.training:
+            return out, self.aux(h)
+        return out
 
 
 class Attention(nn.Module):

@@ -151,6 +151,32 @@ def assert_same_run(expected: dict[str, Any], actual: dict[str, Any], *, atol: f
             _close(expected[key][name], actual[key][name], f"{key}[{name!r}]", atol, rtol)
 
 
+def assert_runs_as(eager: torch.nn.Module, module: torch.nn.Module, args: tuple[Any, ...], *, seed: int = 0) -> None:
+    """Assert that ``module`` runs as ``eager`` bit for bit: one forward and backward of each under ``seed``.
+
+    Outputs, buffers after the forward, and parameter and input gradients must
+    be equal (``atol=rtol=0``). Both modules run as they are, in their own mode.
+
+    >>> assert_runs_as(model.eval(), modeswap.to_eval(gm), (x,))
+    """
+    expected = run_forward_backward(eager, args, seed=seed)
+    assert_same_run(expected, run_forward_backward(module, args, seed=seed), atol=0.0, rtol=0.0)
+
+
+def assert_same_state(
+    expected: torch.nn.Module, actual: torch.nn.Module, *, atol: float = 0.0, rtol: float = 0.0
+) -> None:
+    """Assert that two modules' ``state_dict()`` have the same keys in the same order, and close values.
+
+    By default the values must be equal; ``atol`` and ``rtol`` allow what
+    ``torch.testing.assert_close`` allows. A failure names the entry.
+    """
+    want, got = expected.state_dict(), actual.state_dict()
+    assert list(got) == list(want), f"state_dict keys differ: {list(got)} vs {list(want)}"
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=rtol, msg=functools.partial(_located, key))
+
+
 def _close(expected: Any, actual: Any, what: str, atol: float, rtol: float) -> None:
     if expected is None or actual is None:
         assert expected is actual, f"{what}: one side is None ({expected!r} vs {actual!r})"
@@ -277,8 +303,18 @@ def export(model: torch.nn.Module, args: tuple[Any, ...], mode: Mode | str, **op
 
     >>> gm = export(model, (x,), "train")
     """
+    return export_program(model, args, mode, **options).module()
+
+
+def export_program(
+    model: torch.nn.Module, args: tuple[Any, ...], mode: Mode | str, **options: Any
+) -> torch.export.ExportedProgram:
+    """Return ``torch.export.export(...)`` of a copy of ``model`` in ``mode``: :func:`export`'s program.
+
+    >>> program = export_program(model, (x,), "eval")
+    """
     captured = copy.deepcopy(model).train(Mode.parse(mode) is Mode.TRAIN)
-    return torch.export.export(captured, args, **options).module()
+    return torch.export.export(captured, args, **options)
 
 
 def other(mode: Mode | str) -> Mode:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -177,75 +176,6 @@ def test_a_loaded_program_whose_values_record_no_aliasing_is_refused_all_the_sam
     assert node.meta["val"].untyped_storage()._cdata != node.args[0].meta["val"].untyped_storage()._cdata
     with pytest.raises(UnsupportedGraphError, match="alpha_dropout"):
         modeswap.to_train(loaded)
-
-
-# --- one batch norm under two names, two batch norms sharing buffers -----------------------
-
-
-class Aliased(nn.Module):
-    """One BatchNorm under two attribute names, called twice: eager counts two batches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.bn_a = nn.BatchNorm1d(4, momentum=0.3)
-        self.bn_b = self.bn_a
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_b(self.fc(self.bn_a(x)))
-
-
-class SharedStats(nn.Module):
-    """Two BatchNorms that share running stats but count batches apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.bn_a = nn.BatchNorm1d(4, momentum=0.3)
-        self.bn_b = nn.BatchNorm1d(4, momentum=0.2)
-        self.bn_b.running_mean = self.bn_a.running_mean
-        self.bn_b.running_var = self.bn_a.running_var
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_b(self.fc(self.bn_a(x)))
-
-
-SHARED = [pytest.param(Aliased, id="one-module-two-names"), pytest.param(SharedStats, id="shared-running-stats")]
-
-
-@pytest.mark.parametrize("make", SHARED)
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_shared_batch_norms_count_what_eager_counts(make: type[nn.Module], mode: str) -> None:
-    model = make()
-    with quiet():
-        swapped = assert_mode_equivalent(model, (X,), mode)
-    trained = modeswap.to_train(swapped.module)
-    eager = copy.deepcopy(model).train()
-    counted = [_counts(module, lambda m: m(X)) for module in (trained, eager)]
-    assert counted[0] == counted[1]
-    assert max(counted[1].values()) >= 1
-
-
-def _counts(module: nn.Module, run: Any) -> dict[str, int]:
-    """How many batches one call of ``run`` adds to each ``num_batches_tracked``."""
-
-    def read() -> dict[str, int]:
-        return {k: int(v) for k, v in module.state_dict().items() if k.endswith("num_batches_tracked")}
-
-    before = read()
-    run(module)
-    return {k: v - before[k] for k, v in read().items()}
-
-
-@pytest.mark.parametrize("make", SHARED)
-def test_shared_batch_norms_in_an_exported_program(make: type[nn.Module]) -> None:
-    model = make()
-    program = torch.export.export(copy.deepcopy(model).eval(), (X,))
-    trained = modeswap.to_train(program).module()
-    eager = copy.deepcopy(model).train()
-    assert_same_run(
-        run_forward_backward(eager, (X,), seed=0), run_forward_backward(trained, (X,), seed=0), atol=1e-6, rtol=1e-5
-    )
 
 
 # --- random ops left in an eval graph ------------------------------------------------------

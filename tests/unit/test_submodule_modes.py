@@ -20,22 +20,10 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import assert_same_run, run_forward_backward
-from modeswap.testing.models import Attention, AuxiliaryHeads, DropPath, Noise, NormEval, SharedBatchNorm
+from modeswap.testing import assert_same_run, export, run_forward_backward
+from modeswap.testing.models import Attention, AuxiliaryHeads, DropPath, Net, Noise, NormEval, SharedBatchNorm
 
 MAKERS = ["allow_train_eval", "capture"]
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4, momentum=0.2)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))  # type: ignore[no-any-return]
 
 
 X = torch.randn(4, 3, 5, 5)
@@ -44,12 +32,19 @@ X = torch.randn(4, 3, 5, 5)
 def make(model: nn.Module, how: str, args: tuple[Any, ...] = (X,), **options: Any) -> modeswap.ModalModule:
     if how == "capture":
         return modeswap.capture(copy.deepcopy(model), args)
-    return modeswap.allow_train_eval(torch.export.export(copy.deepcopy(model).train(), args).module(), **options)
+    return modeswap.allow_train_eval(export(model, args, Mode.TRAIN), **options)
+
+
+def mlp_head(channels: int, classes: int) -> nn.Module:
+    """Linear, batch norm, dropout, linear: a head with sites of its own."""
+    return nn.Sequential(
+        nn.Linear(channels, channels), nn.BatchNorm1d(channels), nn.Dropout(0.5), nn.Linear(channels, classes)
+    )
 
 
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return Net().train()
+    return Net(momentum=0.2, p=0.3, head=mlp_head).train()
 
 
 def same(eager: nn.Module, modal: nn.Module, args: tuple[Any, ...] = (X,), seed: int = 3) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeswap.table.rules import IDIOMS, KINDS, RULES, Capture, Op, PerNode, Rule
+from modeswap.table.rules import IDIOMS, KINDS, RULES, Capture, Op, Rule, Sentinel
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "semantics.md"
 SECTION = "## The rule table"
@@ -148,5 +148,5 @@ def test_the_doc_gives_each_rule_its_argument_and_values(rule: Rule) -> None:
         where = f"{DOC}, row {row[OP]!r}"
         assert spans(row[ARGUMENT])[:1] == [rule.flag], f"{where}: the argument is {rule.flag!r} in the rule"
         assert spans(row[EVAL])[:1] == [str(rule.eval)], f"{where}: eval is {rule.eval!r} in the rule"
-        if rule.train is not PerNode.VALUE:
+        if rule.train is not Sentinel.PER_NODE:
             assert spans(row[TRAIN])[:1] == [str(rule.train)], f"{where}: train is {rule.train!r} in the rule"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
+import modeswap.eager.check
 import modeswap.eager.running
 from modeswap import Cause, Mode
 from modeswap.testing import assert_mode_equivalent, assert_trains_like, other

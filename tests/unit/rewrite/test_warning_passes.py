@@ -1,4 +1,6 @@
-"""The last traces a graph leaves: a mixed graph's minority, and state that no node reads, against eager.
+"""What no swap can fix, said out loud: the last traces a graph leaves, and lowered graphs; against eager.
+
+The last traces are a mixed graph's minority and state that no node reads.
 
 A train export of a model that keeps a batch norm frozen is mixed: a swap to
 train would start updating its running stats, exactly what a pin looks like,
@@ -6,6 +8,9 @@ so the swap says so and names the ``keep=`` that leaves it. An eval export of a
 model with a head that only training runs (GoogLeNet, Inception-v3) holds the
 head's state but no node reads it: a swap to train cannot bring the head back,
 and says so, naming the head.
+
+A graph that ``run_decompositions()`` lowered is refused before any swap: its
+eval dropouts and batch norms are gone, and no swap can tell what they did.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeswap
-from modeswap import Mode
-from modeswap.testing import assert_same_run, run_forward_backward
+from modeswap import Mode, UnsupportedGraphError
+from modeswap.table.aliases import exported_as_alias
+from modeswap.testing import assert_runs_as, assert_same_run, export, run_forward_backward
 from modeswap.testing.models import NormEval
 
+from ..sites import MODES, randn
+
+aten = torch.ops.aten
 X = torch.randn(4, 3, 6, 6)
 
 
@@ -224,3 +233,79 @@ def test_the_command_line_says_both_traces_in_its_own_words(tmp_path: Any, capsy
         == 0
     )
     assert "warning" not in capsys.readouterr().err
+
+
+# Graphs lowered by run_decompositions(), and what is no sign of lowering.
+
+
+@pytest.mark.parametrize("exported_in", MODES)
+@pytest.mark.parametrize("target", MODES)
+def test_decomposed_graphs_are_refused(exported_in: str, target: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.2))
+    ep = torch.export.export(copy.deepcopy(model).train(exported_in == "train"), (randn(4, 3),))
+    with pytest.raises(
+        UnsupportedGraphError, match=r"run_decompositions\(\).*Swap the program torch\.export\.export returns"
+    ):
+        modeswap.swap(ep.run_decompositions().module(), target)
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["program", "module"])
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_module: bool, strict: bool) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
+    lowered = torch.export.export(model, (torch.randn(2, 3),), strict=strict).run_decompositions()
+    assert not any("dropout" in str(node.target) for node in lowered.graph.nodes)
+    target = lowered.module() if as_module else lowered
+    if as_module and exported_as_alias(aten.dropout.default):
+        # torch 2.15 exports an eval dropout as its input itself, and lowering leaves no node of it:
+        # the module keeps no trace to refuse it by (docs/limitations.md). The program says its dialect.
+        assert not any(
+            node.meta.get("from_node") and "dropout" in repr(node.meta["from_node"]) for node in target.graph.nodes
+        )
+        return
+    match = r"clone .* comes from aten\.dropout\.default node 'dropout'" if as_module else r"in the ATEN dialect"
+    with pytest.raises(modeswap.UnsupportedGraphError, match=match):
+        modeswap.to_train(target)
+
+
+@torch.library.custom_op("modeswap_test::dropout", mutates_args=())
+def _custom_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x * (1.0 - p)
+
+
+@_custom_dropout.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _custom_dropout_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return grad * (1.0 - ctx.p), None
+
+
+def _custom_dropout_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.p = inputs[1]
+
+
+_custom_dropout.register_autograd(_custom_dropout_backward, setup_context=_custom_dropout_context)
+
+
+class CustomDropout(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.modeswap_test.dropout(x, 0.5)  # type: ignore[no-any-return]
+
+
+def test_an_op_named_like_a_site_or_a_node_that_copied_a_sites_meta_is_no_sign_of_lowering() -> None:
+    torch.manual_seed(0)
+    model, args = (
+        nn.Sequential(nn.Linear(3, 3), CustomDropout(), nn.BatchNorm1d(3), nn.Dropout(0.1)),
+        (torch.randn(4, 3),),
+    )
+    gm = export(model, args, "train")
+    # A pass inserts an op after the batch norm and gives it the batch norm's meta, provenance included.
+    (bn,) = gm.graph.find_nodes(op="call_function", target=aten.batch_norm.default)
+    with gm.graph.inserting_after(bn):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (bn, 1.0))
+    bn.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    scaled.meta = dict(bn.meta)
+    gm.recompile()
+    assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(gm), args)

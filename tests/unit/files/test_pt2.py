@@ -1,6 +1,6 @@
 """modeswap's readings of torch's private serializer give what torch's own give, on real programs.
 
-Run on the newest torch too: ``.ci/newest-torch python -m pytest tests/unit/test_pt2.py``.
+Run on the newest torch too: ``.ci/newest-torch python -m pytest tests/unit/files/test_pt2.py``.
 """
 
 from __future__ import annotations

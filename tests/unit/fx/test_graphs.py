@@ -1,4 +1,7 @@
-"""Sites inside higher-order-op subgraphs: a ``torch.no_grad()`` region in forward exports as one."""
+"""Graphs inside a graph (fx.graphs): sites in higher-order-op subgraphs, as a ``torch.no_grad()`` region exports.
+
+Each swap reaches them, and is checked against eager.
+"""
 
 from __future__ import annotations
 

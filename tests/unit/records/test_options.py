@@ -20,17 +20,10 @@ from torch import nn
 import modeswap
 from modeswap import InvalidOptionError, Mode, UnknownTrainingValueWarning
 from modeswap.records.options import Options, decide, matches
-from modeswap.table.aliases import exported_as_alias
-from modeswap.testing import assert_mode_equivalent, export
+from modeswap.testing import assert_mode_equivalent, assert_runs_as, call_signature, export
 from modeswap.testing.models import Attention, DropPath, PinnedMode
-from modeswap.testing.oracle import assert_same_run, call_signature, run_forward_backward
 
 aten = torch.ops.aten
-
-
-def assert_runs_as(eager: nn.Module, module: nn.Module, args: tuple[Any, ...], seed: int = 0) -> None:
-    expected = run_forward_backward(eager, args, seed=seed)
-    assert_same_run(expected, run_forward_backward(module, args, seed=seed), atol=0.0, rtol=0.0)
 
 
 @contextlib.contextmanager
@@ -674,25 +667,6 @@ def test_mode_of_a_swap_record_points_at_its_module() -> None:
         modeswap.mode_of(swapped)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("as_module", [False, True], ids=["program", "module"])
-@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
-def test_a_lowered_eval_program_is_refused_although_its_dropout_left_no_node(as_module: bool, strict: bool) -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
-    lowered = torch.export.export(model, (torch.randn(2, 3),), strict=strict).run_decompositions()
-    assert not any("dropout" in str(node.target) for node in lowered.graph.nodes)
-    target = lowered.module() if as_module else lowered
-    if as_module and exported_as_alias(aten.dropout.default):
-        # torch 2.15 exports an eval dropout as its input itself, and lowering leaves no node of it:
-        # the module keeps no trace to refuse it by (docs/limitations.md). The program says its dialect.
-        assert not any(
-            node.meta.get("from_node") and "dropout" in repr(node.meta["from_node"]) for node in target.graph.nodes
-        )
-        return
-    match = r"clone .* comes from aten\.dropout\.default node 'dropout'" if as_module else r"in the ATEN dialect"
-    with pytest.raises(modeswap.UnsupportedGraphError, match=match):
-        modeswap.to_train(target)
-
-
 def test_a_kept_attention_at_zero_stays_although_mode_of_cannot_place_it() -> None:
     # Shrunk by hypothesis: an attention pinned to eval, in an eval export, tells mode_of no mode
     # (dropout_p=0.0), but keep= still reaches it and attention_dropout= leaves it alone.
@@ -709,49 +683,6 @@ def test_a_kept_attention_at_zero_stays_although_mode_of_cannot_place_it() -> No
     with silent():
         trained = modeswap.to_train(gm, keep=["1"], attention_dropout=0.5)
     assert_runs_as(copy.deepcopy(model).train(), trained, args, seed=1)
-
-
-@torch.library.custom_op("modeswap_test::dropout", mutates_args=())
-def _custom_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return x * (1.0 - p)
-
-
-@_custom_dropout.register_fake
-def _(x: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _custom_dropout_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-    return grad * (1.0 - ctx.p), None
-
-
-def _custom_dropout_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    ctx.p = inputs[1]
-
-
-_custom_dropout.register_autograd(_custom_dropout_backward, setup_context=_custom_dropout_context)
-
-
-class CustomDropout(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.modeswap_test.dropout(x, 0.5)  # type: ignore[no-any-return]
-
-
-def test_an_op_named_like_a_site_or_a_node_that_copied_a_sites_meta_is_no_sign_of_lowering() -> None:
-    torch.manual_seed(0)
-    model, args = (
-        nn.Sequential(nn.Linear(3, 3), CustomDropout(), nn.BatchNorm1d(3), nn.Dropout(0.1)),
-        (torch.randn(4, 3),),
-    )
-    gm = export(model, args, "train")
-    # A pass inserts an op after the batch norm and gives it the batch norm's meta, provenance included.
-    (bn,) = gm.graph.find_nodes(op="call_function", target=aten.batch_norm.default)
-    with gm.graph.inserting_after(bn):
-        scaled = gm.graph.call_function(aten.mul.Tensor, (bn, 1.0))
-    bn.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
-    scaled.meta = dict(bn.meta)
-    gm.recompile()
-    assert_runs_as(copy.deepcopy(model).eval(), modeswap.to_eval(gm), args)
 
 
 class AlwaysOnDropoutBeforeAttention(nn.Module):

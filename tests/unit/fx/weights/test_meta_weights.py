@@ -36,7 +36,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import assert_same_run, call_signature, other, run_forward_backward
+from modeswap.testing import assert_same_run, call_signature, export_program, other, run_forward_backward
+from modeswap.testing.models import Net
 from modeswap.testing.oracle import _all_tensors
 
 T = TypeVar("T")
@@ -52,22 +53,15 @@ x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 x_meta = torch.empty(2, 3, 8, 8, device="meta")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8, momentum=0.3)
-        self.drop = nn.Dropout(0.25)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(torch.relu(self.bn(self.conv(input)))).mean((2, 3)))
+def cnn() -> Net:
+    """Conv, batch norm, ReLU, dropout, a mean over positions and a linear head: 8 channels, 4 classes."""
+    return Net(8, 4, momentum=0.3, p=0.25)
 
 
 @functools.cache
 def real_net() -> Net:
     torch.manual_seed(0)
-    net = Net()
+    net = cnn()
     with torch.no_grad():  # running stats other than the initial ones, so that loading them shows
         net.bn.running_mean.uniform_(-1, 1)
         net.bn.running_var.uniform_(0.5, 2)
@@ -78,13 +72,13 @@ def real_net() -> Net:
 @functools.cache
 def meta_program(mode: Mode) -> ExportedProgram:
     with torch.device("meta"):
-        net = Net()
+        net = cnn()
     return torch.export.export(net.train(mode is Mode.TRAIN), (x_meta,))
 
 
 @functools.cache
 def real_program(mode: Mode) -> ExportedProgram:
-    return torch.export.export(copy.deepcopy(real_net()).train(mode is Mode.TRAIN), (x,))
+    return export_program(real_net(), (x,), mode)
 
 
 @functools.cache
@@ -396,7 +390,7 @@ def test_allow_train_eval_on_meta_weights_switches_and_given_memory_computes_as_
 
 def test_capture_of_a_meta_model_keeps_its_weights_on_meta():
     with torch.device("meta"):
-        model = Net()
+        model = cnn()
     modal = modeswap.capture(model, (x_meta,))
     assert all(t.is_meta for t in tensors(modal).values())
     assert modeswap.mode_of(modal.eval()).mode is Mode.EVAL
@@ -484,7 +478,7 @@ def fake_net(mode: Mode) -> tuple[ExportedProgram, FakeTensorMode, torch.Tensor]
     """Exported here, and copied in forked children only (see ``forked``)."""
     fake_mode = FakeTensorMode()
     with fake_mode:
-        net, args = Net().train(mode is Mode.TRAIN), torch.empty(2, 3, 8, 8)
+        net, args = cnn().train(mode is Mode.TRAIN), torch.empty(2, 3, 8, 8)
     return torch.export.export(net, (args,)), fake_mode, args
 
 

@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 import modeswap
 from modeswap import Mode
 from modeswap.fx.weights import can_copy_on_write, tensor_copier
-from modeswap.testing import assert_same_run, other, run_forward_backward
+from modeswap.testing import assert_same_run, export_program, other, run_forward_backward
 
 is_cow = torch._C._is_cow_tensor
 x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
@@ -40,7 +40,7 @@ class Net(nn.Module):
 
 def program(mode: Mode) -> ExportedProgram:
     torch.manual_seed(0)
-    return torch.export.export(Net().train(mode is Mode.TRAIN), (x,))
+    return export_program(Net(), (x,), mode)
 
 
 def export(mode: Mode) -> GraphModule:

@@ -21,7 +21,7 @@ from torch import nn
 
 import modeswap
 from modeswap import Mode
-from modeswap.testing import Snapshot, assert_trains_like
+from modeswap.testing import Snapshot, assert_same_state, assert_trains_like
 
 
 class ConvNet(nn.Module):
@@ -113,13 +113,6 @@ def make(
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
-
-
-def assert_same_state(expected: nn.Module, actual: nn.Module) -> None:
-    want, got = state(expected), state(actual)
-    assert want.keys() == got.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def run(module: nn.Module, args: tuple[torch.Tensor, ...], seed: int) -> torch.Tensor:
@@ -241,14 +234,14 @@ def test_load_state_dict_round_trips_in_both_directions(how: str) -> None:
     for _ in range(2):
         run(eager, args, 0)
     modal.load_state_dict(eager.state_dict())
-    assert_same_state(eager, modal)
+    assert_same_state(eager, modal, atol=1e-6, rtol=1e-5)
     saved = copy.deepcopy(modal.state_dict())
     run(modal, args, 1)
     assert not torch.equal(modal.bn.running_mean, saved["bn.running_mean"])
     modal.load_state_dict(saved)
     fresh, _ = conv_net()
     fresh.load_state_dict(modal.state_dict())
-    assert_same_state(fresh, modal)
+    assert_same_state(fresh, modal, atol=1e-6, rtol=1e-5)
     with pytest.raises(RuntimeError, match="Missing key"):
         modal.load_state_dict({k: v for k, v in saved.items() if k != "bn.running_var"})
 
@@ -263,11 +256,11 @@ def test_deepcopy_gives_an_independent_module(how: str) -> None:
     assert modal.training is False
     assert int(modal.bn.num_batches_tracked) == 0
     assert int(copied.bn.num_batches_tracked) == 1
-    assert_same_state(eager, modal)
+    assert_same_state(eager, modal, atol=1e-6, rtol=1e-5)
     eager.train()
     run(eager, args, 0)
     torch.testing.assert_close(run(copied, args, 5), run(eager, args, 5))
-    assert_same_state(eager, copied)
+    assert_same_state(eager, copied, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("how", MAKERS)
@@ -281,7 +274,7 @@ def test_to_dtype_reaches_both_modes(how: str) -> None:
         assert got.dtype is torch.float64
         torch.testing.assert_close(got, run(eager, doubled, 2))
     assert modal.bn.running_var.dtype is torch.float64
-    assert_same_state(eager, modal)
+    assert_same_state(eager, modal, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("how", MAKERS)
@@ -292,7 +285,7 @@ def test_runs_under_no_grad_and_inference_mode(context: Callable[[], Any], train
     eager.train(training), modal.train(training)
     with context():
         torch.testing.assert_close(run(modal, args, 4), run(eager, args, 4))
-    assert_same_state(eager, modal)
+    assert_same_state(eager, modal, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("how", MAKERS)
@@ -316,7 +309,7 @@ def test_torch_compile_in_both_modes(exported_in: Mode, how: str) -> None:
     for training in (True, False, True):
         eager.train(training), modal.train(training)
         torch.testing.assert_close(run(compiled, args, 6), run(eager, args, 6))
-        assert_same_state(eager, modal)
+        assert_same_state(eager, modal, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("how", MAKERS)
@@ -381,7 +374,7 @@ def test_a_mixed_graph_is_refused_with_the_keep_that_pins_its_minority() -> None
         model.train(training), modal.train(training)
         model[1].eval()  # the eager loop keeps it frozen; the pin does it for the module
         torch.testing.assert_close(run(modal, (x,), 2), run(model, (x,), 2))
-        assert_same_state(model, modal)
+        assert_same_state(model, modal, atol=1e-6, rtol=1e-5)
 
 
 def test_a_graph_without_sites_starts_in_eval() -> None:

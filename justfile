@@ -1,12 +1,12 @@
 # Chores for modeswap. `just --list` shows them.
 
-# The whole suite with the full hypothesis counts (what CI runs).
+# The whole suite with the full hypothesis counts (what CI runs), on every core (pytest-xdist).
 test:
-    MODESWAP_PROFILE=ci python -m pytest
+    MODESWAP_PROFILE=ci python -m pytest -n auto
 
 # The whole suite with few hypothesis examples, for quick feedback.
 test-fast:
-    MODESWAP_PROFILE=dev python -m pytest
+    MODESWAP_PROFILE=dev python -m pytest -n auto
 
 lint:
     ruff check modeswap tests benchmarks docs

@@ -49,7 +49,9 @@ def test_a_doc_page_whose_extra_is_missing_skips(tmp_path):
     # A torchao that cannot be imported, as on a machine without the integration extra.
     (tmp_path / "torchao.py").write_text("raise ModuleNotFoundError(\"No module named 'torchao'\", name='torchao')\n")
     command = [sys.executable, "-m", "pytest", "docs/qat.md", "-q", "-rs", "-p", "no:randomly"]
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    # A run of its own: not a worker of the pytest-xdist run this test may be in.
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env = {**inherited, "PYTHONPATH": str(tmp_path)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout

@@ -32,7 +32,7 @@ from measure import Policy, Prepare, measure, storages
 
 import modeswap
 from modeswap.files.archive import skeletons_of
-from modeswap.forms import skeleton
+from modeswap.forms import program as program_form
 
 #: The archive's size over the state and the graphs.
 SIZE_RATIO = 1.05
@@ -47,7 +47,7 @@ def contenders(modal: modeswap.ModalModule, program: torch.export.ExportedProgra
 
     def cold() -> Callable[[], object]:
         # The records each skeleton remembers, forgotten: what the first save of a capture serializes.
-        skeleton._RECORDS.clear()
+        program_form._RECORDS.clear()
         return lambda: modeswap.save(modal, folder / "written.pt2")
 
     calls: dict[str, Prepare] = {

@@ -139,7 +139,11 @@ def _all_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def assert_same_run(expected: dict[str, Any], actual: dict[str, Any], *, atol: float, rtol: float) -> None:
-    """Assert two ``run_forward_backward`` results agree: outputs, buffers, gradients."""
+    """Assert two ``run_forward_backward`` results agree: outputs, buffers, gradients.
+
+    A NaN agrees with a NaN in the same place: where the eager model computes
+    one (a model trained into overflow), the swap is to compute it too.
+    """
     for key in ("outputs", "input_grads"):
         assert len(expected[key]) == len(actual[key]), f"{key}: {len(expected[key])} != {len(actual[key])}"
         for i, (e, a) in enumerate(zip(expected[key], actual[key], strict=True)):
@@ -181,7 +185,7 @@ def _close(expected: Any, actual: Any, what: str, atol: float, rtol: float) -> N
     if expected is None or actual is None:
         assert expected is actual, f"{what}: one side is None ({expected!r} vs {actual!r})"
         return
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def assert_mode_equivalent(

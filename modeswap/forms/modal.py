@@ -17,8 +17,10 @@ stateless one, such as a ``Dropout``, as an empty placeholder whose
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import sys
 import threading
 import types
 import warnings
@@ -35,7 +37,7 @@ from modeswap.forms.program import Skeleton, refuse_lowered
 from modeswap.forms.swap import Lifted, Weights, lift, mode_of, swapped
 from modeswap.fx.copying import copy_module, recompile_all
 from modeswap.fx.exported import require_exported
-from modeswap.fx.graphs import attribute, enclosing, graph_modules, module_path, module_paths
+from modeswap.fx.graphs import attribute, enclosing, graph_modules, innermost_module, module_path, module_paths
 from modeswap.fx.sharing import alias_groups, tie
 from modeswap.fx.torch_private import (
     GRAPH,
@@ -91,9 +93,62 @@ class Variant:
     skeleton: Skeleton | None = attrs.field(default=None, repr=False)
     #: The module paths of the nodes that a rule or an idiom swaps, whatever mode they show.
     owners: frozenset[str] = attrs.field(factory=frozenset, repr=False)
+    #: The paths of the ``SyncBatchNorm`` modules whose batch norm this graph computes from the batch.
+    unsynced: tuple[str, ...] = attrs.field(default=(), repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
         return self  # immutable and stateless: copies of the module share it
+
+
+def _refuse_unsynced(paths: Sequence[str]) -> None:
+    """Refuse to run batch norms exported from ``SyncBatchNorm`` in train mode on more than one rank.
+
+    Outside a process group, where it is exported, ``SyncBatchNorm`` computes
+    what ``BatchNorm`` does: the graph holds no all-reduce of the statistics,
+    so on each rank it would normalize by that rank's batch alone.
+    """
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1):
+        return
+    msg = (
+        f"the batch norm of {', '.join(map(repr, paths))} was exported from a torch.nn.SyncBatchNorm, whose "
+        "all-reduce of the batch statistics torch.export does not capture: on each of the "
+        f"{distributed.get_world_size()} ranks this graph would normalize by that rank's batch alone. Export the model "
+        "with nn.BatchNorm (what DDP computes without SyncBatchNorm), or freeze those batch norms with "
+        "modal.get_submodule(path).eval(), which SyncBatchNorm computes without synchronising"
+    )
+    raise UnsupportedGraphError(msg)
+
+
+@contextlib.contextmanager
+def _nested_unsharded(modal: ModalModule) -> Iterator[None]:
+    """Gather the parameters of every submodule of ``modal`` that FSDP2 shards on its own, as its forward would.
+
+    ``fully_shard(modal.layers[0])`` hooks the submodule's forward, which the
+    graph never calls: the graph reads the submodule's parameters, and would
+    find them sharded. So they are gathered here, all of them, before the
+    graph runs. Without grad they are resharded after it; with grad they stay
+    gathered until the root's post-backward callback reduce-scatters their
+    gradients and reshards them, as it does for any group whose forward ran
+    without inputs that need a gradient. The peak memory is that of sharding
+    ``modal`` whole.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    nested = [module for module in modal.modules() if module is not modal and isinstance(module, FSDPModule)]
+    if nested and not isinstance(modal, FSDPModule):
+        msg = (
+            "fully_shard was applied to submodules of this ModalModule but not to the module itself: its graph "
+            "reads their parameters directly, and FSDP2 reduce-scatters their gradients from the root's "
+            "post-backward. Shard the modal module too, last: fully_shard(modal)"
+        )
+        raise UnsupportedGraphError(msg)
+    for module in nested:
+        module.unshard()
+    yield
+    if not torch.is_grad_enabled():
+        for module in nested:
+            module.reshard()
 
 
 def _no_overrides() -> Mapping[Mode, frozenset[str]]:
@@ -300,7 +355,13 @@ class ModalModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph of the current mode on the module's parameters and buffers."""
-        return self.variant.forward(self, *args, **kwargs)
+        variant = self.variant
+        if variant.unsynced:
+            _refuse_unsynced(variant.unsynced)
+        if "torch.distributed.fsdp" in sys.modules and not torch.compiler.is_compiling():
+            with _nested_unsharded(self):
+                return variant.forward(self, *args, **kwargs)
+        return variant.forward(self, *args, **kwargs)
 
     def train(self, mode: bool = True) -> ModalModule:
         """Set every module's ``.training`` as the eager model's ``.train(mode)`` does; return ``self``.
@@ -773,12 +834,32 @@ def variant_of(
         out_spec(gm),
         skeleton,
         owners | {site.module_path for site in found.sites},
+        _unsynced(gm, found),
     )
     # The variant keeps the graph, and a graph its owning module: gm, whose tensors the code never
     # reads (it runs on the ModalModule's). Kept, they would hold an eager model's weights alive, or
     # the old ones after .to(); the graph is only read from here on.
     gm.graph.owning_module = None
     return variant, bodies
+
+
+def _unsynced(gm: GraphModule, found: ModeReport) -> tuple[str, ...]:
+    """The paths of the ``SyncBatchNorm`` modules whose batch norm ``gm`` computes in train mode."""
+    nodes = {node.name: node for _, module in graph_modules(gm) for node in module.graph.nodes}
+    paths = (
+        site.module_path
+        for site in found.sites
+        if site.kind == "batch_norm"
+        and site.mode is Mode.TRAIN
+        and site.node in nodes
+        and _type_name(nodes[site.node]).rpartition(".")[2] == "SyncBatchNorm"
+    )
+    return tuple(dict.fromkeys(paths))
+
+
+def _type_name(node: torch.fx.Node) -> str:
+    """The name of the type of the module that ran ``node``, as ``nn_module_stack`` spells it (``"pkg.mod.Cls"``)."""
+    return (innermost_module(node) or ("", ""))[1].removeprefix("<class '").removesuffix("'>")
 
 
 #: A program whose graph a :class:`ModalModule` builds on first use: given the module, whose tensors it is

@@ -443,3 +443,15 @@ def test_swap_functions_refuse_it_and_say_why(how: str) -> None:
     _, modal, _ = make("conv_net", Mode.TRAIN, how)
     with pytest.raises(modeswap.NotExportedError, match=r"\.train\(\) and \.eval\(\)"):
         modeswap.to_eval(modal)  # type: ignore[type-var]
+
+
+def test_a_sync_batch_norm_trains_as_eager_outside_a_process_group() -> None:
+    # Where there is one process, SyncBatchNorm computes BatchNorm's statistics, and so does the graph; on more
+    # ranks the modal module refuses to train it (tests/integration/test_distributed.py).
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout()))
+    x = torch.randn(4, 3, 8, 8)
+    modal = modeswap.capture(model, (x,))
+    assert modal.variants[Mode.TRAIN].unsynced == ("1",)
+    assert modal.variants[Mode.EVAL].unsynced == ()
+    assert assert_trains_like(model, modal, (x,), atol=0, rtol=0) > 0

@@ -1,0 +1,274 @@
+"""What each rank of tests/integration/test_distributed.py runs: an eager model and a modal module, wrapped alike.
+
+:func:`launch` starts :data:`WORLD` processes on a gloo process group. Each
+builds the same eager model, a modal module of it from one source
+(:data:`SOURCES`), wraps both the same way (:data:`WRAPPERS`), and trains and
+validates them side by side on batches and seeds of its rank's own: every
+loss, validation output, parameter and buffer must be equal, on every rank.
+A failure on any rank fails the test, with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import modeswap
+
+WORLD = 2
+
+#: Where the modal module comes from: two exports of the eager model, one swapped export of either mode, a file.
+SOURCES = ("capture", "train export", "eval export", "load")
+#: How both modules are wrapped: DDP with buffers broadcast from rank 0 or kept per rank, FSDP2 whole or per block.
+WRAPPERS = ("ddp", "ddp, buffers per rank", "fsdp2", "fsdp2 per block")
+
+
+def launch(function: Callable[..., None], *args: Any, store: Path) -> None:
+    """Run ``function(rank, *args)`` on :data:`WORLD` ranks of a gloo group that meets in the file ``store``."""
+    # A forkserver imports torch, modeswap and this module once; each rank forks from it in a fraction of a second.
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    mp.start_processes(_rank, args=(function, str(store), args), nprocs=WORLD, start_method="forkserver")
+
+
+def _rank(rank: int, function: Callable[..., None], store: str, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("error", modeswap.ModeswapWarning)  # as the suite has it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        function(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+class Block(nn.Sequential):
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(channels_in, channels_out, 3, padding=1),
+            nn.BatchNorm2d(channels_out, momentum=0.2),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+        )
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Block(3, 4), Block(4, 4))
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).flatten(1))
+
+
+def batch(rank: int, step: int) -> torch.Tensor:
+    """This rank's batch for ``step``: the ranks see different data, so that gradients and statistics differ."""
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
+def eager_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)  # the same weights on every rank, as DDP and FSDP2 expect
+    return Net().train()
+
+
+def modal_of(source: str, model: nn.Module, directory: Path, rank: int) -> modeswap.ModalModule:
+    """A modal module of ``model`` from ``source``, in ``model``'s mode; ``model`` is left as it was."""
+    x = batch(rank, 0)
+    if source == "capture":
+        return modeswap.capture(model, (x,))
+    if source == "train export":
+        return modeswap.allow_train_eval(torch.export.export(copy.deepcopy(model).train(), (x,)))
+    if source == "eval export":
+        evaluated = torch.export.export(copy.deepcopy(model).eval(), (x,)).module()
+        return modeswap.allow_train_eval(evaluated).train(model.training)
+    if source == "load":
+        path = directory / f"rank{rank}.pt2"
+        modeswap.save(modeswap.capture(model, (x,)), path)
+        return modeswap.load(path)
+    raise ValueError(source)
+
+
+def wrap(wrapper: str, module: nn.Module) -> nn.Module:
+    if wrapper == "ddp":
+        return DistributedDataParallel(module)
+    if wrapper == "ddp, buffers per rank":
+        return DistributedDataParallel(module, broadcast_buffers=False)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    if wrapper == "fsdp2 per block":
+        for block in module.get_submodule("blocks").children():
+            fully_shard(block, mesh=mesh)
+    return fully_shard(module, mesh=mesh)  # type: ignore[return-value]  # the module itself, FSDP's class mixed in
+
+
+def inner(wrapped: nn.Module) -> nn.Module:
+    """The module a wrapper wraps (DDP holds it; FSDP2 is the module itself)."""
+    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+
+
+def full(value: Any) -> Any:
+    """A tensor whole on every rank (a collective for a DTensor: every rank calls it in the same order)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+class SideBySide:
+    """An eager module and a modal one, wrapped alike, with an optimizer each; every step compares them."""
+
+    def __init__(self, eager: nn.Module, modal: nn.Module, rank: int) -> None:
+        self.modules = (eager, modal)
+        self.optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in self.modules]
+        self.rank = rank
+
+    def train(self, steps: range, *, frozen: Sequence[str] = ()) -> None:
+        """Train both on ``steps``, the modules at ``frozen`` in eval mode (a frozen batch norm)."""
+        for step in steps:
+            losses = []
+            for module, optimizer in zip(self.modules, self.optimizers, strict=True):
+                module.train()
+                for path in frozen:
+                    inner(module).get_submodule(path).eval()
+                torch.manual_seed(1000 * self.rank + step)  # this rank's dropout masks, the same for both
+                loss = module(batch(self.rank, step)).square().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach())
+            same(f"step {step} loss", *losses)
+        self.same_state(f"after step {steps[-1]}")
+
+    def validate(self, step: int) -> torch.Tensor:
+        outputs = []
+        with torch.no_grad():
+            for module in self.modules:
+                torch.manual_seed(step)
+                outputs.append(module.eval()(batch(self.rank, step)))
+        same(f"validation {step}", *outputs)
+        self.same_state(f"after validation {step}")
+        return outputs[0]
+
+    def same_state(self, when: str) -> None:
+        eager, modal = (inner(module).state_dict() for module in self.modules)
+        assert list(modal) == list(eager), f"{when}: state_dict keys differ: {list(modal)} vs {list(eager)}"
+        for key in eager:
+            same(f"{when}: {key}", full(eager[key]), full(modal[key]))
+
+
+def same(what: str, want: torch.Tensor, got: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, atol=0.0, rtol=0.0, msg=lambda message: f"{what}: {message}")
+
+
+def train_and_validate(rank: int, source: str, wrapper: str, freeze: bool, directory: Path) -> None:
+    """Train, validate, train again; with ``freeze``, a frozen first block and, later, a batch norm put in eval."""
+    eager = eager_model()
+    modal = modal_of(source, eager, directory, rank)
+    if freeze:  # before wrapping: DDP and FSDP2 read requires_grad when they wrap
+        for module in (eager, modal):
+            module.get_submodule("blocks.0").requires_grad_(False)
+    both = SideBySide(wrap(wrapper, eager), wrap(wrapper, modal), rank)
+    both.train(range(1, 3))
+    both.validate(3)
+    # With freeze, the second block's batch norm keeps its running statistics from here on.
+    both.train(range(4, 6), frozen=["blocks.1.1"] if freeze else [])
+    both.validate(6)
+    if freeze:
+        frozen = [full(inner(module).state_dict()["blocks.1.1.num_batches_tracked"]) for module in both.modules]
+        assert frozen == [torch.tensor(2), torch.tensor(2)], f"a frozen batch norm counted batches: {frozen}"
+
+
+def checkpoint_and_resume(rank: int, directory: Path) -> None:
+    """FSDP2 per block: save both sides with DCP; resume fresh modules, the modal one from either checkpoint."""
+    eager = eager_model()
+    modal = modal_of("capture", eager, directory, rank)
+    both = SideBySide(wrap("fsdp2 per block", eager), wrap("fsdp2 per block", modal), rank)
+    both.train(range(1, 3))
+    both.validate(3)
+    for name, module, optimizer in zip(("eager", "modal"), both.modules, both.optimizers, strict=True):
+        dcp.save(_checkpointed(module, optimizer), checkpoint_id=directory / name)
+    for checkpoint in ("modal", "eager"):  # the names are eager's: either checkpoint serves either module
+        eager, modal = eager_model(seed=1), modal_of("capture", eager_model(seed=1), directory, rank)
+        again = SideBySide(wrap("fsdp2 per block", eager), wrap("fsdp2 per block", modal), rank)
+        for module, optimizer, name in zip(again.modules, again.optimizers, ("eager", checkpoint), strict=True):
+            state = _checkpointed(module, optimizer)
+            dcp.load(state, checkpoint_id=directory / name)
+            set_model_state_dict(module, state["model"])
+            set_optimizer_state_dict(module, optimizer, state["optim"])
+        again.same_state(f"resumed from the {checkpoint} checkpoint")
+        again.train(range(4, 6))
+        again.validate(6)
+
+
+def _checkpointed(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+
+
+def full_state_round_trip(rank: int, wrapper: str, directory: Path) -> None:
+    """The whole ``get_model_state_dict`` of the wrapped modal module is eager's; ``set_model_state_dict`` takes it."""
+    eager = eager_model()
+    modal = modal_of("capture", eager, directory, rank)  # before wrapping: export reads the model as it is
+    both = SideBySide(wrap(wrapper, eager), wrap(wrapper, modal), rank)
+    both.train(range(1, 3))
+    options = StateDictOptions(full_state_dict=True)
+    want, got = (get_model_state_dict(module, options=options) for module in both.modules)
+    assert list(got) == list(want), f"full state dict keys differ: {list(got)} vs {list(want)}"
+    for key in want:
+        same(f"full state dict: {key}", want[key], got[key])
+    # Into fresh modules with other weights, then on alike.
+    fresh = SideBySide(
+        *(wrap(wrapper, m) for m in (eager_model(1), modal_of("capture", eager_model(1), directory, rank))), rank
+    )
+    for module in fresh.modules:
+        set_model_state_dict(module, dict(want), options=options)  # it empties the dict it is given
+    fresh.same_state("after set_model_state_dict")
+    fresh.train(range(3, 5))
+    fresh.validate(5)
+
+
+def blocks_sharded_without_the_root(rank: int, directory: Path) -> None:
+    """FSDP2 on the blocks alone: eager takes the first block as its root; the modal module says what to do."""
+    eager = eager_model()
+    modal = modal_of("capture", eager, directory, rank)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for module in (eager, modal):
+        for block in module.get_submodule("blocks").children():
+            fully_shard(block, mesh=mesh)
+    eager(batch(rank, 1)).sum().backward()
+    with pytest.raises(modeswap.UnsupportedGraphError, match=r"fully_shard\(modal\)"):
+        modal(batch(rank, 1))
+
+
+def synced(rank: int, directory: Path) -> None:
+    """A program exported from SyncBatchNorm, loaded on each rank: refused in train mode, as eager on CPU."""
+    eager = nn.SyncBatchNorm.convert_sync_batchnorm(eager_model())
+    modal = modeswap.load(directory / "synced.pt2")
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        # Eager SyncBatchNorm synchronises CUDA tensors only; a copy, as it counts the batch before it refuses.
+        copy.deepcopy(eager).train()(batch(rank, 1))
+    refused = r"'blocks\.0\.1', 'blocks\.1\.1' was exported from a torch\.nn\.SyncBatchNorm"
+    with pytest.raises(modeswap.UnsupportedGraphError, match=refused):
+        modal.train()(batch(rank, 1))  # the graph has no all-reduce of the statistics
+    # In eval, and in train with the batch norms frozen, SyncBatchNorm computes what BatchNorm does (unwrapped:
+    # DDP takes SyncBatchNorm on GPU modules only).
+    both = SideBySide(eager, modal, rank)
+    both.validate(2)
+    both.train(range(3, 5), frozen=["blocks.0.1", "blocks.1.1"])
+    both.validate(5)

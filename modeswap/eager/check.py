@@ -10,6 +10,7 @@ module that runs each mode's own export on one set of weights.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -158,6 +159,23 @@ def _require_eager(model: object) -> None:
     if not isinstance(model, torch.nn.Module):
         msg = f"check and capture take an eager torch.nn.Module, not {type(model).__name__}"
         raise InvalidOptionError(msg)
+    if (wrapper := _wrapper(model)) is not None:
+        msg = (
+            f"check and capture take the model before {wrapper} wraps it: torch.export cannot trace the "
+            f"wrapper's hooks or sharded parameters. Capture the model, then wrap the modal module as you "
+            f"would the model: {wrapper}(modeswap.capture(model, args))"
+        )
+        raise InvalidOptionError(msg)
+
+
+def _wrapper(model: torch.nn.Module) -> str | None:
+    """The distributed wrapper around ``model`` or any of its modules (DDP, FSDP2), or ``None``."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "DistributedDataParallel"
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is not None and any(isinstance(module, fsdp.FSDPModule) for module in model.modules()):
+        return "fully_shard"
+    return None
 
 
 @contextmanager

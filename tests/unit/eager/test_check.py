@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import doctest
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,3 +390,27 @@ def test_the_docstring_examples_run_as_written(function: object) -> None:
     assert test.examples
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     assert runner.run(test, out=lambda text: pytest.fail(text)).failed == 0
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank, this process, for the test's length."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_rank")
+@pytest.mark.parametrize("wrapper", ["DistributedDataParallel", "fully_shard"])
+def test_capture_and_check_take_the_model_before_a_distributed_wrapper(wrapper: str) -> None:
+    # torch.export fails inside either wrapper with an error about its internals; say what to do instead.
+    from torch.distributed.fsdp import fully_shard
+
+    wrap = {"DistributedDataParallel": nn.parallel.DistributedDataParallel, "fully_shard": fully_shard}[wrapper]
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout())
+    wrapped = wrap(copy.deepcopy(model))
+    for call in (modeswap.capture, modeswap.check):
+        with pytest.raises(modeswap.InvalidOptionError, match=rf"then wrap the modal module .*: {wrapper}\(modeswap"):
+            call(wrapped, (torch.randn(2, 3),))
+    modal = wrap(modeswap.capture(model, (torch.randn(2, 3),)))  # what it says works
+    assert modal(torch.randn(2, 3)).shape == (2, 3)

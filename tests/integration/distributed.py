@@ -11,6 +11,8 @@ A failure on any rank fails the test, with that rank's traceback.
 from __future__ import annotations
 
 import copy
+import functools
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,16 +42,20 @@ WORLD = 2
 
 #: Where the modal module comes from: two exports of the eager model, one swapped export of either mode, a file.
 SOURCES = ("capture", "train export", "eval export", "load")
-#: How both modules are wrapped: DDP with buffers broadcast from rank 0 or kept per rank, FSDP2 whole or per block.
+#: How both modules are wrapped: DDP with buffers broadcast from rank 0 before each forward or kept per rank,
+#: FSDP2 whole or per block.
 WRAPPERS = ("ddp", "ddp, buffers per rank", "fsdp2", "fsdp2 per block")
 
 
 def launch(function: Callable[..., None], *args: Any, store: Path) -> None:
-    """Run ``function(rank, *args)`` on :data:`WORLD` ranks of a gloo group that meets in the file ``store``."""
-    # A forkserver imports torch, modeswap and this module once; each rank forks from it in a fraction of a second.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    mp.start_processes(_rank, args=(function, str(store), args), nprocs=WORLD, start_method="forkserver")
+    """Run ``function(rank, *args)`` on :data:`WORLD` ranks of a gloo group that meets in the file ``store``.
+
+    The ranks are forked: ``args`` and what this process built reach them as they are, unpickled.
+    """
+    # Forked: a rank starts in milliseconds, with torch, modeswap and this module imported (a spawned or
+    # forkserver rank took 4 to 8 seconds to start here). The integration tests run torch on one thread
+    # (conftest), so no OpenMP pool is forked mid-use: as a DataLoader worker is.
+    mp.start_processes(_rank, args=(function, str(store), args), nprocs=WORLD, start_method="fork")
 
 
 def _rank(rank: int, function: Callable[..., None], store: str, args: tuple[Any, ...]) -> None:
@@ -87,33 +93,46 @@ def batch(rank: int, step: int) -> torch.Tensor:
     return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1000 * rank + step))
 
 
-def eager_model(seed: int = 0) -> Net:
+def pair(source: str = "capture", seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
+    """A copy of an eager model with ``seed``'s weights and of a modal module of it from ``source``, in train mode.
+
+    Each is built once per process (:func:`built`): a test builds what its ranks
+    need before :func:`launch`, and the forked ranks take copies.
+    """
+    return copy.deepcopy(built(source, seed))
+
+
+@functools.cache
+def built(source: str, seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
     torch.manual_seed(seed)  # the same weights on every rank, as DDP and FSDP2 expect
-    return Net().train()
-
-
-def modal_of(source: str, model: nn.Module, directory: Path, rank: int) -> modeswap.ModalModule:
-    """A modal module of ``model`` from ``source``, in ``model``'s mode; ``model`` is left as it was."""
-    x = batch(rank, 0)
+    model = Net().train()
+    x = batch(0, 0)
     if source == "capture":
-        return modeswap.capture(model, (x,))
-    if source == "train export":
-        return modeswap.allow_train_eval(torch.export.export(copy.deepcopy(model).train(), (x,)))
-    if source == "eval export":
+        modal = modeswap.capture(model, (x,))
+    elif source == "train export":
+        modal = modeswap.allow_train_eval(torch.export.export(copy.deepcopy(model), (x,)))
+    elif source == "eval export":
         evaluated = torch.export.export(copy.deepcopy(model).eval(), (x,)).module()
-        return modeswap.allow_train_eval(evaluated).train(model.training)
-    if source == "load":
-        path = directory / f"rank{rank}.pt2"
+        modal = modeswap.allow_train_eval(evaluated).train()
+    elif source == "load":
+        path = Path(_FILES.name) / f"seed{seed}.pt2"
         modeswap.save(modeswap.capture(model, (x,)), path)
-        return modeswap.load(path)
-    raise ValueError(source)
+        modal = modeswap.load(path)
+    else:
+        raise ValueError(source)
+    return model, modal
+
+
+#: Where the ``load`` source saves: it lives as long as the process, whose ranks may read it on a mode's first use.
+_FILES = tempfile.TemporaryDirectory(prefix="modeswap-distributed-")
 
 
 def wrap(wrapper: str, module: nn.Module) -> nn.Module:
     if wrapper == "ddp":
         return DistributedDataParallel(module)
     if wrapper == "ddp, buffers per rank":
-        return DistributedDataParallel(module, broadcast_buffers=False)
+        # broadcast_buffers=False before torch 2.13; the ranks start alike, so the sync at init changes nothing.
+        return DistributedDataParallel(module, forward_sync_buffers=False)
     mesh = init_device_mesh("cpu", (WORLD,))
     if wrapper == "fsdp2 per block":
         for block in module.get_submodule("blocks").children():
@@ -177,10 +196,9 @@ def same(what: str, want: torch.Tensor, got: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, atol=0.0, rtol=0.0, msg=lambda message: f"{what}: {message}")
 
 
-def train_and_validate(rank: int, source: str, wrapper: str, freeze: bool, directory: Path) -> None:
+def train_and_validate(rank: int, source: str, wrapper: str, freeze: bool) -> None:
     """Train, validate, train again; with ``freeze``, a frozen first block and, later, a batch norm put in eval."""
-    eager = eager_model()
-    modal = modal_of(source, eager, directory, rank)
+    eager, modal = pair(source)
     if freeze:  # before wrapping: DDP and FSDP2 read requires_grad when they wrap
         for module in (eager, modal):
             module.get_submodule("blocks.0").requires_grad_(False)
@@ -197,15 +215,14 @@ def train_and_validate(rank: int, source: str, wrapper: str, freeze: bool, direc
 
 def checkpoint_and_resume(rank: int, directory: Path) -> None:
     """FSDP2 per block: save both sides with DCP; resume fresh modules, the modal one from either checkpoint."""
-    eager = eager_model()
-    modal = modal_of("capture", eager, directory, rank)
+    eager, modal = pair()
     both = SideBySide(wrap("fsdp2 per block", eager), wrap("fsdp2 per block", modal), rank)
     both.train(range(1, 3))
     both.validate(3)
     for name, module, optimizer in zip(("eager", "modal"), both.modules, both.optimizers, strict=True):
         dcp.save(_checkpointed(module, optimizer), checkpoint_id=directory / name)
     for checkpoint in ("modal", "eager"):  # the names are eager's: either checkpoint serves either module
-        eager, modal = eager_model(seed=1), modal_of("capture", eager_model(seed=1), directory, rank)
+        eager, modal = pair(seed=1)  # other weights
         again = SideBySide(wrap("fsdp2 per block", eager), wrap("fsdp2 per block", modal), rank)
         for module, optimizer, name in zip(again.modules, again.optimizers, ("eager", checkpoint), strict=True):
             state = _checkpointed(module, optimizer)
@@ -221,10 +238,9 @@ def _checkpointed(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
     return {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
 
 
-def full_state_round_trip(rank: int, wrapper: str, directory: Path) -> None:
+def full_state_round_trip(rank: int, wrapper: str) -> None:
     """The whole ``get_model_state_dict`` of the wrapped modal module is eager's; ``set_model_state_dict`` takes it."""
-    eager = eager_model()
-    modal = modal_of("capture", eager, directory, rank)  # before wrapping: export reads the model as it is
+    eager, modal = pair()
     both = SideBySide(wrap(wrapper, eager), wrap(wrapper, modal), rank)
     both.train(range(1, 3))
     options = StateDictOptions(full_state_dict=True)
@@ -233,9 +249,7 @@ def full_state_round_trip(rank: int, wrapper: str, directory: Path) -> None:
     for key in want:
         same(f"full state dict: {key}", want[key], got[key])
     # Into fresh modules with other weights, then on alike.
-    fresh = SideBySide(
-        *(wrap(wrapper, m) for m in (eager_model(1), modal_of("capture", eager_model(1), directory, rank))), rank
-    )
+    fresh = SideBySide(*(wrap(wrapper, module) for module in pair(seed=1)), rank)  # other weights
     for module in fresh.modules:
         set_model_state_dict(module, dict(want), options=options)  # it empties the dict it is given
     fresh.same_state("after set_model_state_dict")
@@ -243,10 +257,9 @@ def full_state_round_trip(rank: int, wrapper: str, directory: Path) -> None:
     fresh.validate(5)
 
 
-def blocks_sharded_without_the_root(rank: int, directory: Path) -> None:
+def blocks_sharded_without_the_root(rank: int) -> None:
     """FSDP2 on the blocks alone: eager takes the first block as its root; the modal module says what to do."""
-    eager = eager_model()
-    modal = modal_of("capture", eager, directory, rank)
+    eager, modal = pair()
     mesh = init_device_mesh("cpu", (WORLD,))
     for module in (eager, modal):
         for block in module.get_submodule("blocks").children():
@@ -258,7 +271,7 @@ def blocks_sharded_without_the_root(rank: int, directory: Path) -> None:
 
 def synced(rank: int, directory: Path) -> None:
     """A program exported from SyncBatchNorm, loaded on each rank: refused in train mode, as eager on CPU."""
-    eager = nn.SyncBatchNorm.convert_sync_batchnorm(eager_model())
+    eager = nn.SyncBatchNorm.convert_sync_batchnorm(pair()[0])
     modal = modeswap.load(directory / "synced.pt2")
     with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
         # Eager SyncBatchNorm synchronises CUDA tensors only; a copy, as it counts the batch before it refuses.

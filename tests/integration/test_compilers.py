@@ -1,9 +1,9 @@
 """The compilers after the swap: run_decompositions, AOTInductor, ExecuTorch and torchao's convert_pt2e.
 
 A swap's output must be a program every downstream tool accepts. Each tool
-gets two of them: ``modeswap.swap`` of an export in the other mode, and what
-``modeswap convert`` wrote for a saved export, loaded back; eager PyTorch is
-the judge. The model drops, normalizes over the batch and attends with
+gets two of them: ``modeswap.to_eval`` (or ``to_train``) of an export in the
+other mode, and what ``modeswap convert`` wrote for a saved export, loaded
+back; eager PyTorch is the judge. The model drops, normalizes over the batch and attends with
 dropout, so a swap that changed nothing computes something else: each check
 first asserts that the two modes differ by more than its tolerance.
 
@@ -66,19 +66,21 @@ def net() -> Net:
 
 
 def moved(exported: ExportedProgram, target: Mode, route: str, tmp_path: Path) -> ExportedProgram:
-    """``exported`` moved to ``target`` by ``modeswap.swap`` or by ``modeswap convert`` (saved, converted, loaded).
+    """``exported`` moved to ``target`` by ``modeswap.to_eval`` or ``to_train``, or by ``modeswap convert``.
 
-    An eval export records attention dropout as 0.0: the move to train is told ``ATTENTION_P``.
+    The ``"converted"`` route saves ``exported``, runs the command line on it
+    and loads what it wrote. An eval export records attention dropout as 0.0:
+    the move to train is told ``ATTENTION_P``.
     """
     if route == "swapped":
-        told = {"attention_dropout": ATTENTION_P} if target is Mode.TRAIN else {}
         with quiet():
-            return modeswap.swap(exported, target, **told).module
+            if target is Mode.EVAL:
+                return modeswap.to_eval(exported)
+            return modeswap.to_train(exported, attention_dropout=ATTENTION_P)
     torch.export.save(exported, tmp_path / "in.pt2")
     flags = ["--attention-dropout", str(ATTENTION_P)] if target is Mode.TRAIN else []
-    assert (
-        main(["convert", str(tmp_path / "in.pt2"), "--to", target.value, "-o", str(tmp_path / "out.pt2"), *flags]) == 0
-    )
+    command = ["convert", str(tmp_path / "in.pt2"), "--to", target.value, "-o", str(tmp_path / "out.pt2"), *flags]
+    assert main(command) == 0
     return torch.export.load(tmp_path / "out.pt2")
 
 

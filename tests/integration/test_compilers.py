@@ -234,7 +234,7 @@ def test_qat_from_a_train_program_trains_as_from_a_train_export(route: str, qat:
     assert torch.equal(losses, reference_losses)
     assert_same_state(reference, prepared)
     in_train, fake = in_both_modes(prepared)
-    assert not torch.allclose(in_train, fake, atol=0.05), "the modes agree: this check could not fail"
+    assert not torch.allclose(in_train, fake, atol=0.02), "the modes agree: this check could not fail"
     assert torch.equal(fake, in_both_modes(reference)[1])
 
 
@@ -249,8 +249,8 @@ def test_convert_pt2e_quantizes_qat_from_a_converted_program(qat: dict[str, Any]
     ops = {str(n.target) for n in converted.graph.nodes}
     assert "aten.batch_norm.default" not in ops  # folded into the convolution
     assert "quantized_decomposed.quantize_per_tensor.default" in ops
-    assert not torch.allclose(in_train, fake, atol=0.05), "the modes agree: this check could not fail"
-    torch.testing.assert_close(output, fake, atol=0.05, rtol=0)  # int8 against fake quantization
+    assert not torch.allclose(in_train, fake, atol=0.02), "the modes agree: this check could not fail"
+    torch.testing.assert_close(output, fake, atol=0.02, rtol=0)  # int8 against fake quantization
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -268,6 +268,6 @@ def test_a_program_of_a_qat_model_moves_to_its_fake_quantized_eval(
     calls = {str(n.target) for n in evaluated.graph.nodes if n.op == "call_module"}
     assert not any(call.startswith("activation_post_process") for call in calls)  # what convert_pt2e looks for
     in_train, fake = in_both_modes(prepared)
-    assert not torch.allclose(in_train, fake, atol=0.05), "the modes agree: this check could not fail"
+    assert not torch.allclose(in_train, fake, atol=0.02), "the modes agree: this check could not fail"
     with torch.no_grad():
         assert torch.equal(evaluated(X), fake)

@@ -3,14 +3,20 @@
 A swap's output must be a program every downstream tool accepts. Each tool
 gets two of them: ``modeswap.to_eval`` (or ``to_train``) of an export in the
 other mode, and what ``modeswap convert`` wrote for a saved export, loaded
-back; eager PyTorch is the judge. The model drops, normalizes over the batch and attends with
-dropout, so a swap that changed nothing computes something else: each check
-first asserts that the two modes differ by more than its tolerance.
+back; eager PyTorch is the judge. The model drops, normalizes over the batch
+and attends with dropout, so a swap that changed nothing computes something
+else: each check first asserts that the two modes differ by more than its
+tolerance.
 
 What the tools cannot take, they reject for a train export as well: a
 decomposed train program runs forward but not backward, and ExecuTorch does
 not lower training batch norm. Those tests assert that the swapped program
 fails exactly as torch's own export does.
+
+QAT starts from a train graph: an eval export moved to train prepares and
+trains as a train export does, and converts to int8. A prepared model
+exported again swaps to its fake-quantized eval, but ``convert_pt2e`` finds
+nothing to convert in it (see the last test).
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-#: Page -> (the module it imports, the extra that installs it).
-NEEDS = {"qat.md": ("torchao", "integration")}
+#: Page -> the modules it imports, with how to install each.
+NEEDS = {
+    "qat.md": {"torchao": "pip install -e '.[integration]'"},
+    "scale.md": {
+        "torchao": "pip install -e '.[integration]'",
+        "executorch": "pip install --no-deps executorch==1.5.1 && pip install -e '.[executorch]'",
+    },
+}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.path.name in NEEDS:
-        module, extra = NEEDS[item.path.name]
-        reason = f"{item.path.name} needs {module}: pip install -e '.[{extra}]'"
-        pytest.importorskip(module, reason=reason)
+    for module, install in NEEDS.get(item.path.name, {}).items():
+        pytest.importorskip(module, reason=f"{item.path.name} needs {module}: {install}")

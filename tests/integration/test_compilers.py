@@ -141,14 +141,6 @@ def test_aoti_compiles_an_eval_program_that_runs_as_eager_eval(net: Net, route: 
     assert_eval_output(net, compiled(X), atol=1e-5, rtol=1e-4)
 
 
-# ExecuTorch 1.5.1 reads its own data files with importlib.resources' legacy functions, and its runtime
-# bindings say they are experimental: on import, nothing a caller can change.
-executorch_warnings = pytest.mark.filterwarnings(
-    r"ignore:(read_text|open_text|read_binary) is deprecated\. Use files\(\) instead:DeprecationWarning",
-    "ignore:This API is experimental and subject to change without notice:DeprecationWarning",  # ExperimentalWarning
-)
-
-
 @pytest.fixture
 def executorch_runtime() -> Any:
     pytest.importorskip("executorch")
@@ -165,7 +157,6 @@ def lowered(program: ExportedProgram) -> bytes:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@executorch_warnings
 def test_executorch_runs_an_eval_program_as_eager_eval(
     net: Net, route: str, tmp_path: Path, executorch_runtime: Any
 ) -> None:
@@ -175,7 +166,6 @@ def test_executorch_runs_an_eval_program_as_eager_eval(
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@executorch_warnings
 def test_executorch_refuses_a_train_program_as_it_refuses_a_train_export(
     net: Net, route: str, tmp_path: Path, executorch_runtime: Any
 ) -> None:

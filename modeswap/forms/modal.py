@@ -358,7 +358,7 @@ class ModalModule(torch.nn.Module):
         variant = self.variant
         if variant.unsynced:
             _refuse_unsynced(variant.unsynced)
-        if "torch.distributed.fsdp" in sys.modules and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and "torch.distributed.fsdp" in sys.modules:
             with _nested_unsharded(self):
                 return variant.forward(self, *args, **kwargs)
         return variant.forward(self, *args, **kwargs)

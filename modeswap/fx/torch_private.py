@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -91,6 +91,7 @@ __all__ = [
     "backward_hooks",
     "buffer_table",
     "codegen",
+    "compiled_from_callees",
     "dataclass_to_dict",
     "deserialize_device",
     "deserialize_scalar_type",
@@ -282,6 +283,26 @@ def global_hook_tables() -> list[tuple[str, dict[Any, Any]]]:
         for name in sorted(vars(module))
         if name.startswith("_global_") and isinstance(getattr(module, name), dict)
     ]
+
+
+# -- torch.compile -----------------------------------------------------------------------------------------------
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def compiled_from_callees(function: _Function) -> _Function:
+    """Return ``function``, whose own frame torch.compile now runs as Python when it starts there.
+
+    The frames ``function`` calls are compiled as usual, and a compiled caller
+    traces ``function`` itself as usual. ``torch._dynamo.eval_frame.skip_code``:
+    torch has no public way to leave only the first frame to Python
+    (``torch.compiler.disable(recursive=False)`` breaks the graph of every
+    compiled caller at the call). ``torch._dynamo`` is imported now: on first use.
+    """
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(function.__code__)
+    return function
 
 
 # -- torch's pytree registry -----------------------------------------------------------------------------------

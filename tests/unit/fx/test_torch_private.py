@@ -269,6 +269,32 @@ def test_hook_tables_list_a_modules_hooks_and_the_global_ones():
         handle.remove()
 
 
+def test_compiled_from_callees_leaves_the_first_frame_to_python_and_a_compiled_caller_inlines_it():
+    from torch._dynamo.testing import CompileCounter
+
+    def doubled(x):
+        return x * 2
+
+    def entry(x):
+        return doubled(x) + 1
+
+    def caller(x):
+        return entry(x) - 1
+
+    assert tp.compiled_from_callees(entry) is entry
+    x = torch.ones(3)
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()
+        assert torch.equal(torch.compile(entry, backend=counter)(x), x * 2 + 1)
+        assert (counter.frame_count, counter.op_count) == (1, 1)  # doubled's graph: entry's + 1 ran as Python
+        counter.clear()
+        assert torch.equal(torch.compile(caller, backend=counter)(x), x * 2)
+        assert (counter.frame_count, counter.op_count) == (1, 3)  # one graph, entry traced within it
+    finally:
+        torch._dynamo.reset()
+
+
 class _Pair(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor

@@ -45,6 +45,7 @@ from modeswap.fx.torch_private import (
     OUT_SPEC,
     FakeTensor,
     buffer_table,
+    compiled_from_callees,
     in_spec,
     module_table,
     out_spec,
@@ -68,6 +69,14 @@ from modeswap.rewrite.report import report, site_paths, tells_mode
 #: the exported module (the input spec, the guards, range constraints, tensor
 #: constants, hooks), which the generated code and torch's hooks read.
 _GRAPH_MODULE_ONLY = frozenset(vars(GraphModule(torch.nn.Module(), Graph()))) - frozenset(vars(torch.nn.Module()))
+
+
+#: Why a compiled model that calls a ModalModule breaks its graph where the module builds a graph.
+_BUILT_UNDER_COMPILE = (
+    "the ModalModule builds the graph of a combination of modes on its first run in it, as Python. Run the "
+    "module once in this combination (or read its .variant) before torch.compile(..., fullgraph=True), or "
+    "leave fullgraph off: the compiled model then recompiles once, without the break"
+)
 
 
 @attrs.frozen(eq=False)
@@ -255,13 +264,14 @@ class ModalModule(torch.nn.Module):
         self.train(training)
 
     @property
+    @compiled_from_callees
     def variant(self) -> Variant:
         """The :class:`Variant` that ``forward`` runs now: the one the modules' ``.training`` flags name."""
-        flags = tuple(m.training for m in self._flagged)
+        # A list, not a generator: torch.compile(fullgraph=True) refuses a generator's frame.
+        flags = tuple([m.training for m in self._flagged])
         found = self._built.get(flags)
         if found is None:
-            # Building traces and generates code: under torch.compile it runs eagerly, between graphs.
-            built: Variant = torch.compiler.disable(self._locked_build)(flags)  # type: ignore[no-untyped-call]
+            built: Variant = self._locked_build(flags)
             return built
         return found
 
@@ -279,12 +289,15 @@ class ModalModule(torch.nn.Module):
         """The :class:`Variant` of each mode, every module in it (read only)."""
         return types.MappingProxyType({mode: self._variant(mode) for mode in Mode})
 
-    # The names torch's generated code reads the specs under (torch_private.IN_SPEC and OUT_SPEC).
+    # The names torch's generated code reads the specs under (torch_private.IN_SPEC and OUT_SPEC); the
+    # input check export installs as a forward pre-hook reads _in_spec too, ahead of forward.
     @property
+    @compiled_from_callees
     def _in_spec(self) -> Any:
         return self.variant.in_spec
 
     @property
+    @compiled_from_callees
     def _out_spec(self) -> Any:
         return self.variant.out_spec
 
@@ -298,6 +311,11 @@ class ModalModule(torch.nn.Module):
         """The Python code generated from the graph of the current mode."""
         return self.variant.code
 
+    # torch.compile(modal) compiles each variant's generated code, its own frame with a cache of its own, and
+    # runs forward as Python to pick it. Compiled from forward, the graphs of every ModalModule would share
+    # the one cache of this code, whose recompile limit (8) counts them all: the fifth module compiled in
+    # both modes would run uncompiled. A compiled model that calls the module traces forward as usual.
+    @compiled_from_callees
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph of the current mode on the module's parameters and buffers."""
         return self.variant.forward(self, *args, **kwargs)
@@ -361,6 +379,8 @@ class ModalModule(torch.nn.Module):
                 self._adopted()
             return self._variants[mode]
 
+    # Building traces and generates code: under torch.compile it runs as Python, between graphs.
+    @torch.compiler.disable(reason=_BUILT_UNDER_COMPILE)  # type: ignore[no-untyped-call,untyped-decorator]
     def _locked_build(self, flags: tuple[bool, ...]) -> Variant:
         """:meth:`_build`, one thread at a time: the first forwards of a served module may come together."""
         with self._lock:

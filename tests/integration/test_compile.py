@@ -145,6 +145,32 @@ def test_one_graph_per_combination_of_modes_and_no_recompile_on_switching(how: s
     assert modal.graphs == 3
 
 
+def test_modules_compiled_one_by_one_each_get_their_graphs() -> None:
+    # Compiled in forward, every ModalModule's graphs would share one cache and its recompile limit of 8:
+    # the fifth module compiled in both modes would run uncompiled.
+    model, args = net()
+    gm = export(model, args, "train")
+    counter = CompileCounterWithBackend("eager")
+    modals = [modeswap.allow_train_eval(gm) for _ in range(5)]
+    for modal in modals:
+        compiled = torch.compile(modal, backend=counter)
+        for mode in ("train", "eval"):
+            set_mode(modal, mode)
+            compiled(*args)
+    assert counter.frame_count == 2 * len(modals)
+    assert torch._dynamo.config.recompile_limit < 2 * len(modals)
+
+
+def test_fullgraph_holds_in_every_mode_and_combination() -> None:
+    model, args = net()
+    eager = Compiled(copy.deepcopy(model), "eager", fullgraph=True)
+    modal = Compiled(modeswap.capture(model, args), "eager", fullgraph=True)
+    # The frozen combination is built on its first run: as Python, ahead of the compiled graph.
+    for seed, mode in enumerate(["train", FROZEN, "eval", FROZEN, "train"]):
+        assert_same_run(eager.run(mode, args, seed), modal.run(mode, args, seed), atol=0.0, rtol=0.0)
+    assert modal.graphs == eager.graphs == 3
+
+
 def test_a_frozen_batch_norm_compiles_once_and_stays_frozen() -> None:
     model, args = net()
     eager = Compiled(copy.deepcopy(model), "eager")
@@ -188,6 +214,21 @@ def test_a_modal_body_switches_inside_a_compiled_model(backend: str) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed, mode in enumerate(["train", "eval", "train", "eval"], start=2):
             assert_same_run(eager.run(mode, args, seed), modal.run(mode, args, seed), **TOLERANCE[backend])
+    assert modal.graphs == eager.graphs == 2
+
+
+def test_a_combination_first_met_inside_a_compiled_model_says_how_to_keep_fullgraph() -> None:
+    model, args = net()
+    eager = Compiled(Outer(copy.deepcopy(model)), "eager", fullgraph=True)
+    modal = Compiled(Outer(modeswap.capture(model, args)), "eager", fullgraph=True)
+    for compiled in (eager, modal):
+        compiled.run("train", args, 0)
+    set_mode(modal.module, FROZEN)
+    # Building the graph of a combination is Python that a compiled caller cannot hold: a graph break.
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"Run the module once in this combination"):
+        modal.compiled(*args)
+    assert modal.module.body.variant.report.sites  # built, as Python: the compiled model holds it whole
+    assert_same_run(eager.run(FROZEN, args, 1), modal.run(FROZEN, args, 1), atol=0.0, rtol=0.0)
     assert modal.graphs == eager.graphs == 2
 
 

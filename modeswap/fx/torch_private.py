@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import torch
 
@@ -117,6 +117,7 @@ __all__ = [
     "parameter_table",
     "pickle_script_object",
     "pytree",
+    "run_while_tracing",
     "schema",
     "serialize_range_constraints",
     "serialize_tensor_meta",
@@ -126,6 +127,7 @@ __all__ = [
     "set_guards_code",
     "storage_id",
     "to_json_bytes",
+    "trace_again",
     "unpickle_script_object",
     "version_counter",
 ]
@@ -303,6 +305,31 @@ def compiled_from_callees(function: _Function) -> _Function:
 
     skip_code(function.__code__)
     return function
+
+
+def run_while_tracing(function: _Function) -> _Function:
+    """Return ``function``, which torch.compile now calls as Python while it traces a call of it.
+
+    The trace goes on with the result as a constant; of what the call changed,
+    it sees only the objects it reads for the first time after the call
+    (``torch._dynamo.assume_constant_result``: torch has no public way to run
+    Python at trace time). Called from Python, ``function`` runs as Python.
+    ``torch._dynamo`` is imported now.
+    """
+    from torch._dynamo import assume_constant_result
+
+    return assume_constant_result(function)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def trace_again(reason: str) -> NoReturn:
+    """Have torch.compile trace the frame it is tracing again, from its start; from a :func:`run_while_tracing` call.
+
+    ``torch._dynamo.exc.RestartAnalysis``: torch has no public way to. The new
+    trace reads every object afresh, as the call left it.
+    """
+    from torch._dynamo.exc import RestartAnalysis
+
+    raise RestartAnalysis(restart_reason=reason)
 
 
 # -- torch's pytree registry -----------------------------------------------------------------------------------

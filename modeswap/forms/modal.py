@@ -50,6 +50,8 @@ from modeswap.fx.torch_private import (
     module_table,
     out_spec,
     parameter_table,
+    run_while_tracing,
+    trace_again,
 )
 from modeswap.fx.weights import copy_tensor
 from modeswap.records.errors import (
@@ -69,14 +71,6 @@ from modeswap.rewrite.report import report, site_paths, tells_mode
 #: the exported module (the input spec, the guards, range constraints, tensor
 #: constants, hooks), which the generated code and torch's hooks read.
 _GRAPH_MODULE_ONLY = frozenset(vars(GraphModule(torch.nn.Module(), Graph()))) - frozenset(vars(torch.nn.Module()))
-
-
-#: Why a compiled model that calls a ModalModule breaks its graph where the module builds a graph.
-_BUILT_UNDER_COMPILE = (
-    "the ModalModule builds the graph of a combination of modes on its first run in it, as Python. Run the "
-    "module once in this combination (or read its .variant) before torch.compile(..., fullgraph=True), or "
-    "leave fullgraph off: the compiled model then recompiles once, without the break"
-)
 
 
 @attrs.frozen(eq=False)
@@ -270,6 +264,10 @@ class ModalModule(torch.nn.Module):
         # A list, not a generator: torch.compile(fullgraph=True) refuses a generator's frame.
         flags = tuple([m.training for m in self._flagged])
         found = self._built.get(flags)
+        if torch.compiler.is_dynamo_compiling():
+            # Traced, a new graph is built as Python and the trace starts again, making this same call (torch
+            # replays them): the graph that calls the module holds the new one, with no break.
+            _build_and_trace_again(self if found is None else None, flags)
         if found is None:
             built: Variant = self._locked_build(flags)
             return built
@@ -379,8 +377,8 @@ class ModalModule(torch.nn.Module):
                 self._adopted()
             return self._variants[mode]
 
-    # Building traces and generates code: under torch.compile it runs as Python, between graphs.
-    @torch.compiler.disable(reason=_BUILT_UNDER_COMPILE)  # type: ignore[no-untyped-call,untyped-decorator]
+    # Building traces and generates code: never inside a compiled graph (see _build_and_trace_again).
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _locked_build(self, flags: tuple[bool, ...]) -> Variant:
         """:meth:`_build`, one thread at a time: the first forwards of a served module may come together."""
         with self._lock:
@@ -586,6 +584,19 @@ class ModalModule(torch.nn.Module):
             if all(p in paths for paths in ran):
                 break
         return suspects
+
+
+@run_while_tracing
+def _build_and_trace_again(module: ModalModule | None, flags: tuple[bool, ...]) -> None:
+    """Build the variant ``module`` runs under ``flags``, then have torch.compile trace again from the start.
+
+    torch.compile calls it as Python while it traces the module, alone or in a
+    model around it: the new trace reads the module as the build left it, new
+    modules and attributes included. ``None``: the variant is there, nothing to do.
+    """
+    if module is not None:
+        module._locked_build(flags)
+        trace_again(f"a ModalModule built the graph of the modes {flags} of its modules")
 
 
 def _zeroed(f: Found) -> bool:

@@ -161,10 +161,9 @@ def test_modules_compiled_one_by_one_each_get_their_graphs() -> None:
     assert torch._dynamo.config.recompile_limit < 2 * len(modals)
 
 
-def test_fullgraph_holds_in_every_mode_and_combination() -> None:
-    model, args = net()
-    eager = Compiled(copy.deepcopy(model), "eager", fullgraph=True)
-    modal = Compiled(modeswap.capture(model, args), "eager", fullgraph=True)
+@pytest.mark.parametrize("how", MAKERS)
+def test_fullgraph_holds_in_every_mode_and_combination(how: str, tmp_path: Path) -> None:
+    eager, modal, args = both(how, tmp_path, fullgraph=True)
     # The frozen combination is built on its first run: as Python, ahead of the compiled graph.
     for seed, mode in enumerate(["train", FROZEN, "eval", FROZEN, "train"]):
         assert_same_run(eager.run(mode, args, seed), modal.run(mode, args, seed), atol=0.0, rtol=0.0)
@@ -217,19 +216,16 @@ def test_a_modal_body_switches_inside_a_compiled_model(backend: str) -> None:
     assert modal.graphs == eager.graphs == 2
 
 
-def test_a_combination_first_met_inside_a_compiled_model_says_how_to_keep_fullgraph() -> None:
+@pytest.mark.parametrize("how", ["capture", "load"])
+def test_modes_first_met_inside_a_compiled_model_are_built_into_its_graph(how: str, tmp_path: Path) -> None:
+    # A loaded module reads the mode it was not saved in (eval) on first use, which gives it modules of its own.
     model, args = net()
     eager = Compiled(Outer(copy.deepcopy(model)), "eager", fullgraph=True)
-    modal = Compiled(Outer(modeswap.capture(model, args)), "eager", fullgraph=True)
-    for compiled in (eager, modal):
-        compiled.run("train", args, 0)
-    set_mode(modal.module, FROZEN)
-    # Building the graph of a combination is Python that a compiled caller cannot hold: a graph break.
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"Run the module once in this combination"):
-        modal.compiled(*args)
-    assert modal.module.body.variant.report.sites  # built, as Python: the compiled model holds it whole
-    assert_same_run(eager.run(FROZEN, args, 1), modal.run(FROZEN, args, 1), atol=0.0, rtol=0.0)
-    assert modal.graphs == eager.graphs == 2
+    modal = Compiled(Outer(MAKERS[how](model, args, tmp_path)), "eager", fullgraph=True)
+    # Each new graph is built while the compiled model is traced, which then starts again: one graph, no break.
+    for seed, mode in enumerate(["train", FROZEN, "eval", FROZEN, "train", "eval"]):
+        assert_same_run(eager.run(mode, args, seed), modal.run(mode, args, seed), atol=0.0, rtol=0.0)
+    assert modal.graphs == eager.graphs == 3
 
 
 def _set_training(outer: Outer, training: bool) -> Outer:

@@ -161,6 +161,21 @@ def test_modules_compiled_one_by_one_each_get_their_graphs() -> None:
     assert torch._dynamo.config.recompile_limit < 2 * len(modals)
 
 
+def test_copies_of_one_module_share_their_graphs() -> None:
+    model, args = net()
+    modal = modeswap.capture(model, args)
+    counts = {}
+    for name, module in (("eager", model), ("modal", modal)):
+        counter = CompileCounterWithBackend("eager")
+        for copied in (copy.deepcopy(module) for _ in range(3)):
+            compiled = torch.compile(copied, backend=counter)
+            for mode in ("train", "eval"):
+                set_mode(copied, mode)
+                compiled(*args)
+        counts[name] = counter.frame_count
+    assert counts == {"eager": 2, "modal": 2}
+
+
 @pytest.mark.parametrize("how", MAKERS)
 def test_fullgraph_holds_in_every_mode_and_combination(how: str, tmp_path: Path) -> None:
     eager, modal, args = both(how, tmp_path, fullgraph=True)

@@ -47,10 +47,13 @@ from modeswap.fx.torch_private import (
     OUT_SPEC,
     FakeTensor,
     buffer_table,
+    compiled_from_callees,
     in_spec,
     module_table,
     out_spec,
     parameter_table,
+    run_while_tracing,
+    trace_again,
 )
 from modeswap.fx.weights import copy_tensor
 from modeswap.records.errors import (
@@ -310,13 +313,18 @@ class ModalModule(torch.nn.Module):
         self.train(training)
 
     @property
+    @compiled_from_callees
     def variant(self) -> Variant:
         """The :class:`Variant` that ``forward`` runs now: the one the modules' ``.training`` flags name."""
-        flags = tuple(m.training for m in self._flagged)
+        # A list, not a generator: torch.compile(fullgraph=True) refuses a generator's frame.
+        flags = tuple([m.training for m in self._flagged])
         found = self._built.get(flags)
+        if torch.compiler.is_dynamo_compiling():
+            # Traced, a new graph is built as Python and the trace starts again, making this same call (torch
+            # replays them): the graph that calls the module holds the new one, with no break.
+            _build_and_trace_again(self if found is None else None, flags)
         if found is None:
-            # Building traces and generates code: under torch.compile it runs eagerly, between graphs.
-            built: Variant = torch.compiler.disable(self._locked_build)(flags)  # type: ignore[no-untyped-call]
+            built: Variant = self._locked_build(flags)
             return built
         return found
 
@@ -334,12 +342,15 @@ class ModalModule(torch.nn.Module):
         """The :class:`Variant` of each mode, every module in it (read only)."""
         return types.MappingProxyType({mode: self._variant(mode) for mode in Mode})
 
-    # The names torch's generated code reads the specs under (torch_private.IN_SPEC and OUT_SPEC).
+    # The names torch's generated code reads the specs under (torch_private.IN_SPEC and OUT_SPEC); the
+    # input check export installs as a forward pre-hook reads _in_spec too, ahead of forward.
     @property
+    @compiled_from_callees
     def _in_spec(self) -> Any:
         return self.variant.in_spec
 
     @property
+    @compiled_from_callees
     def _out_spec(self) -> Any:
         return self.variant.out_spec
 
@@ -353,6 +364,11 @@ class ModalModule(torch.nn.Module):
         """The Python code generated from the graph of the current mode."""
         return self.variant.code
 
+    # torch.compile(modal) compiles each variant's generated code, its own frame with a cache of its own, and
+    # runs forward as Python to pick it. Compiled from forward, the graphs of every ModalModule would share
+    # the one cache of this code, whose recompile limit (8) counts them all: the fifth module compiled in
+    # both modes would run uncompiled. A compiled model that calls the module traces forward as usual.
+    @compiled_from_callees
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph of the current mode on the module's parameters and buffers."""
         variant = self.variant
@@ -422,6 +438,8 @@ class ModalModule(torch.nn.Module):
                 self._adopted()
             return self._variants[mode]
 
+    # Building traces and generates code: never inside a compiled graph (see _build_and_trace_again).
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _locked_build(self, flags: tuple[bool, ...]) -> Variant:
         """:meth:`_build`, one thread at a time: the first forwards of a served module may come together."""
         with self._lock:
@@ -627,6 +645,19 @@ class ModalModule(torch.nn.Module):
             if all(p in paths for paths in ran):
                 break
         return suspects
+
+
+@run_while_tracing
+def _build_and_trace_again(module: ModalModule | None, flags: tuple[bool, ...]) -> None:
+    """Build the variant ``module`` runs under ``flags``, then have torch.compile trace again from the start.
+
+    torch.compile calls it as Python while it traces the module, alone or in a
+    model around it: the new trace reads the module as the build left it, new
+    modules and attributes included. ``None``: the variant is there, nothing to do.
+    """
+    if module is not None:
+        module._locked_build(flags)
+        trace_again(f"a ModalModule built the graph of the modes {flags} of its modules")
 
 
 def _zeroed(f: Found) -> bool:

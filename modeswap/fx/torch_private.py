@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import torch
 
@@ -91,6 +91,7 @@ __all__ = [
     "backward_hooks",
     "buffer_table",
     "codegen",
+    "compiled_from_callees",
     "dataclass_to_dict",
     "deserialize_device",
     "deserialize_scalar_type",
@@ -116,6 +117,7 @@ __all__ = [
     "parameter_table",
     "pickle_script_object",
     "pytree",
+    "run_while_tracing",
     "schema",
     "serialize_range_constraints",
     "serialize_tensor_meta",
@@ -125,6 +127,7 @@ __all__ = [
     "set_guards_code",
     "storage_id",
     "to_json_bytes",
+    "trace_again",
     "unpickle_script_object",
     "version_counter",
 ]
@@ -282,6 +285,51 @@ def global_hook_tables() -> list[tuple[str, dict[Any, Any]]]:
         for name in sorted(vars(module))
         if name.startswith("_global_") and isinstance(getattr(module, name), dict)
     ]
+
+
+# -- torch.compile -----------------------------------------------------------------------------------------------
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def compiled_from_callees(function: _Function) -> _Function:
+    """Return ``function``, whose own frame torch.compile now runs as Python when it starts there.
+
+    The frames ``function`` calls are compiled as usual, and a compiled caller
+    traces ``function`` itself as usual. ``torch._dynamo.eval_frame.skip_code``:
+    torch has no public way to leave only the first frame to Python
+    (``torch.compiler.disable(recursive=False)`` breaks the graph of every
+    compiled caller at the call). ``torch._dynamo`` is imported now: on first use.
+    """
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(function.__code__)
+    return function
+
+
+def run_while_tracing(function: _Function) -> _Function:
+    """Return ``function``, which torch.compile now calls as Python while it traces a call of it.
+
+    The trace goes on with the result as a constant; of what the call changed,
+    it sees only the objects it reads for the first time after the call
+    (``torch._dynamo.assume_constant_result``: torch has no public way to run
+    Python at trace time). Called from Python, ``function`` runs as Python.
+    ``torch._dynamo`` is imported now.
+    """
+    from torch._dynamo import assume_constant_result
+
+    return assume_constant_result(function)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def trace_again(reason: str) -> NoReturn:
+    """Have torch.compile trace the frame it is tracing again, from its start; from a :func:`run_while_tracing` call.
+
+    ``torch._dynamo.exc.RestartAnalysis``: torch has no public way to. The new
+    trace reads every object afresh, as the call left it.
+    """
+    from torch._dynamo.exc import RestartAnalysis
+
+    raise RestartAnalysis(restart_reason=reason)
 
 
 # -- torch's pytree registry -----------------------------------------------------------------------------------

@@ -269,6 +269,96 @@ def test_hook_tables_list_a_modules_hooks_and_the_global_ones():
         handle.remove()
 
 
+def test_compiled_from_callees_leaves_the_first_frame_to_python_and_a_compiled_caller_inlines_it():
+    from torch._dynamo.testing import CompileCounter
+
+    def doubled(x):
+        return x * 2
+
+    def entry(x):
+        return doubled(x) + 1
+
+    def caller(x):
+        return entry(x) - 1
+
+    assert tp.compiled_from_callees(entry) is entry
+    x = torch.ones(3)
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()
+        assert torch.equal(torch.compile(entry, backend=counter)(x), x * 2 + 1)
+        assert (counter.frame_count, counter.op_count) == (1, 1)  # doubled's graph: entry's + 1 ran as Python
+        counter.clear()
+        assert torch.equal(torch.compile(caller, backend=counter)(x), x * 2)
+        assert (counter.frame_count, counter.op_count) == (1, 3)  # one graph, entry traced within it
+    finally:
+        torch._dynamo.reset()
+
+
+def test_run_while_tracing_runs_as_python_while_torch_compile_traces_and_the_trace_reads_what_it_did():
+    from torch._dynamo.testing import CompileCounter
+
+    calls: list[str] = []
+    scales: dict[str, float] = {}
+
+    def scale_of(key):
+        calls.append(key)
+        scales[key] = 3.0
+        return True
+
+    assert tp.run_while_tracing(scale_of) is scale_of
+
+    def scaled(x):
+        if scale_of("a"):
+            return x * scales["a"]  # read for the first time after the call: it holds "a"
+        return x
+
+    x = torch.ones(3)
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()
+        compiled = torch.compile(scaled, backend=counter, fullgraph=True)
+        assert torch.equal(compiled(x), x * 3)
+        assert torch.equal(compiled(x), x * 3)
+        assert calls == ["a"]  # while tracing, once: the graph holds its result
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+    assert scale_of("b") is True  # from Python, Python
+    assert calls == ["a", "b"]
+
+
+def test_trace_again_from_a_call_run_while_tracing_traces_the_frame_again_as_the_call_left_it():
+    from torch._dynamo.testing import CompileCounter
+
+    calls: list[bool] = []
+    scales: dict[str, float] = {}
+
+    def settle(ready):
+        calls.append(ready)
+        if not ready:
+            scales["a"] = 3.0
+            tp.trace_again("the scale is set")
+
+    tp.run_while_tracing(settle)
+
+    def scaled(x):
+        settle("a" in scales)  # the same call in each trace: torch replays the calls of the last one
+        return x * scales["a"]
+
+    x = torch.ones(3)
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()
+        compiled = torch.compile(scaled, backend=counter, fullgraph=True)
+        assert torch.equal(compiled(x), x * 3)
+        assert torch.equal(compiled(x), x * 3)
+        assert calls == [False, True]  # the first trace set the scale, the second read it
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
+
 class _Pair(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor

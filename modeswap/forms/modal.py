@@ -17,7 +17,6 @@ stateless one, such as a ``Dropout``, as an empty placeholder whose
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import sys
@@ -25,7 +24,7 @@ import threading
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, SupportsIndex
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import attrs
 import torch
@@ -67,6 +66,9 @@ from modeswap.records.errors import (
 from modeswap.records.modes import Memo, Mode, ModeReport, set_memo
 from modeswap.records.options import Options
 from modeswap.rewrite.report import report, site_paths, tells_mode
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 #: What ``GraphModule`` adds to an ``nn.Module``'s ``__dict__``: its graph, its
 #: code and their bookkeeping. A ``ModalModule`` takes every other attribute of
@@ -123,22 +125,23 @@ def _refuse_unsynced(paths: Sequence[str]) -> None:
     raise UnsupportedGraphError(msg)
 
 
-@contextlib.contextmanager
-def _nested_unsharded(modal: ModalModule) -> Iterator[None]:
+# Python, never compiled: torch.compile(modal) runs forward as Python and compiles only the graph's code.
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _unsharded_nested(modal: ModalModule) -> list[FSDPModule]:
     """Gather the parameters of every submodule of ``modal`` that FSDP2 shards on its own, as its forward would.
 
     ``fully_shard(modal.layers[0])`` hooks the submodule's forward, which the
     graph never calls: the graph reads the submodule's parameters, and would
     find them sharded. So they are gathered here, all of them, before the
-    graph runs. Without grad they are resharded after it; with grad they stay
-    gathered until the root's post-backward callback reduce-scatters their
+    graph runs (:func:`_resharded` puts them back after a forward without
+    grad; with grad, the root's post-backward callback reduce-scatters their
     gradients and reshards them, as it does for any group whose forward ran
-    without inputs that need a gradient. The peak memory is that of sharding
-    ``modal`` whole.
+    without inputs that need a gradient). The peak memory is that of sharding
+    ``modal`` whole. Returns the submodules gathered.
     """
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # imported: a module may be sharded
 
-    nested = [module for module in modal.modules() if module is not modal and isinstance(module, FSDPModule)]
+    nested: list[FSDPModule] = [m for m in modal.modules() if m is not modal and isinstance(m, FSDPModule)]
     if nested and not isinstance(modal, FSDPModule):
         msg = (
             "fully_shard was applied to submodules of this ModalModule but not to the module itself: its graph "
@@ -148,10 +151,13 @@ def _nested_unsharded(modal: ModalModule) -> Iterator[None]:
         raise UnsupportedGraphError(msg)
     for module in nested:
         module.unshard()
-    yield
-    if not torch.is_grad_enabled():
-        for module in nested:
-            module.reshard()
+    return nested
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _resharded(nested: Sequence[FSDPModule]) -> None:
+    for module in nested:
+        module.reshard()
 
 
 def _no_overrides() -> Mapping[Mode, frozenset[str]]:
@@ -374,10 +380,13 @@ class ModalModule(torch.nn.Module):
         variant = self.variant
         if variant.unsynced:
             _refuse_unsynced(variant.unsynced)
-        if not torch.compiler.is_compiling() and "torch.distributed.fsdp" in sys.modules:
-            with _nested_unsharded(self):
-                return variant.forward(self, *args, **kwargs)
-        return variant.forward(self, *args, **kwargs)
+        if torch.compiler.is_compiling() or "torch.distributed.fsdp" not in sys.modules:
+            return variant.forward(self, *args, **kwargs)
+        nested = _unsharded_nested(self)
+        output = variant.forward(self, *args, **kwargs)
+        if nested and not torch.is_grad_enabled():
+            _resharded(nested)
+        return output
 
     def train(self, mode: bool = True) -> ModalModule:
         """Set every module's ``.training`` as the eager model's ``.train(mode)`` does; return ``self``.

@@ -10,6 +10,7 @@ A failure on any rank fails the test, with that rank's traceback.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import tempfile
@@ -47,20 +48,70 @@ SOURCES = ("capture", "train export", "eval export", "load")
 WRAPPERS = ("ddp", "ddp, buffers per rank", "fsdp2", "fsdp2 per block")
 
 
-def launch(function: Callable[..., None], *args: Any, store: Path) -> None:
+def launch(function: Callable[..., None], *args: Any, store: Path, needs: Sequence[tuple[str, int]] = ()) -> None:
     """Run ``function(rank, *args)`` on :data:`WORLD` ranks of a gloo group that meets in the file ``store``.
 
-    The ranks are forked: ``args`` and what this process built reach them as they are, unpickled.
+    The ranks are forked from a process of their own (:class:`_Launcher`),
+    after it has :func:`built` each ``(source, seed)`` of ``needs``: what a
+    rank takes with :func:`pair` it does not build again.
     """
-    # Forked: a rank starts in milliseconds, with torch, modeswap and this module imported (a spawned or
-    # forkserver rank took 4 to 8 seconds to start here). The integration tests run torch on one thread
-    # (conftest), so no OpenMP pool is forked mid-use: as a DataLoader worker is.
-    mp.start_processes(_rank, args=(function, str(store), args), nprocs=WORLD, start_method="fork")
+    error = _launcher().run(function, args, str(store), needs)
+    if error is not None:
+        raise AssertionError(error)
+
+
+class _Launcher:
+    """A process that builds modules and forks ranks from itself, one call at a time, for as long as this one lives.
+
+    A forked rank starts in milliseconds, with torch, modeswap and this module
+    imported and the modules built (a spawned or forkserver rank took 4 to 8
+    seconds here, and built them again). The test process itself cannot fork:
+    once it has run a backward, autograd's threads forbid it (on torch's CUDA
+    builds). This process never runs one, and keeps the test process'
+    warning filters.
+    """
+
+    def __init__(self) -> None:
+        context = mp.get_context("spawn")
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=_serve, args=(theirs, list(warnings.filters)), name="ranks")
+        self.process.start()
+        atexit.register(self.close)  # before multiprocessing's own exit handler joins it
+
+    def run(self, function: Callable[..., None], args: tuple[Any, ...], store: str, needs: Sequence[Any]) -> str | None:
+        self.connection.send((function, args, store, tuple(needs)))
+        answer: str | None = self.connection.recv()
+        return answer
+
+    def close(self) -> None:
+        self.connection.close()
+        self.process.join()
+
+
+@functools.cache
+def _launcher() -> _Launcher:
+    return _Launcher()
+
+
+def _serve(connection: Any, filters: list[Any]) -> None:
+    torch.set_num_threads(1)
+    warnings.filters[:] = filters
+    while True:
+        try:
+            function, args, store, needs = connection.recv()
+        except EOFError:
+            return
+        try:
+            for source, seed in needs:
+                built(source, seed)
+            mp.start_processes(_rank, args=(function, store, args), nprocs=WORLD, start_method="fork")
+        except Exception as error:  # a rank's failure, with its traceback
+            connection.send(f"{type(error).__name__}: {error}")
+        else:
+            connection.send(None)
 
 
 def _rank(rank: int, function: Callable[..., None], store: str, args: tuple[Any, ...]) -> None:
-    torch.set_num_threads(1)
-    warnings.simplefilter("error", modeswap.ModeswapWarning)  # as the suite has it
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         function(rank, *args)
@@ -96,16 +147,21 @@ def batch(rank: int, step: int) -> torch.Tensor:
 def pair(source: str = "capture", seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
     """A copy of an eager model with ``seed``'s weights and of a modal module of it from ``source``, in train mode.
 
-    Each is built once per process (:func:`built`): a test builds what its ranks
-    need before :func:`launch`, and the forked ranks take copies.
+    Each is built once per process (:func:`built`): the launcher builds what a
+    test's ranks need (``needs=``), and the forked ranks take copies.
     """
     return copy.deepcopy(built(source, seed))
 
 
+def net(seed: int = 0) -> Net:
+    """The eager model with ``seed``'s weights, in train mode: the same on every rank, as DDP and FSDP2 expect."""
+    torch.manual_seed(seed)
+    return Net().train()
+
+
 @functools.cache
 def built(source: str, seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
-    torch.manual_seed(seed)  # the same weights on every rank, as DDP and FSDP2 expect
-    model = Net().train()
+    model = net(seed)
     x = batch(0, 0)
     if source == "capture":
         modal = modeswap.capture(model, (x,))

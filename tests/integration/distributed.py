@@ -1,7 +1,7 @@
 """What each rank of tests/integration/test_distributed.py runs: an eager model and a modal module, wrapped alike.
 
-:func:`launch` starts :data:`WORLD` processes on a gloo process group. Each
-builds the same eager model, a modal module of it from one source
+:func:`launch` forks :data:`WORLD` ranks on a gloo process group. Each takes
+a copy of the same eager model and of a modal module of it from one source
 (:data:`SOURCES`), wraps both the same way (:data:`WRAPPERS`), and trains and
 validates them side by side on batches and seeds of its rank's own: every
 loss, validation output, parameter and buffer must be equal, on every rank.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
+import os
+import signal
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 import modeswap
 
 WORLD = 2
+#: Seconds a test's ranks may take, the launcher's first start and builds included (a few, here).
+TIMEOUT = 300
 
 #: Where the modal module comes from: two exports of the eager model, one swapped export of either mode, a file.
 SOURCES = ("capture", "train export", "eval export", "load")
@@ -79,7 +83,12 @@ class _Launcher:
         atexit.register(self.close)  # before multiprocessing's own exit handler joins it
 
     def run(self, function: Callable[..., None], args: tuple[Any, ...], store: str, needs: Sequence[Any]) -> str | None:
+        """Fork the ranks; return the error of the first that failed, or ``None``."""
         self.connection.send((function, args, store, tuple(needs)))
+        if not self.connection.poll(TIMEOUT):  # a rank waits on a collective that another never makes
+            os.killpg(self.process.pid, signal.SIGKILL)  # and the ranks: they are in its process group
+            _launcher.cache_clear()
+            return f"the ranks of {function.__name__} did not finish in {TIMEOUT} s"
         answer: str | None = self.connection.recv()
         return answer
 
@@ -94,6 +103,7 @@ def _launcher() -> _Launcher:
 
 
 def _serve(connection: Any, filters: list[Any]) -> None:
+    os.setpgrp()  # a process group of its own, which its ranks join: one signal stops them all
     torch.set_num_threads(1)
     warnings.filters[:] = filters
     while True:

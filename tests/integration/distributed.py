@@ -163,6 +163,20 @@ def pair(source: str = "capture", seed: int = 0) -> tuple[Net, modeswap.ModalMod
     return copy.deepcopy(built(source, seed))
 
 
+def gpt2(seed: int = 0) -> nn.Module:
+    """A two-layer GPT-2 language model from its config, random weights with ``seed``, in train mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, use_cache=False)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).train()
+
+
+def tokens(rank: int, step: int) -> torch.Tensor:
+    """This rank's batch of token ids for ``step``."""
+    return torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
 def net(seed: int = 0) -> Net:
     """The eager model with ``seed``'s weights, in train mode: the same on every rank, as DDP and FSDP2 expect."""
     torch.manual_seed(seed)
@@ -180,6 +194,9 @@ def built(source: str, seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
     elif source == "eval export":
         evaluated = torch.export.export(copy.deepcopy(model).eval(), (x,)).module()
         modal = modeswap.allow_train_eval(evaluated).train()
+    elif source == "gpt2":  # a model nobody here wrote, with tied embeddings, from its config
+        model, x = gpt2(seed), tokens(0, 0)
+        modal = modeswap.capture(model, (x,))
     elif source == "load":
         path = Path(_FILES.name) / f"seed{seed}.pt2"
         modeswap.save(modeswap.capture(model, (x,)), path)
@@ -193,7 +210,8 @@ def built(source: str, seed: int = 0) -> tuple[Net, modeswap.ModalModule]:
 _FILES = tempfile.TemporaryDirectory(prefix="modeswap-distributed-")
 
 
-def wrap(wrapper: str, module: nn.Module) -> nn.Module:
+def wrap(wrapper: str, module: nn.Module, blocks: str = "blocks") -> nn.Module:
+    """``module`` wrapped by ``wrapper``; FSDP2 per block shards each child of the module at ``blocks`` first."""
     if wrapper == "ddp":
         return DistributedDataParallel(module)
     if wrapper == "ddp, buffers per rank":
@@ -201,7 +219,7 @@ def wrap(wrapper: str, module: nn.Module) -> nn.Module:
         return DistributedDataParallel(module, forward_sync_buffers=False)
     mesh = init_device_mesh("cpu", (WORLD,))
     if wrapper == "fsdp2 per block":
-        for block in module.get_submodule("blocks").children():
+        for block in module.get_submodule(blocks).children():
             fully_shard(block, mesh=mesh)
     return fully_shard(module, mesh=mesh)  # type: ignore[return-value]  # the module itself, FSDP's class mixed in
 
@@ -219,10 +237,14 @@ def full(value: Any) -> Any:
 class SideBySide:
     """An eager module and a modal one, wrapped alike, with an optimizer each; every step compares them."""
 
-    def __init__(self, eager: nn.Module, modal: nn.Module, rank: int) -> None:
+    def __init__(
+        self, eager: nn.Module, modal: nn.Module, rank: int, inputs: Callable[[int, int], torch.Tensor] = batch
+    ) -> None:
         self.modules = (eager, modal)
         self.optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in self.modules]
         self.rank = rank
+        #: This rank's input for a step: ``inputs(rank, step)``.
+        self.inputs = inputs
 
     def train(self, steps: range, *, frozen: Sequence[str] = ()) -> None:
         """Train both on ``steps``, the modules at ``frozen`` in eval mode (a frozen batch norm)."""
@@ -233,7 +255,7 @@ class SideBySide:
                 for path in frozen:
                     inner(module).get_submodule(path).eval()
                 torch.manual_seed(1000 * self.rank + step)  # this rank's dropout masks, the same for both
-                loss = module(batch(self.rank, step)).square().mean()
+                loss = first(module(self.inputs(self.rank, step))).square().mean()
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
@@ -246,7 +268,7 @@ class SideBySide:
         with torch.no_grad():
             for module in self.modules:
                 torch.manual_seed(step)
-                outputs.append(module.eval()(batch(self.rank, step)))
+                outputs.append(first(module.eval()(self.inputs(self.rank, step))))
         same(f"validation {step}", *outputs)
         self.same_state(f"after validation {step}")
         return outputs[0]
@@ -256,6 +278,11 @@ class SideBySide:
         assert list(modal) == list(eager), f"{when}: state_dict keys differ: {list(modal)} vs {list(eager)}"
         for key in eager:
             same(f"{when}: {key}", full(eager[key]), full(modal[key]))
+
+
+def first(output: Any) -> torch.Tensor:
+    """The output itself, or the first of a tuple of them (a transformers ``ModelOutput``'s logits)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def same(what: str, want: torch.Tensor, got: torch.Tensor) -> None:
@@ -351,3 +378,16 @@ def synced(rank: int, directory: Path) -> None:
     both.validate(2)
     both.train(range(3, 5), frozen=["blocks.0.1", "blocks.1.1"])
     both.validate(5)
+
+
+def language_model(rank: int, wrapper: str) -> None:
+    """GPT-2, its embeddings tied, captured and wrapped: trains, validates and trains again as eager."""
+    eager, modal = pair("gpt2")
+    assert modal.get_submodule("lm_head").weight is modal.get_submodule("transformer.wte").weight, "the tie is lost"
+    wrapped = [wrap(wrapper, module, blocks="transformer.h") for module in (eager, modal)]
+    both = SideBySide(*wrapped, rank, inputs=tokens)
+    both.train(range(1, 3))
+    assert type(wrapped[1](tokens(rank, 0))) is type(wrapped[0](tokens(rank, 0)))  # a CausalLMOutput...
+    both.validate(3)
+    both.train(range(4, 6))
+    both.validate(6)

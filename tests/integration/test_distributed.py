@@ -36,6 +36,12 @@ def test_frozen_block_and_batch_norm_in_eval_as_eager(wrapper: str, tmp_path: Pa
     launch(distributed.train_and_validate, "capture", wrapper, True, store=tmp_path / "store", needs=CAPTURED)
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2 per block"])
+def test_a_transformers_language_model_with_tied_embeddings_trains_as_eager(wrapper: str, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    launch(distributed.language_model, wrapper, store=tmp_path / "store", needs=[("gpt2", 0)])
+
+
 def test_distributed_checkpoint_resumes_as_eager_from_either_checkpoint(tmp_path: Path) -> None:
     launch(distributed.checkpoint_and_resume, tmp_path, store=tmp_path / "store", needs=[*CAPTURED, ("capture", 1)])
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -269,6 +270,15 @@ def test_hook_tables_list_a_modules_hooks_and_the_global_ones():
         handle.remove()
 
 
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """No graph compiled before the test, none left after it: each test counts its own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_from_callees_leaves_the_first_frame_to_python_and_a_compiled_caller_inlines_it():
     from torch._dynamo.testing import CompileCounter
 
@@ -283,18 +293,15 @@ def test_compiled_from_callees_leaves_the_first_frame_to_python_and_a_compiled_c
 
     assert tp.compiled_from_callees(entry) is entry
     x = torch.ones(3)
-    torch._dynamo.reset()
-    try:
-        counter = CompileCounter()
-        assert torch.equal(torch.compile(entry, backend=counter)(x), x * 2 + 1)
-        assert (counter.frame_count, counter.op_count) == (1, 1)  # doubled's graph: entry's + 1 ran as Python
-        counter.clear()
-        assert torch.equal(torch.compile(caller, backend=counter)(x), x * 2)
-        assert (counter.frame_count, counter.op_count) == (1, 3)  # one graph, entry traced within it
-    finally:
-        torch._dynamo.reset()
+    counter = CompileCounter()
+    assert torch.equal(torch.compile(entry, backend=counter)(x), x * 2 + 1)
+    assert (counter.frame_count, counter.op_count) == (1, 1)  # doubled's graph: entry's + 1 ran as Python
+    counter.clear()
+    assert torch.equal(torch.compile(caller, backend=counter)(x), x * 2)
+    assert (counter.frame_count, counter.op_count) == (1, 3)  # one graph, entry traced within it
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_run_while_tracing_runs_as_python_while_torch_compile_traces_and_the_trace_reads_what_it_did():
     from torch._dynamo.testing import CompileCounter
 
@@ -314,20 +321,17 @@ def test_run_while_tracing_runs_as_python_while_torch_compile_traces_and_the_tra
         return x
 
     x = torch.ones(3)
-    torch._dynamo.reset()
-    try:
-        counter = CompileCounter()
-        compiled = torch.compile(scaled, backend=counter, fullgraph=True)
-        assert torch.equal(compiled(x), x * 3)
-        assert torch.equal(compiled(x), x * 3)
-        assert calls == ["a"]  # while tracing, once: the graph holds its result
-        assert counter.frame_count == 1
-    finally:
-        torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(scaled, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(x), x * 3)
+    assert torch.equal(compiled(x), x * 3)
+    assert calls == ["a"]  # while tracing, once: the graph holds its result
+    assert counter.frame_count == 1
     assert scale_of("b") is True  # from Python, Python
     assert calls == ["a", "b"]
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_trace_again_from_a_call_run_while_tracing_traces_the_frame_again_as_the_call_left_it():
     from torch._dynamo.testing import CompileCounter
 
@@ -347,16 +351,12 @@ def test_trace_again_from_a_call_run_while_tracing_traces_the_frame_again_as_the
         return x * scales["a"]
 
     x = torch.ones(3)
-    torch._dynamo.reset()
-    try:
-        counter = CompileCounter()
-        compiled = torch.compile(scaled, backend=counter, fullgraph=True)
-        assert torch.equal(compiled(x), x * 3)
-        assert torch.equal(compiled(x), x * 3)
-        assert calls == [False, True]  # the first trace set the scale, the second read it
-        assert counter.frame_count == 1
-    finally:
-        torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(scaled, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(x), x * 3)
+    assert torch.equal(compiled(x), x * 3)
+    assert calls == [False, True]  # the first trace set the scale, the second read it
+    assert counter.frame_count == 1
 
 
 class _Pair(NamedTuple):
